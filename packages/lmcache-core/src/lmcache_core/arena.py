@@ -1,0 +1,86 @@
+"""Arenas: one preallocated block of memory that the pool carves into slots.
+
+The arena is a protocol so that lmcache-cuda can supply pinned (page-locked)
+host memory, registered with the GPU, and NIXL can register it once for
+transfers. The default is anonymous memory from ``mmap``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+from abc import ABC, abstractmethod
+
+logger = logging.getLogger(__name__)
+
+
+class Arena(ABC):
+    """A contiguous, writable block of host memory with a stable address."""
+
+    #: True when the memory is page-locked and registered for DMA.
+    pinned: bool = False
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Bytes in the arena."""
+
+    @property
+    @abstractmethod
+    def address(self) -> int:
+        """Virtual address of the first byte (for C kernels and NIXL registration)."""
+
+    @abstractmethod
+    def view(self) -> memoryview:
+        """A writable ``memoryview`` (format ``B``) of the whole arena."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the memory. Views taken earlier must no longer be used."""
+
+
+class AnonymousArena(Arena):
+    """Anonymous private memory from ``mmap``; huge pages advised where available."""
+
+    def __init__(self, size: int, *, populate: bool = False) -> None:
+        if size <= 0:
+            raise ValueError(f"arena size must be positive, got {size}")
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+        if populate and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE
+        self._size = size
+        self._mmap: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # pragma: no cover - kernels without THP
+                pass
+        self._view = memoryview(self._mmap)
+        self._anchor = ctypes.c_char.from_buffer(self._mmap)
+        self._address = ctypes.addressof(self._anchor)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def address(self) -> int:
+        return self._address
+
+    def view(self) -> memoryview:
+        if self._mmap is None:
+            raise ValueError("arena is closed")
+        return self._view
+
+    def close(self) -> None:
+        if self._mmap is None:
+            return
+        del self._anchor
+        try:
+            self._view.release()
+            self._mmap.close()
+        except BufferError:
+            # A chunk view is still held by someone; the memory goes when they drop it.
+            logger.warning("arena closed while chunk views are still in use; memory freed later")
+        self._mmap = None

@@ -1,0 +1,126 @@
+"""The storage backend protocol: what every tier implements.
+
+Small on purpose (as zarr's ``Store``): batched ``contains``, ``get``,
+``put`` and ``remove``, plus capability flags that callers check instead of
+catching ``NotImplementedError``. ``lmcache_core.testing`` holds the suite
+every backend passes.
+
+Data moves as :class:`~lmcache_core.pool.Chunk` objects, which live in the
+memory pool:
+
+* ``put`` receives chunks the caller owns. A zero-copy tier (the CPU tier)
+  keeps a reference to the chunk itself; any other tier writes its bytes out.
+  The caller still releases its own reference afterwards.
+* ``get`` returns chunks the caller owns (one reference each) and must
+  release. A zero-copy tier hands out its own chunk; any other tier fills a
+  chunk from the ``allocator`` it is given.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lmcache_core.errors import UnsupportedCapabilityError
+
+if TYPE_CHECKING:
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.keys import CacheKey
+    from lmcache_core.layout import KVLayout
+    from lmcache_core.metrics import Metrics
+    from lmcache_core.pool import Chunk, SlotPool
+
+#: ``allocator(key, num_tokens, nbytes)`` -> a fresh chunk, or None when memory is full.
+ChunkAllocator = Callable[["CacheKey", int, int], "Chunk | None"]
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do; callers check these flags."""
+
+    #: Operations may complete in the background (writes are queued).
+    asynchronous: bool = False
+    #: ``get`` returns chunks without copying bytes (they live in the pool).
+    zero_copy: bool = False
+    #: Data survives a restart of the process.
+    persistent: bool = False
+    #: Other instances see the same data.
+    shared: bool = False
+    #: ``pin``/``unpin`` protect keys from eviction.
+    pinning: bool = False
+    #: The backend evicts by itself when full (``put`` never fails for space).
+    evicts: bool = False
+    #: ``keys()`` lists what is stored.
+    listing: bool = True
+
+
+@dataclass
+class BackendContext:
+    """What a backend gets from the cache engine when it is built."""
+
+    layout: KVLayout | None
+    pool: SlotPool
+    metrics: Metrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StorageBackend(ABC):
+    """One storage tier."""
+
+    #: The name this backend is registered under in ``lmcache.backends``.
+    name: ClassVar[str]
+    capabilities: ClassVar[BackendCapabilities]
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, context: BackendContext) -> StorageBackend:
+        """Build the backend from the cache config; plugins override this."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_config")
+
+    @abstractmethod
+    def contains(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """Which keys are stored now. Never raises for a missing key."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
+        """The chunks of ``keys`` (None where missing or unreadable), owned by the caller."""
+
+    @abstractmethod
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        """Store ``chunks``; True for each one that is stored afterwards.
+
+        A key already stored is left as it is (keys name immutable content).
+        """
+
+    @abstractmethod
+    def remove(self, keys: Sequence[CacheKey]) -> int:
+        """Remove ``keys``; returns how many were stored."""
+
+    def keys(self) -> Iterator[CacheKey]:
+        """Every stored key (capability ``listing``)."""
+        raise UnsupportedCapabilityError(f"{self.name} backend cannot list its keys")
+
+    def pin(self, keys: Sequence[CacheKey], owner: str, ttl_s: float) -> int:
+        """Protect stored ``keys`` from eviction for ``owner``, for at most ``ttl_s`` seconds.
+
+        Returns how many of them were stored (and are now pinned).
+        """
+        raise UnsupportedCapabilityError(f"{self.name} backend does not support pins")
+
+    def unpin(self, owner: str) -> int:
+        """Drop every pin ``owner`` holds; returns how many keys were unpinned."""
+        raise UnsupportedCapabilityError(f"{self.name} backend does not support pins")
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes of chunk data stored now."""
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int:
+        """Most bytes of chunk data this backend will hold."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources. Idempotent."""

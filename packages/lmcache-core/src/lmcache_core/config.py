@@ -1,0 +1,396 @@
+"""``CacheConfig``: one engine-agnostic cache configuration.
+
+The same config serves every engine adapter: switching vLLM for SGLang changes
+no cache setting. Key names are LMCache's wherever LMCache has one, so an
+LMCache user brings their YAML file or ``LMCACHE_*`` variables unchanged.
+
+Sources, lowest precedence first:
+
+1. the defaults below;
+2. a YAML (or JSON) file named by ``LMCACHE_CONFIG_FILE``;
+3. ``LMCACHE_<KEY>`` environment variables, which override the file (LMCache
+   ignores the environment when a file is given; we think an operator who sets
+   a variable means it).
+
+Validation happens once, at start, and reports every problem in one
+:class:`~lmcache_core.errors.ConfigError`: an unknown key names the closest
+valid key, a bad value says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmcache_core.errors import ConfigError
+from lmcache_core.sizes import format_size, parse_size
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+#: Hash algorithms for chunk keys. sha256 and blake3 are cryptographic, so no
+#: one can craft a collision to read or poison another tenant's KV; xxh3_128
+#: is faster and only for deployments where every prompt is trusted.
+HASH_ALGORITHMS = ("sha256", "blake3", "xxh3_128")
+
+#: LMCache keys that lmcache accepts so an LMCache config loads unchanged, but
+#: that have no effect here (yet). They are logged once at start.
+LMCACHE_COMPAT_KEYS = frozenset(
+    {
+        "use_layerwise",
+        "pre_caching_hash_algorithm",
+        "py_enable_gc",
+        "numa_mode",
+        "external_lookup_client",
+        "priority_limit",
+        "enable_lazy_memory_allocator",
+        "lazy_memory_initial_ratio",
+        "lazy_memory_expand_trigger_ratio",
+        "lazy_memory_step_ratio",
+        "lazy_memory_safe_size",
+        "reserve_local_cpu_size",
+        "enable_blending",
+        "blend_recompute_ratios",
+        "blend_check_layers",
+        "blend_special_str",
+        "enable_p2p",
+        "lookup_url",
+        "distributed_url",
+        "enable_controller",
+        "lmcache_instance_id",
+        "controller_url",
+        "lmcache_worker_port",
+        "enable_pd",
+        "transfer_channel",
+        "pd_role",
+        "pd_buffer_size",
+        "pd_buffer_device",
+        "nixl_backends",
+        "pd_peer_host",
+        "pd_peer_init_port",
+        "pd_peer_alloc_port",
+        "pd_proxy_host",
+        "pd_proxy_port",
+        "weka_path",
+        "gds_path",
+        "cufile_buffer_size",
+        "internal_api_server_enabled",
+        "internal_api_server_host",
+        "internal_api_server_port_start",
+        "internal_api_server_include_index_list",
+        "internal_api_server_socket_path_prefix",
+        "plugin_locations",
+        "audit_actual_remote_url",
+        "local_device",
+        "use_experimental",
+    }
+)
+
+#: ``LMCACHE_*`` variables that are not config keys and must not be reported.
+_NON_KEY_ENV = frozenset({CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL", "LMCACHE_USE_EXPERIMENTAL"})
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(f"{key}={value!r} is not a boolean; use true or false")
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{key}={value!r} must be an integer")
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be a number, not a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{key}={value!r} must be a number")
+
+
+def _to_size(value: Any, key: str) -> int:
+    return parse_size(value.strip() if isinstance(value, str) else value, what=key)
+
+
+def _to_opt_str(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip()
+        return None if v.lower() in ("", "none", "null") else v
+    raise ValueError(f"{key}={value!r} must be a string or null")
+
+
+def _to_str(value: Any, key: str) -> str:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError(f"{key}={value!r} must be a non-empty string")
+
+
+def _to_dict(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key} must be a JSON object, e.g. '{{\"k\": 1}}' ({e})") from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise ValueError(f"{key}={value!r} must be a mapping (a JSON object in the environment)")
+
+
+_COERCE: dict[str, Callable[[Any, str], Any]] = {
+    "bool": _to_bool,
+    "int": _to_int,
+    "float": _to_float,
+    "size": _to_size,
+    "str": _to_str,
+    "opt_str": _to_opt_str,
+    "dict": _to_dict,
+}
+
+
+def _opt(kind: str, default: Any, doc: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"kind": kind, "doc": doc})
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+# --------------------------------------------------------------------------- the config
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The cache configuration. Sizes are bytes; times are seconds."""
+
+    chunk_size: int = _opt("int", 256, "tokens per chunk; a chunk is the unit of storage")
+    local_cpu: bool = _opt("bool", True, "keep chunks in the CPU DRAM tier")
+    max_local_cpu_size: int = _opt(
+        "size", 5 * 1024**3, "size of the CPU arena (e.g. 5GiB; a bare number is GB)"
+    )
+    local_disk: str | None = _opt("opt_str", None, "local disk tier, file:///path/")
+    max_local_disk_size: int = _opt("size", 0, "size bound of the disk tier")
+    remote_url: str | None = _opt("opt_str", None, "shared tier, e.g. redis://host:6379")
+    remote_serde: str = _opt("str", "naive", "serde for remote tiers (an lmcache.serdes plugin)")
+    save_unfull_chunk: bool = _opt("bool", True, "also store the trailing partial chunk")
+    save_decode_cache: bool = _opt("bool", False, "also store KV produced while decoding")
+    cache_policy: str = _opt("str", "LRU", "eviction policy (an lmcache.eviction_policies plugin)")
+    hash_algorithm: str = _opt("str", "sha256", "chunk key hash: sha256, blake3 or xxh3_128")
+    pin_timeout: float = _opt("float", 60.0, "seconds before a pin left behind expires")
+    blocking_timeout_secs: float = _opt("float", 10.0, "timeout of blocking tier operations")
+    extra_config: dict[str, Any] = _opt("dict", {}, "free-form settings for plugins")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "cache config") -> CacheConfig:
+        """Build and validate a config from a mapping of key -> value.
+
+        Unknown keys are errors (with the closest valid key); LMCache keys that
+        lmcache does not use are accepted and logged.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                [f"expected a mapping of config keys, got {type(values).__name__}"], source
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems: list[str] = []
+        kwargs: dict[str, Any] = {}
+        ignored: list[str] = []
+        for raw_key, value in values.items():
+            key = str(raw_key)
+            if key in fields:
+                try:
+                    kwargs[key] = _COERCE[fields[key].metadata["kind"]](value, key)
+                except ValueError as e:
+                    problems.append(str(e))
+            elif key in LMCACHE_COMPAT_KEYS:
+                ignored.append(key)
+            else:
+                problems.append(_unknown_key_message(key, list(fields)))
+        if ignored:
+            logger.warning(
+                "%s: LMCache keys accepted but not used by lmcache: %s",
+                source,
+                ", ".join(sorted(ignored)),
+            )
+        if not problems:
+            config = cls(**kwargs)
+            problems = config._problems()
+            if not problems:
+                return config
+        raise ConfigError(problems, source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CacheConfig:
+        return cls.from_dict(_read_file(Path(path)), source=str(path))
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> CacheConfig:
+        """The config a deployment means: file, then environment, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: list[str] = []
+        file_name = env.get(CONFIG_FILE_ENV)
+        if file_name:
+            values.update(_read_file(Path(file_name)))
+            sources.append(file_name)
+        env_values = _env_values(env)
+        if env_values:
+            values.update(env_values)
+            sources.append("LMCACHE_* environment")
+        if overrides:
+            values.update(overrides)
+            sources.append("overrides")
+        return cls.from_dict(values, source=" + ".join(sources) or "defaults")
+
+    # ------------------------------------------------------------------ validation
+
+    def _problems(self) -> list[str]:
+        from lmcache_core.plugins import EVICTION_POLICIES, SERDES, installed_names
+
+        p: list[str] = []
+        if not 1 <= self.chunk_size <= 1 << 20:
+            p.append(f"chunk_size={self.chunk_size} must be between 1 and {1 << 20} tokens")
+        if self.hash_algorithm not in HASH_ALGORITHMS:
+            p.append(
+                f"hash_algorithm={self.hash_algorithm!r} is not one of {', '.join(HASH_ALGORITHMS)}"
+            )
+        if self.pin_timeout <= 0:
+            p.append(f"pin_timeout={self.pin_timeout} must be > 0 seconds")
+        if self.blocking_timeout_secs <= 0:
+            p.append(f"blocking_timeout_secs={self.blocking_timeout_secs} must be > 0 seconds")
+        policies = installed_names(EVICTION_POLICIES)
+        if self.cache_policy.lower() not in policies:
+            p.append(
+                f"cache_policy={self.cache_policy!r} is not an installed eviction policy; "
+                f"installed: {', '.join(sorted(policies))}"
+            )
+        serdes = installed_names(SERDES)
+        if self.remote_serde.lower() not in serdes:
+            p.append(
+                f"remote_serde={self.remote_serde!r} is not an installed serde; "
+                f"installed: {', '.join(sorted(serdes))}"
+            )
+        if self.local_disk is not None and "://" in self.local_disk:
+            if not self.local_disk.startswith("file://"):
+                p.append(f"local_disk={self.local_disk!r} must be a path or a file:///path/ URL")
+        if self.local_disk is not None and self.max_local_disk_size == 0:
+            p.append("local_disk is set but max_local_disk_size is 0; give it a size, e.g. 20GiB")
+        if self.remote_url is not None and "://" not in self.remote_url:
+            p.append(
+                f"remote_url={self.remote_url!r} must be a URL such as redis://host:6379 "
+                "or s3://bucket/prefix"
+            )
+        return p
+
+    # ------------------------------------------------------------------ views
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """Human-readable YAML of the resolved config (sizes with units)."""
+        d = self.to_dict()
+        for k in ("max_local_cpu_size", "max_local_disk_size"):
+            d[k] = format_size(d[k]).replace(" ", "")
+        return yaml.safe_dump(d, sort_keys=False)
+
+    def replace(self, **changes: Any) -> CacheConfig:
+        """A copy with ``changes`` applied and validated like any other input."""
+        merged = {**self.to_dict(), **changes}
+        return CacheConfig.from_dict(merged, source="CacheConfig.replace")
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid + sorted(LMCACHE_COMPAT_KEYS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key!r}{hint} (valid keys: {', '.join(valid)})"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(
+            [f"cannot read config file {path} ({e.strerror}); check {CONFIG_FILE_ENV}"], str(path)
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"expected a mapping of keys at the top, got {type(data).__name__}"], str(path)
+        )
+    return data
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    keys = CacheConfig.keys()
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _NON_KEY_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in keys or key in LMCACHE_COMPAT_KEYS:
+            out[key] = value
+        else:
+            # Environments are shared with other tools, so a stray LMCACHE_*
+            # variable is a warning, not a failed start.
+            close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+            hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+            logger.warning("ignoring %s: not a cache config key%s", name, hint)
+    return out

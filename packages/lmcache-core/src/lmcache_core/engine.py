@@ -1,0 +1,368 @@
+"""``CacheEngine``: lookup, store and retrieve of token prefixes over a cascade of tiers.
+
+The engine owns the memory pool and the tiers; it never touches engine
+memory itself. Moving bytes is delegated to a :class:`~lmcache_core.transfer.KVReader`
+(store) or :class:`~lmcache_core.transfer.KVWriter` (retrieve) that the engine
+adapter supplies, so each chunk is copied exactly once on the way in (engine
+memory -> pool slot) and once on the way out (pool slot -> engine memory).
+
+A tier that fails is logged, counted and treated as a miss: the request goes
+on and recomputes. Reader or writer failures likewise turn into "nothing
+stored" or "nothing retrieved", never into an exception for the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from lmcache_core.arena import AnonymousArena, Arena
+from lmcache_core.backends.base import BackendContext, StorageBackend
+from lmcache_core.backends.cpu import LocalCPUBackend
+from lmcache_core.config import CacheConfig
+from lmcache_core.errors import ConfigError
+from lmcache_core.keys import (
+    CacheKey,
+    ChunkedPrompt,
+    ChunkSpan,
+    KeyNamespace,
+    TokenChunker,
+    keys_for,
+)
+from lmcache_core.layout import KVLayout
+from lmcache_core.metrics import Metrics
+from lmcache_core.plugins import BACKENDS, load_plugin
+from lmcache_core.pool import SLOT_OFFSET, Chunk, SlotPool
+from lmcache_core.sizes import format_size
+from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
+
+logger = logging.getLogger(__name__)
+
+
+class CacheEngine:
+    """The KV cache of one engine worker (one tensor-parallel rank)."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        model: str,
+        layout: KVLayout,
+        world_size: int = 1,
+        rank: int = 0,
+        arena: Arena | None = None,
+        metrics: Metrics | None = None,
+        tiers: Sequence[StorageBackend] | None = None,
+    ) -> None:
+        layout.check_chunk_size(config.chunk_size)
+        self.config = config
+        self.layout = layout
+        self.namespace = KeyNamespace(
+            model=model,
+            layout=layout,
+            chunk_size=config.chunk_size,
+            world_size=world_size,
+            rank=rank,
+            hash_algorithm=config.hash_algorithm,
+        )
+        self.chunker = TokenChunker(config.chunk_size, config.hash_algorithm)
+        self.metrics = metrics if metrics is not None else Metrics()
+        slot_bytes = layout.chunk_bytes(config.chunk_size)
+        if arena is None:
+            capacity = config.max_local_cpu_size
+            if capacity < slot_bytes:
+                raise ConfigError(
+                    [
+                        f"max_local_cpu_size={format_size(capacity)} cannot hold one chunk of "
+                        f"{format_size(slot_bytes)} ({config.chunk_size} tokens x "
+                        f"{layout.bytes_per_token} bytes); raise it to at least "
+                        f"{format_size(slot_bytes)} or lower chunk_size"
+                    ]
+                )
+            arena = AnonymousArena(capacity + SLOT_OFFSET)
+        self.pool = SlotPool(arena, slot_bytes)
+        self.context = BackendContext(layout=layout, pool=self.pool, metrics=self.metrics)
+        self.cpu: LocalCPUBackend | None = None
+        if tiers is not None:
+            self.tiers = list(tiers)
+            for t in self.tiers:
+                if isinstance(t, LocalCPUBackend):
+                    self.cpu = t
+        else:
+            self.tiers = self._build_tiers(config)
+        self._allocate = self.cpu.allocate if self.cpu is not None else self.pool.allocate
+        logger.info(
+            "lmcache engine: %s per chunk, %d slots, tiers: %s",
+            format_size(self.pool.slot_bytes),
+            self.pool.num_slots,
+            ", ".join(t.name for t in self.tiers) or "none",
+        )
+
+    def _build_tiers(self, config: CacheConfig) -> list[StorageBackend]:
+        tiers: list[StorageBackend] = []
+        if config.local_cpu:
+            cpu = load_plugin(BACKENDS, "cpu").from_config(config, self.context)
+            self.cpu = cpu
+            tiers.append(cpu)
+        if config.local_disk:
+            tiers.append(load_plugin(BACKENDS, "disk").from_config(config, self.context))
+        if config.remote_url:
+            scheme = urlparse(config.remote_url).scheme.lower()
+            tiers.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
+        return tiers
+
+    # ------------------------------------------------------------------ keys
+
+    def chunk(self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None) -> ChunkedPrompt:
+        """The chunks of a prompt that the cache stores or looks up.
+
+        The trailing partial chunk is included when ``save_unfull_chunk`` is
+        set; for layouts that move whole blocks only it is cut to whole blocks.
+        """
+        return self.chunker.chunk(
+            tokens,
+            cache_salt=cache_salt,
+            include_partial=self.config.save_unfull_chunk,
+            partial_multiple=1 if self.layout.engine_neutral else self.layout.block_size,
+        )
+
+    def spans(
+        self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None
+    ) -> list[ChunkSpan]:
+        return self.chunk(tokens, cache_salt=cache_salt).spans()
+
+    def keys(self, spans: Sequence[ChunkSpan]) -> list[CacheKey]:
+        return keys_for(self.namespace, spans)
+
+    # ------------------------------------------------------------------ lookup
+
+    def lookup(
+        self,
+        tokens: Sequence[int] | Any,
+        *,
+        cache_salt: str | None = None,
+        pin_owner: str | None = None,
+    ) -> int:
+        """Length of the longest cached prefix of ``tokens``, in tokens.
+
+        With ``pin_owner``, the hit chunks held in the CPU tier are pinned for
+        that owner (a request id) until ``retrieve``/``unpin`` with the same
+        owner, or until ``pin_timeout`` passes.
+        """
+        prompt = self.chunk(tokens, cache_salt=cache_salt)
+        keys = prompt.keys(self.namespace)
+        hits = self._prefix_present(keys)
+        hit_tokens = prompt.end(hits - 1) if hits else 0
+        if pin_owner is not None and hits and self.cpu is not None:
+            self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
+        m = self.metrics
+        m.inc("lmcache:num_lookup_requests")
+        m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
+        m.inc("lmcache:num_hit_tokens", hit_tokens)
+        return hit_tokens
+
+    def _prefix_present(self, keys: list[CacheKey]) -> int:
+        n = len(keys)
+        if self.tiers and self.tiers[0] is self.cpu:
+            # Fast path: walk the DRAM index until the first miss.
+            first = self.cpu.prefix_length(keys)
+            if first == n or len(self.tiers) == 1:
+                return first
+        present = [False] * n
+        m = 0
+        for tier in self.tiers:
+            if m >= n:
+                break
+            idx = [i for i in range(m, n) if not present[i]]
+            try:
+                found = tier.contains([keys[i] for i in idx])
+            except Exception:
+                self._tier_failed(tier, "contains")
+                continue
+            for i, ok in zip(idx, found):
+                if ok:
+                    present[i] = True
+            while m < n and present[m]:
+                m += 1
+        return m
+
+    def unpin(self, owner: str) -> None:
+        if self.cpu is not None:
+            self.cpu.unpin(owner)
+
+    # ------------------------------------------------------------------ store
+
+    def store(
+        self,
+        tokens: Sequence[int] | Any,
+        reader: KVReader,
+        *,
+        cache_salt: str | None = None,
+    ) -> int:
+        """Store the KV of ``tokens`` (all computed by the engine); returns tokens newly stored.
+
+        Chunks already cached are skipped. Storing stops at the first chunk
+        for which no memory can be freed, since later chunks would be
+        unreachable by a prefix lookup.
+        """
+        self.metrics.inc("lmcache:num_store_requests")
+        spans = self.spans(tokens, cache_salt=cache_salt)
+        if not spans:
+            return 0
+        keys = self.keys(spans)
+        first_tier = self.tiers[0] if self.tiers else None
+        if first_tier is None:
+            return 0
+        try:
+            present = first_tier.contains(keys)
+        except Exception:
+            self._tier_failed(first_tier, "contains")
+            present = [False] * len(keys)
+        todo: list[tuple[ChunkSpan, Chunk]] = []
+        for span, key, ok in zip(spans, keys, present):
+            if ok:
+                continue
+            chunk = self._allocate(key, span.num_tokens, self.layout.chunk_bytes(span.num_tokens))
+            if chunk is None:
+                break
+            todo.append((span, chunk))
+        if not todo:
+            return 0
+        chunks = [c for _, c in todo]
+        try:
+            try:
+                reader.read_chunks([ChunkIO(s.start, s.end, c.view) for s, c in todo])
+            except Exception:
+                logger.exception("reading KV from the engine failed; nothing stored")
+                self.metrics.inc("lmcache:num_failures", op="read_kv")
+                return 0
+            stored = 0
+            for tier in self.tiers:
+                try:
+                    ok = tier.put(chunks)
+                except Exception:
+                    self._tier_failed(tier, "put")
+                    continue
+                if tier is first_tier:
+                    stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
+            self.metrics.inc("lmcache:num_stored_tokens", stored)
+            return stored
+        finally:
+            for c in chunks:
+                c.release()
+
+    # ------------------------------------------------------------------ retrieve
+
+    def retrieve(
+        self,
+        tokens: Sequence[int] | Any,
+        writer: KVWriter,
+        *,
+        cache_salt: str | None = None,
+        write_from: int = 0,
+        max_tokens: int | None = None,
+        pin_owner: str | None = None,
+    ) -> int:
+        """Write the longest cached prefix of ``tokens`` into engine memory.
+
+        Tokens before ``write_from`` are already in engine memory and are not
+        written. Only chunks ending at or before ``max_tokens`` are loaded.
+        Returns the end of the prefix now in engine memory from the cache
+        (0 when nothing was loaded); everything after it must be computed.
+        Pins of ``pin_owner`` are released.
+        """
+        self.metrics.inc("lmcache:num_retrieve_requests")
+        chunks: list[Chunk] = []
+        try:
+            spans = self.spans(tokens, cache_salt=cache_salt)
+            if max_tokens is not None:
+                spans = [s for s in spans if s.end <= max_tokens]
+            if not spans:
+                return 0
+            chunks = self._get_prefix(self.keys(spans))
+            if not chunks:
+                return 0
+            ios = [
+                ChunkIO(s.start, s.end, c.view, write_from)
+                for s, c in zip(spans, chunks)
+                if s.end > write_from
+            ]
+            try:
+                if ios:
+                    writer.write_chunks(ios)
+            except Exception:
+                logger.exception("writing KV into the engine failed; it will recompute")
+                self.metrics.inc("lmcache:num_failures", op="write_kv")
+                return 0
+            end = spans[len(chunks) - 1].end
+            self.metrics.inc("lmcache:num_retrieved_tokens", max(0, end - write_from))
+            return end
+        finally:
+            for c in chunks:
+                c.release()
+            if pin_owner is not None:
+                self.unpin(pin_owner)
+
+    def _get_prefix(self, keys: list[CacheKey]) -> list[Chunk]:
+        """Chunks of the longest prefix of ``keys`` found in any tier (owned by the caller)."""
+        n = len(keys)
+        found: list[Chunk | None] = [None] * n
+        m = 0
+        for tier in self.tiers:
+            if m >= n:
+                break
+            idx = [i for i in range(m, n) if found[i] is None]
+            try:
+                got = tier.get([keys[i] for i in idx], self._allocate)
+            except Exception:
+                self._tier_failed(tier, "get")
+                continue
+            promote = []
+            for i, c in zip(idx, got):
+                if c is not None:
+                    found[i] = c
+                    if tier is not self.cpu:
+                        promote.append(c)
+            if promote and self.cpu is not None:
+                self.cpu.put(promote)
+            while m < n and found[m] is not None:
+                m += 1
+        # Release what lies beyond the first gap: it is unreachable as a prefix.
+        for c in found[m:]:
+            if c is not None:
+                c.release()
+        return [c for c in found[:m] if c is not None]
+
+    # ------------------------------------------------------------------ admin
+
+    def remove(self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None) -> int:
+        """Remove the chunks of ``tokens`` from every tier; returns chunks removed."""
+        keys = self.keys(self.spans(tokens, cache_salt=cache_salt))
+        n = 0
+        for tier in self.tiers:
+            try:
+                n += tier.remove(keys)
+            except Exception:
+                self._tier_failed(tier, "remove")
+        return n
+
+    def _tier_failed(self, tier: StorageBackend, op: str) -> None:
+        logger.warning("tier %s failed in %s; treating it as a miss", tier.name, op, exc_info=True)
+        self.metrics.inc("lmcache:num_failures", tier=tier.name, op=op)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            try:
+                tier.close()
+            except Exception:
+                logger.warning("closing tier %s failed", tier.name, exc_info=True)
+        self.tiers = []
+        self.pool.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,85 @@
+"""Counters and gauges, exposed with LMCache's Prometheus names (``lmcache:*``).
+
+No dependency: the text exposition format is written here, so a Prometheus
+server or ``curl`` can scrape it from whatever HTTP endpoint the adapter
+serves. Every metric carries a ``tier`` label where it has one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+#: name -> (type, help)
+METRICS: dict[str, tuple[str, str]] = {
+    "lmcache:num_lookup_requests": ("counter", "Lookups asked of the cache"),
+    "lmcache:num_lookup_tokens": ("counter", "Prompt tokens looked up"),
+    "lmcache:num_hit_tokens": ("counter", "Tokens found by lookups (longest cached prefix)"),
+    "lmcache:num_store_requests": ("counter", "Store calls"),
+    "lmcache:num_stored_tokens": ("counter", "Tokens newly stored"),
+    "lmcache:num_retrieve_requests": ("counter", "Retrieve calls"),
+    "lmcache:num_retrieved_tokens": ("counter", "Tokens written back to the engine"),
+    "lmcache:stored_bytes": ("counter", "Bytes written into a tier"),
+    "lmcache:retrieved_bytes": ("counter", "Bytes read from a tier"),
+    "lmcache:num_evictions": ("counter", "Chunks evicted from a tier"),
+    "lmcache:num_store_skipped_full": ("counter", "Chunks not stored: no evictable memory"),
+    "lmcache:num_failures": ("counter", "Operations that failed and became misses"),
+    "lmcache:num_expired_pins": ("counter", "Pins dropped because their owner left them behind"),
+    "lmcache:usage_bytes": ("gauge", "Bytes stored in a tier"),
+    "lmcache:capacity_bytes": ("gauge", "Capacity of a tier"),
+}
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    """A thread-safe registry of the metrics above."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[Labels, float]] = defaultdict(dict)
+
+    @staticmethod
+    def _check(name: str) -> None:
+        if name not in METRICS:
+            raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        self._check(name)
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._values[name]
+            series[key] = series.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self._check(name)
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[name][key] = value
+
+    def get(self, name: str, **labels: str) -> float:
+        """Value of one series; with no labels, the sum over all series of ``name``."""
+        self._check(name)
+        with self._lock:
+            series = self._values.get(name, {})
+            if labels:
+                return series.get(tuple(sorted(labels.items())), 0)
+            return sum(series.values())
+
+    def snapshot(self) -> dict[str, dict[Labels, float]]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._values.items()}
+
+    def render_prometheus(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+        snap = self.snapshot()
+        for name, (kind, help_text) in METRICS.items():
+            if name not in snap:
+                continue
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in sorted(snap[name].items()):
+                lbl = ",".join(f'{k}="{v}"' for k, v in labels)
+                lines.append(f"{name}{{{lbl}}} {value:g}" if lbl else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,262 @@
+"""CacheEngine end to end over the CPU tier, with the numpy transfer as the engine's memory."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lmcache_core import CacheConfig, CacheEngine, KVLayout
+from lmcache_core.backends.base import StorageBackend
+from lmcache_core.backends.cpu import LocalCPUBackend
+from lmcache_core.errors import ConfigError, LayoutError, PluginNotFoundError
+from lmcache_core.pool import SlotPool
+from lmcache_core.transfer import ChunkIO
+from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape
+
+LAYOUT = KVLayout(
+    kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+)
+
+
+class FakeEngine:
+    """Paged KV memory of one engine, with requests' block tables."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int = 64, seed: int = 0) -> None:
+        self.layout = layout
+        rng = np.random.default_rng(seed)
+        self.layers = [
+            rng.integers(1, 2**16, size=layer_shape(layout, num_blocks), dtype=np.uint16)
+            for _ in range(layout.num_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    def table(self, ntok: int, seed: int) -> list[int]:
+        need = -(-ntok // self.layout.block_size)
+        return list(np.random.default_rng(seed).permutation(self.num_blocks)[:need])
+
+    def kv(self, table) -> NumpyPagedKV:
+        return NumpyPagedKV(self.layout, self.layers, table)
+
+    def tokens_kv(self, table, start: int, end: int) -> bytes:
+        buf = bytearray(self.layout.chunk_bytes(end - start))
+        self.kv(table).read_chunks([ChunkIO(start, end, memoryview(buf))])
+        return bytes(buf)
+
+
+def make_engine(layout=LAYOUT, **cfg) -> CacheEngine:
+    config = CacheConfig.from_dict({"chunk_size": 16, "max_local_cpu_size": "1MiB", **cfg})
+    return CacheEngine(config, model="test/model", layout=layout)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ntok=st.integers(1, 150), seed=st.integers(0, 1000), partial=st.booleans())
+def test_retrieved_kv_equals_stored_kv_byte_for_byte(ntok, seed, partial):
+    src, dst = FakeEngine(LAYOUT, seed=seed), FakeEngine(LAYOUT, seed=seed + 1)
+    tokens = list(range(seed, seed + ntok))
+    t_src, t_dst = src.table(ntok, seed), dst.table(ntok, seed + 7)
+    with make_engine(save_unfull_chunk=partial) as engine:
+        stored = engine.store(tokens, src.kv(t_src))
+        expect = ntok if partial else (ntok // 16) * 16
+        assert stored == expect
+        assert engine.lookup(tokens) == expect
+        got = engine.retrieve(tokens, dst.kv(t_dst))
+        assert got == expect
+        if expect:
+            assert dst.tokens_kv(t_dst, 0, expect) == src.tokens_kv(t_src, 0, expect)
+
+
+def test_lookup_returns_the_longest_cached_prefix():
+    src = FakeEngine(LAYOUT)
+    a = list(range(100))
+    b = a[:40] + [999] * 60  # shares 2 full chunks (32 tokens) and part of the third
+    with make_engine() as engine:
+        engine.store(a, src.kv(src.table(100, 0)))
+        assert engine.lookup(a) == 100
+        assert engine.lookup(b) == 32
+        assert engine.lookup(a[:64]) == 64
+        assert engine.lookup(a[:70]) == 64  # the partial chunk of 70 tokens was never stored
+        assert engine.lookup([5] + a[1:]) == 0
+
+
+def test_store_skips_chunks_already_cached():
+    src = FakeEngine(LAYOUT)
+    tokens = list(range(64))
+    with make_engine() as engine:
+        assert engine.store(tokens[:32], src.kv(src.table(32, 0))) == 32
+        assert engine.store(tokens, src.kv(src.table(64, 0))) == 32
+        assert engine.store(tokens, src.kv(src.table(64, 0))) == 0
+        assert engine.metrics.get("lmcache:num_stored_tokens") == 64
+
+
+def test_retrieve_respects_write_from_and_max_tokens():
+    src, dst = FakeEngine(LAYOUT, seed=1), FakeEngine(LAYOUT, seed=2)
+    tokens = list(range(64))
+    t_src, t_dst = src.table(64, 0), dst.table(64, 1)
+    head, tail = dst.tokens_kv(t_dst, 0, 20), dst.tokens_kv(t_dst, 48, 64)
+    with make_engine() as engine:
+        engine.store(tokens, src.kv(t_src))
+        assert engine.retrieve(tokens, dst.kv(t_dst), write_from=20, max_tokens=48) == 48
+    assert dst.tokens_kv(t_dst, 0, 20) == head
+    assert dst.tokens_kv(t_dst, 20, 48) == src.tokens_kv(t_src, 20, 48)
+    assert dst.tokens_kv(t_dst, 48, 64) == tail
+
+
+def test_salts_and_ranks_never_share_kv():
+    src = FakeEngine(LAYOUT)
+    tokens = list(range(32))
+    config = CacheConfig.from_dict({"chunk_size": 16, "max_local_cpu_size": "1MiB"})
+    with make_engine() as engine:
+        engine.store(tokens, src.kv(src.table(32, 0)), cache_salt="tenant-a")
+        assert engine.lookup(tokens, cache_salt="tenant-a") == 32
+        assert engine.lookup(tokens, cache_salt="tenant-b") == 0
+        assert engine.lookup(tokens) == 0
+        rank1 = CacheEngine(
+            config, model="test/model", layout=LAYOUT, world_size=2, rank=1, tiers=engine.tiers
+        )
+        assert rank1.lookup(tokens, cache_salt="tenant-a") == 0
+
+
+def test_pinned_chunks_survive_pressure_until_retrieved():
+    src, dst = FakeEngine(LAYOUT, num_blocks=256), FakeEngine(LAYOUT, num_blocks=256, seed=3)
+    slot = LAYOUT.chunk_bytes(16)
+    with make_engine(max_local_cpu_size=f"{4 * 4096 + 2048}B") as engine:
+        assert engine.pool.num_slots == 4 and engine.pool.slot_bytes == 4096 >= slot
+        a = list(range(32))
+        engine.store(a, src.kv(src.table(32, 0)))
+        assert engine.lookup(a, pin_owner="req-1") == 32
+        for r in range(5):  # flood with other prompts
+            other = list(range(1000 * (r + 1), 1000 * (r + 1) + 32))
+            engine.store(other, src.kv(src.table(32, r + 1)))
+        assert engine.lookup(a) == 32, "pinned chunks were evicted"
+        assert engine.retrieve(a, dst.kv(dst.table(32, 9)), pin_owner="req-1") == 32
+        engine.store(list(range(90000, 90064)), src.kv(src.table(64, 7)))
+        assert engine.lookup(a) == 0, "retrieve should have released the pins"
+
+
+def test_abandoned_pins_expire():
+    src = FakeEngine(LAYOUT, num_blocks=256)
+    with make_engine(max_local_cpu_size=f"{2 * 4096 + 2048}B", pin_timeout=0.05) as engine:
+        a = list(range(32))
+        engine.store(a, src.kv(src.table(32, 0)))
+        engine.lookup(a, pin_owner="vanished-request")
+        assert engine.store(list(range(100, 132)), src.kv(src.table(32, 1))) == 0
+        time.sleep(0.1)
+        assert engine.store(list(range(100, 132)), src.kv(src.table(32, 1))) == 32
+
+
+class BrokenReader:
+    def read_chunks(self, chunks):
+        raise RuntimeError("engine memory went away")
+
+
+class BrokenWriter:
+    def write_chunks(self, chunks):
+        raise RuntimeError("engine memory went away")
+
+
+def test_reader_and_writer_failures_become_misses():
+    src = FakeEngine(LAYOUT)
+    tokens = list(range(32))
+    with make_engine() as engine:
+        assert engine.store(tokens, BrokenReader()) == 0
+        assert engine.lookup(tokens) == 0
+        assert engine.pool.free_slots == engine.pool.num_slots, "a failed store leaked slots"
+        engine.store(tokens, src.kv(src.table(32, 0)))
+        assert engine.retrieve(tokens, BrokenWriter()) == 0
+        assert engine.metrics.get("lmcache:num_failures") == 2
+
+
+class DownTier(StorageBackend):
+    """A tier whose server is down: every call raises."""
+
+    name = "down"
+    capabilities = LocalCPUBackend.capabilities
+
+    def contains(self, keys):
+        raise ConnectionError("down")
+
+    get = put = remove = contains
+    used_bytes = 0
+    capacity_bytes = 0
+
+
+def test_a_failing_tier_is_a_miss_not_an_error():
+    src, dst = FakeEngine(LAYOUT), FakeEngine(LAYOUT, seed=5)
+    config = CacheConfig.from_dict({"chunk_size": 16, "max_local_cpu_size": "1MiB"})
+    pool = SlotPool.anonymous(1024 * 1024, LAYOUT.chunk_bytes(16))
+    cpu = LocalCPUBackend(pool)
+    engine = CacheEngine(config, model="m", layout=LAYOUT, tiers=[DownTier(), cpu])
+    engine.pool = pool
+    engine._allocate = cpu.allocate
+    tokens = list(range(48))
+    assert engine.lookup(tokens) == 0
+    assert engine.store(tokens, src.kv(src.table(48, 0))) == 0  # first tier down: nothing counted
+    assert cpu.contains(engine.chunk(tokens).keys(engine.namespace)) == [True] * 3
+    assert engine.lookup(tokens) == 48
+    assert engine.retrieve(tokens, dst.kv(dst.table(48, 1))) == 48
+    assert engine.metrics.get("lmcache:num_failures") >= 3
+
+
+def test_opaque_block_layout_stores_whole_blocks_only():
+    cpu = KVLayout(
+        kind="vllm_cpu", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=8
+    )
+    src, dst = FakeEngine(cpu, seed=1), FakeEngine(cpu, seed=2)
+    tokens = list(range(45))  # 2 chunks of 16, then 13 tokens: one whole block of 8
+    t_src, t_dst = src.table(45, 0), dst.table(45, 1)
+    with make_engine(layout=cpu) as engine:
+        assert engine.store(tokens, src.kv(t_src)) == 40
+        assert engine.lookup(tokens) == 40
+        assert engine.retrieve(tokens, dst.kv(t_dst)) == 40
+        assert dst.tokens_kv(t_dst, 0, 40) == src.tokens_kv(t_src, 0, 40)
+    with pytest.raises(LayoutError, match="multiple of 8"):
+        make_engine(layout=cpu, chunk_size=12)
+
+
+def test_configuration_errors_say_what_to_change():
+    big = KVLayout(
+        kind="vllm_flash",
+        dtype="bfloat16",
+        num_layers=32,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+    )
+    with pytest.raises(ConfigError, match="raise it to at least 32.0 MiB"):
+        make_engine(layout=big, chunk_size=256, max_local_cpu_size="16MiB")
+    with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[redis\]'"):
+        make_engine(remote_url="redis://localhost:6379")
+    with pytest.raises(PluginNotFoundError, match="installed: cpu"):
+        make_engine(remote_url="weird://x")
+
+
+def test_no_cpu_tier_means_misses_but_no_errors():
+    src = FakeEngine(LAYOUT)
+    with make_engine(local_cpu=False) as engine:
+        assert engine.tiers == []
+        assert engine.store(list(range(32)), src.kv(src.table(32, 0))) == 0
+        assert engine.lookup(list(range(32))) == 0
+
+
+def test_metrics_count_lookups_hits_and_bytes():
+    src, dst = FakeEngine(LAYOUT), FakeEngine(LAYOUT, seed=4)
+    tokens = list(range(40))
+    with make_engine() as engine:
+        engine.store(tokens, src.kv(src.table(40, 0)))
+        engine.lookup(tokens)
+        engine.lookup(tokens[:20] + [7] * 20)
+        engine.retrieve(tokens, dst.kv(dst.table(40, 1)))
+        m = engine.metrics
+        assert m.get("lmcache:num_lookup_requests") == 2
+        assert m.get("lmcache:num_lookup_tokens") == 80
+        assert m.get("lmcache:num_hit_tokens") == 40 + 16
+        assert m.get("lmcache:stored_bytes", tier="cpu") == LAYOUT.chunk_bytes(40)
+        assert m.get("lmcache:retrieved_bytes", tier="cpu") == LAYOUT.chunk_bytes(40)
+        text = m.render_prometheus()
+        assert 'lmcache:stored_bytes{tier="cpu"}' in text
+        assert "# TYPE lmcache:num_hit_tokens counter" in text
+        assert engine.remove(tokens) == 3
+        assert engine.lookup(tokens) == 0

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up a development environment in .venv from this repository's own files.
+#
+# Every lmcache package is installed from its folder (editable), never by
+# bare name: PyPI has unrelated distributions called `lmcache` and
+# `lmcache-vllm`, and a resolver must never pick those.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+"${PIP[@]}" install \
+    -e "packages/lmcache-core[testing]" \
+    -e packages/lmcache-cuda \
+    -e packages/lmcache-vllm \
+    -e packages/lmcache-sglang \
+    -e packages/lmcache-nixl \
+    -r tools/requirements-dev.txt
+# The meta-package carries no code; its dependencies are the folders above.
+"${PIP[@]}" install --no-deps -e .
+
+.venv/bin/python - <<'PY'
+import importlib.metadata as md
+for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl"):
+    md.version(dist)  # raises if the install above failed
+PY
+echo "lmcache: environment ready in .venv"
