@@ -260,3 +260,42 @@ def test_metrics_count_lookups_hits_and_bytes():
         assert "# TYPE lmcache:num_hit_tokens counter" in text
         assert engine.remove(tokens) == 3
         assert engine.lookup(tokens) == 0
+
+
+def test_retrieve_loads_part_of_a_chunk_that_straddles_max_tokens():
+    src, dst = FakeEngine(LAYOUT, seed=1), FakeEngine(LAYOUT, seed=2)
+    tokens = list(range(64))
+    t_src, t_dst = src.table(64, 0), dst.table(64, 1)
+    tail = dst.tokens_kv(t_dst, 40, 64)
+    with make_engine() as engine:
+        engine.store(tokens, src.kv(t_src))
+        assert engine.retrieve(tokens, dst.kv(t_dst), max_tokens=40) == 40
+    assert dst.tokens_kv(t_dst, 0, 40) == src.tokens_kv(t_src, 0, 40)
+    assert dst.tokens_kv(t_dst, 40, 64) == tail
+
+
+def test_a_prompt_hashed_once_is_reused_as_is():
+    src = FakeEngine(LAYOUT)
+    with make_engine() as engine:
+        prompt = engine.chunk(list(range(48)))
+        engine.store(prompt, src.kv(src.table(48, 0)))
+        assert engine.lookup(prompt) == 48
+        assert engine.lookup(list(range(48))) == 48
+        other = make_engine(chunk_size=32)
+        with pytest.raises(ValueError, match="chunked by 16"):
+            other.lookup(prompt)
+        other.close()
+
+
+def test_dram_checksums_turn_a_stray_write_into_a_miss():
+    src, dst = FakeEngine(LAYOUT, seed=1), FakeEngine(LAYOUT, seed=2)
+    tokens = list(range(48))
+    with make_engine(local_cpu_checksums=True) as engine:
+        engine.store(tokens, src.kv(src.table(48, 0)))
+        keys = engine.chunk(tokens).keys(engine.namespace)
+        (chunk,) = engine.cpu.get([keys[1]])
+        chunk.view[5] ^= 0xFF  # a stray write into the arena
+        chunk.release()
+        assert engine.retrieve(tokens, dst.kv(dst.table(48, 1))) == 16
+        assert engine.metrics.get("lmcache:num_corrupt_chunks") == 1
+        assert engine.lookup(tokens) == 16

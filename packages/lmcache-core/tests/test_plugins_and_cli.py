@@ -93,3 +93,22 @@ def test_cli_plugins_and_version():
 def test_metrics_reject_unknown_names():
     with pytest.raises(KeyError, match="unknown metric"):
         Metrics().inc("lmcache:nope")
+
+
+def test_metrics_are_served_over_http():
+    import urllib.error
+    import urllib.request
+
+    from lmcache_core.metrics import serve_metrics
+
+    m = Metrics()
+    m.inc("lmcache:num_hit_tokens", 42)
+    server = serve_metrics(m, 0)
+    try:
+        port = server.server_address[1]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"lmcache:num_hit_tokens 42" in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    finally:
+        server.shutdown()

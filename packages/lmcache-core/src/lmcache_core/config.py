@@ -159,6 +159,12 @@ def _to_opt_str(value: Any, key: str) -> str | None:
     raise ValueError(f"{key}={value!r} must be a string or null")
 
 
+def _to_opt_int(value: Any, key: str) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _to_int(value, key)
+
+
 def _to_str(value: Any, key: str) -> str:
     if isinstance(value, str) and value.strip():
         return value.strip()
@@ -187,6 +193,7 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "size": _to_size,
     "str": _to_str,
     "opt_str": _to_opt_str,
+    "opt_int": _to_opt_int,
     "dict": _to_dict,
 }
 
@@ -219,6 +226,12 @@ class CacheConfig:
     hash_algorithm: str = _opt("str", "sha256", "chunk key hash: sha256, blake3 or xxh3_128")
     pin_timeout: float = _opt("float", 60.0, "seconds before a pin left behind expires")
     blocking_timeout_secs: float = _opt("float", 10.0, "timeout of blocking tier operations")
+    local_cpu_checksums: bool = _opt(
+        "bool", False, "checksum chunks in DRAM and verify them on every read"
+    )
+    metrics_port: int | None = _opt(
+        "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
+    )
     extra_config: dict[str, Any] = _opt("dict", {}, "free-form settings for plugins")
 
     # ------------------------------------------------------------------ loading
@@ -306,6 +319,8 @@ class CacheConfig:
             p.append(
                 f"hash_algorithm={self.hash_algorithm!r} is not one of {', '.join(HASH_ALGORITHMS)}"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            p.append(f"metrics_port={self.metrics_port} must be a TCP port in [0, 65535]")
         if self.pin_timeout <= 0:
             p.append(f"pin_timeout={self.pin_timeout} must be > 0 seconds")
         if self.blocking_timeout_secs <= 0:

@@ -120,7 +120,15 @@ class CacheEngine:
 
         The trailing partial chunk is included when ``save_unfull_chunk`` is
         set; for layouts that move whole blocks only it is cut to whole blocks.
+        A :class:`ChunkedPrompt` (hashed once, e.g. by a scheduler) is used as is.
         """
+        if isinstance(tokens, ChunkedPrompt):
+            if tokens.chunk_size != self.config.chunk_size:
+                raise ValueError(
+                    f"prompt was chunked by {tokens.chunk_size} tokens, the cache uses "
+                    f"{self.config.chunk_size}"
+                )
+            return tokens
         return self.chunker.chunk(
             tokens,
             cache_salt=cache_salt,
@@ -267,28 +275,29 @@ class CacheEngine:
     ) -> int:
         """Write the longest cached prefix of ``tokens`` into engine memory.
 
-        Tokens before ``write_from`` are already in engine memory and are not
-        written. Only chunks ending at or before ``max_tokens`` are loaded.
-        Returns the end of the prefix now in engine memory from the cache
-        (0 when nothing was loaded); everything after it must be computed.
-        Pins of ``pin_owner`` are released.
+        Only tokens in ``[write_from, max_tokens)`` are written: those before
+        ``write_from`` are already in engine memory, those after ``max_tokens``
+        are not wanted (a chunk that straddles ``max_tokens`` is read and
+        written in part). Returns the end of the prefix now in engine memory
+        from the cache (0 when nothing was loaded); everything after it must be
+        computed. Pins of ``pin_owner`` are released.
         """
         self.metrics.inc("lmcache:num_retrieve_requests")
         chunks: list[Chunk] = []
         try:
             spans = self.spans(tokens, cache_salt=cache_salt)
             if max_tokens is not None:
-                spans = [s for s in spans if s.end <= max_tokens]
+                spans = [s for s in spans if s.start < max_tokens]
             if not spans:
                 return 0
             chunks = self._get_prefix(self.keys(spans))
             if not chunks:
                 return 0
             ios = [
-                ChunkIO(s.start, s.end, c.view, write_from)
+                ChunkIO(s.start, s.end, c.view, write_from, max_tokens)
                 for s, c in zip(spans, chunks)
-                if s.end > write_from
             ]
+            ios = [io for io in ios if io.write_range[0] < io.write_range[1]]
             try:
                 if ios:
                     writer.write_chunks(ios)
@@ -297,6 +306,8 @@ class CacheEngine:
                 self.metrics.inc("lmcache:num_failures", op="write_kv")
                 return 0
             end = spans[len(chunks) - 1].end
+            if max_tokens is not None:
+                end = min(end, max_tokens)
             self.metrics.inc("lmcache:num_retrieved_tokens", max(0, end - write_from))
             return end
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Any
 
 #: name -> (type, help)
 METRICS: dict[str, tuple[str, str]] = {
@@ -25,6 +26,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "lmcache:num_store_skipped_full": ("counter", "Chunks not stored: no evictable memory"),
     "lmcache:num_failures": ("counter", "Operations that failed and became misses"),
     "lmcache:num_expired_pins": ("counter", "Pins dropped because their owner left them behind"),
+    "lmcache:num_corrupt_chunks": ("counter", "Chunks whose checksum failed on read (dropped)"),
     "lmcache:usage_bytes": ("gauge", "Bytes stored in a tier"),
     "lmcache:capacity_bytes": ("gauge", "Capacity of a tier"),
 }
@@ -83,3 +85,32 @@ class Metrics:
                 lbl = ",".join(f'{k}="{v}"' for k, v in labels)
                 lines.append(f"{name}{{{lbl}}} {value:g}" if lbl else f"{name} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+def serve_metrics(metrics: Metrics, port: int, host: str = "127.0.0.1") -> Any:
+    """Serve ``GET /metrics`` in the Prometheus text format from a daemon thread.
+
+    Returns the server (``server.server_address`` has the bound port; port 0
+    picks a free one). Binds to loopback unless ``host`` says otherwise.
+    """
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = metrics.render_prometheus().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="lmcache-metrics", daemon=True).start()
+    return server

@@ -21,16 +21,25 @@ from typing import Protocol, runtime_checkable
 class ChunkIO:
     """One chunk to move: tokens ``[start, end)`` of the request and their buffer.
 
-    When writing back, tokens before ``write_from`` are already in the
-    engine's memory (its own prefix cache hit) and must not be written;
-    implementations may skip them at their own granularity (a whole block
-    whose tokens are all before ``write_from``).
+    When writing back, only tokens in ``[write_from, write_until)`` are
+    written: tokens before ``write_from`` are already in the engine's memory
+    (its own prefix cache hit), tokens from ``write_until`` on are not wanted
+    (the engine recomputes them). Layouts that move whole blocks only widen
+    the range to the blocks it touches.
     """
 
     start: int
     end: int
     buffer: memoryview
     write_from: int = 0
+    write_until: int | None = None
+
+    @property
+    def write_range(self) -> tuple[int, int]:
+        """The tokens to write, clipped to the chunk: ``[lo, hi)``, possibly empty."""
+        hi = self.end if self.write_until is None else min(self.end, self.write_until)
+        lo = max(self.start, self.write_from)
+        return lo, max(lo, hi)
 
     @property
     def num_tokens(self) -> int:

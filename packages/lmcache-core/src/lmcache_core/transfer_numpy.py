@@ -189,26 +189,39 @@ class NumpyPagedKV:
         plan = []
         for chunk in chunks:
             self._check(chunk)
+            lo_tok, hi_tok = chunk.write_range
+            if lo_tok >= hi_tok:
+                continue
             src = np.frombuffer(chunk.buffer, dtype=np.uint8)
             blocks, lo, hi = self._blocks(chunk.start, chunk.end)
-            first = lo + max(0, min(chunk.num_tokens, chunk.write_from - chunk.start))
-            plan.append((src, blocks, lo, hi, first, src.size // self.layout.num_layers))
+            plan.append(
+                (
+                    src,
+                    blocks,
+                    lo,
+                    hi,
+                    lo + lo_tok - chunk.start,
+                    lo + hi_tok - chunk.start,
+                    src.size // self.layout.num_layers,
+                )
+            )
 
         def layer_fn(i: int, layer: np.ndarray) -> None:
-            for src, blocks, lo, hi, first, per_layer in plan:
+            for src, blocks, lo, hi, first, last, per_layer in plan:
                 src_layer = src[i * per_layer : (i + 1) * per_layer]
                 if self.layout.kind is LayoutKind.VLLM_CPU:
-                    skip = (first - lo) // bs
+                    b0, b1 = (first - lo) // bs, -(-(last - lo) // bs)
                     s = src_layer.reshape((len(blocks), *layer.shape[1:]))
-                    layer[blocks[skip:]] = s[skip:]
+                    layer[blocks[b0:b1]] = s[b0:b1]
                     continue
                 planes = self._plane_views(layer)
                 per_plane = per_layer // len(planes)
                 for p, pv in enumerate(planes):
                     rows = src_layer[p * per_plane : (p + 1) * per_plane].reshape(hi - lo, -1)
-                    _scatter_rows(pv, blocks, bs, lo, first, hi, rows)
+                    _scatter_rows(pv, blocks, bs, lo, first, last, rows)
 
-        self._run_per_layer(layer_fn)
+        if plan:
+            self._run_per_layer(layer_fn)
 
 
 def _scatter_rows(

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import xxhash
+
 from lmcache_core.backends.base import (
     BackendCapabilities,
     BackendContext,
@@ -44,9 +46,13 @@ class LocalCPUBackend(StorageBackend):
         policy: EvictionPolicy | None = None,
         metrics: Metrics | None = None,
         *,
+        checksums: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
+        #: With checksums, a chunk whose bytes changed since it was stored (a
+        #: stray write into the arena) is dropped on read: a miss, never wrong KV.
+        self._checksums: dict[CacheKey, bytes] | None = {} if checksums else None
         self.policy = policy if policy is not None else LRUPolicy()
         self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
@@ -60,7 +66,7 @@ class LocalCPUBackend(StorageBackend):
     @classmethod
     def from_config(cls, config: CacheConfig, context: BackendContext) -> LocalCPUBackend:
         policy = load_plugin(EVICTION_POLICIES, config.cache_policy)()
-        return cls(context.pool, policy, context.metrics)
+        return cls(context.pool, policy, context.metrics, checksums=config.local_cpu_checksums)
 
     # ------------------------------------------------------------------ allocation
 
@@ -91,6 +97,8 @@ class LocalCPUBackend(StorageBackend):
         if victim is None:
             return False
         chunk = self._index.pop(victim)  # type: ignore[call-overload]
+        if self._checksums is not None:
+            self._checksums.pop(victim, None)  # type: ignore[call-overload]
         self._used -= chunk.nbytes
         chunk.release()
         self.metrics.inc("lmcache:num_evictions", tier=self.name)
@@ -126,6 +134,17 @@ class LocalCPUBackend(StorageBackend):
                     self.policy.on_access(key)
                     nbytes += chunk.nbytes
                 out.append(chunk)
+        if self._checksums is not None:
+            for i, chunk in enumerate(out):
+                if chunk is not None and xxhash.xxh3_64_digest(chunk.view) != self._checksums.get(
+                    chunk.key
+                ):
+                    logger.error("chunk %r changed in DRAM since it was stored; dropped", chunk.key)
+                    self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
+                    nbytes -= chunk.nbytes
+                    chunk.release()
+                    self.remove([chunk.key])
+                    out[i] = None
         if nbytes:
             self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
         return out
@@ -150,6 +169,8 @@ class LocalCPUBackend(StorageBackend):
                     own = maybe
                     own.view[:] = chunk.view
                 self._index[chunk.key] = own
+                if self._checksums is not None:
+                    self._checksums[chunk.key] = xxhash.xxh3_64_digest(own.view)
                 self.policy.on_insert(chunk.key)
                 self._used += own.nbytes
                 added += own.nbytes
@@ -167,6 +188,8 @@ class LocalCPUBackend(StorageBackend):
                 chunk = self._index.pop(key, None)
                 if chunk is None:
                     continue
+                if self._checksums is not None:
+                    self._checksums.pop(key, None)
                 self.policy.on_remove(key)
                 self._used -= chunk.nbytes
                 chunk.release()
@@ -244,6 +267,8 @@ class LocalCPUBackend(StorageBackend):
                 self.policy.on_remove(key)
                 chunk.release()
             self._index.clear()
+            if self._checksums is not None:
+                self._checksums.clear()
             self._pins.clear()
             self._pin_counts.clear()
             self._used = 0

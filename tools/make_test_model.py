@@ -1,0 +1,126 @@
+"""Make a small Llama with random weights and a locally trained tokenizer.
+
+No model can be downloaded here, so tests, benchmarks and the demo build their
+own: a ``transformers`` ``LlamaConfig`` with a fixed seed, saved in bf16 with
+safetensors, and a byte-level BPE tokenizer trained with ``tokenizers`` on
+synthetic text. The same arguments always give the same files.
+
+``--lm-head-scale`` multiplies the output head so greedy decoding has clearly
+peaked logits: random models have near-tied logits, which makes "same output
+as a full recompute" an unfair test of a cache (kernels with another split
+may flip a near tie).
+
+    python tools/make_test_model.py --out /tmp/tiny-llama --preset tiny
+    python tools/make_test_model.py --out /tmp/llama-200m --preset bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+PRESETS = {
+    # Fast enough for unit tests on two CPU cores.
+    "tiny": dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=512),
+    # About 200M parameters, 32 KiB of KV per token: the benchmark model of issue #3.
+    "bench": dict(hidden=1024, layers=16, heads=8, kv_heads=4, head_dim=128, intermediate=4096),
+}
+VOCAB = 4096
+_WORDS = None
+
+
+def words() -> list[str]:
+    """A fixed vocabulary of made-up words."""
+    global _WORDS
+    if _WORDS is None:
+        rnd = random.Random(1234)
+        syll = ["ka", "lo", "mi", "nu", "re", "sa", "ti", "vo", "ze", "pa", "qu", "dor", "fen",
+                "gar", "hil", "jun", "mar", "pel", "ros", "tan", "vek", "wyl", "xen", "yor"]
+        _WORDS = sorted({"".join(rnd.choice(syll) for _ in range(rnd.randint(1, 4)))
+                         for _ in range(3000)})
+    return _WORDS
+
+
+def synthetic_text(seed: int, num_words: int) -> str:
+    """Deterministic prose-like text: sentences of made-up words."""
+    rnd = random.Random(seed)
+    vocab = words()
+    out = []
+    for i in range(num_words):
+        w = rnd.choice(vocab)
+        out.append(w.capitalize() if i % 12 == 0 else w)
+        if i % 12 == 11:
+            out[-1] += "."
+    return " ".join(out)
+
+
+def train_tokenizer(out: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator((synthetic_text(s, 400) for s in range(300)), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+    return tok.get_vocab_size()
+
+
+def make_model(out: Path, preset: str, seed: int, lm_head_scale: float) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = train_tokenizer(out)
+    p = PRESETS[preset]
+    config = LlamaConfig(
+        vocab_size=max(vocab, VOCAB), hidden_size=p["hidden"], intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"],
+        max_position_embeddings=16384, rope_theta=10000.0, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if lm_head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(lm_head_scale)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "lmcache_test_model.json").write_text(
+        json.dumps({"preset": preset, "seed": seed, "lm_head_scale": lm_head_scale})
+    )
+    return out
+
+
+def ensure_model(out: str | Path, preset: str = "tiny", seed: int = 0,
+                 lm_head_scale: float = 1.0) -> Path:
+    """Build the model at ``out`` unless the same one is already there."""
+    out = Path(out)
+    stamp = out / "lmcache_test_model.json"
+    want = {"preset": preset, "seed": seed, "lm_head_scale": lm_head_scale}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return out
+    return make_model(out, preset, seed, lm_head_scale)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lm-head-scale", type=float, default=1.0)
+    args = ap.parse_args()
+    path = ensure_model(args.out, args.preset, args.seed, args.lm_head_scale)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
