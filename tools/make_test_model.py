@@ -5,12 +5,16 @@ own: a ``transformers`` ``LlamaConfig`` with a fixed seed, saved in bf16 with
 safetensors, and a byte-level BPE tokenizer trained with ``tokenizers`` on
 synthetic text. The same arguments always give the same files.
 
-``--lm-head-scale`` multiplies the output head so greedy decoding has clearly
-peaked logits: random models have near-tied logits, which makes "same output
-as a full recompute" an unfair test of a cache (kernels with another split
-may flip a near tie).
+``--init-std`` sets the spread of the random weights. With the usual 0.02 a
+random model's greedy output hardly depends on its input and its logits are
+near-tied, so kernels with another split flip ties; "same output as a full
+recompute" is then an unfair test of a cache. With 0.3 every layer weighs in:
+outputs follow the prompt and the top-2 logit margin is about 1.5 (measured).
+(Scaling the output head, the other common advice, changes no greedy choice:
+argmax is scale-invariant.)
 
     python tools/make_test_model.py --out /tmp/tiny-llama --preset tiny
+    python tools/make_test_model.py --out /tmp/tiny-peaked --preset tiny --init-std 0.3
     python tools/make_test_model.py --out /tmp/llama-200m --preset bench
 """
 
@@ -73,7 +77,7 @@ def train_tokenizer(out: Path) -> int:
     return tok.get_vocab_size()
 
 
-def make_model(out: Path, preset: str, seed: int, lm_head_scale: float) -> Path:
+def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,30 +89,26 @@ def make_model(out: Path, preset: str, seed: int, lm_head_scale: float) -> Path:
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
         num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"],
         max_position_embeddings=16384, rope_theta=10000.0, bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=False, torch_dtype="bfloat16",
+        tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    if lm_head_scale != 1.0:
-        with torch.no_grad():
-            model.lm_head.weight.mul_(lm_head_scale)
-    model = model.to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     (out / "lmcache_test_model.json").write_text(
-        json.dumps({"preset": preset, "seed": seed, "lm_head_scale": lm_head_scale})
+        json.dumps({"preset": preset, "seed": seed, "init_std": init_std})
     )
     return out
 
 
 def ensure_model(out: str | Path, preset: str = "tiny", seed: int = 0,
-                 lm_head_scale: float = 1.0) -> Path:
+                 init_std: float = 0.02) -> Path:
     """Build the model at ``out`` unless the same one is already there."""
     out = Path(out)
     stamp = out / "lmcache_test_model.json"
-    want = {"preset": preset, "seed": seed, "lm_head_scale": lm_head_scale}
+    want = {"preset": preset, "seed": seed, "init_std": init_std}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
-    return make_model(out, preset, seed, lm_head_scale)
+    return make_model(out, preset, seed, init_std)
 
 
 def main() -> None:
@@ -116,9 +116,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm-head-scale", type=float, default=1.0)
+    ap.add_argument("--init-std", type=float, default=0.02)
     args = ap.parse_args()
-    path = ensure_model(args.out, args.preset, args.seed, args.lm_head_scale)
+    path = ensure_model(args.out, args.preset, args.seed, args.init_std)
     print(path)
 
 

@@ -157,19 +157,27 @@ class CacheEngine:
 
         With ``pin_owner``, the hit chunks held in the CPU tier are pinned for
         that owner (a request id) until ``retrieve``/``unpin`` with the same
-        owner, or until ``pin_timeout`` passes.
+        owner, or until ``pin_timeout`` passes. A later lookup by the same
+        owner replaces its pins.
         """
         prompt = self.chunk(tokens, cache_salt=cache_salt)
-        keys = prompt.keys(self.namespace)
-        hits = self._prefix_present(keys)
+        hits = self.lookup_chunks(prompt, pin_owner=pin_owner)
         hit_tokens = prompt.end(hits - 1) if hits else 0
-        if pin_owner is not None and hits and self.cpu is not None:
-            self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
         m = self.metrics
         m.inc("lmcache:num_lookup_requests")
         m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
         m.inc("lmcache:num_hit_tokens", hit_tokens)
         return hit_tokens
+
+    def lookup_chunks(self, prompt: ChunkedPrompt, *, pin_owner: str | None = None) -> int:
+        """How many leading chunks of ``prompt`` are cached (pinning them for ``pin_owner``)."""
+        keys = prompt.keys(self.namespace)
+        hits = self._prefix_present(keys)
+        if pin_owner is not None and self.cpu is not None:
+            self.cpu.unpin(pin_owner)
+            if hits:
+                self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
+        return hits
 
     def _prefix_present(self, keys: list[CacheKey]) -> int:
         n = len(keys)

@@ -1,0 +1,83 @@
+"""Recognise vLLM's KV cache tensors as an lmcache :class:`~lmcache_core.layout.KVLayout`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from lmcache_core.errors import LayoutError
+from lmcache_core.layout import KVLayout, LayoutKind
+
+TORCH_DTYPES = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        TORCH_DTYPES[getattr(torch, _name)] = _name
+
+#: Integer dtype of each element size: KV is moved as opaque integers.
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def ordered_layers(kv_caches: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Layers in model order (by the numbers in their names), the same on every rank."""
+    return sorted(kv_caches.items(), key=lambda item: _natural_key(item[0]))
+
+
+def detect_layout(
+    kv_caches: dict[str, torch.Tensor], *, block_size: int, num_kv_heads: int, head_size: int
+) -> KVLayout:
+    """The layout of vLLM's per-layer KV tensors, checked against the model's shape."""
+    if not kv_caches:
+        raise LayoutError("vLLM registered no KV cache tensors")
+    layers = ordered_layers(kv_caches)
+    name, first = layers[0]
+    shape = tuple(first.shape)
+    for other_name, t in layers[1:]:
+        if tuple(t.shape) != shape or t.dtype != first.dtype:
+            raise LayoutError(
+                f"layers {name} and {other_name} differ in shape or dtype "
+                f"({shape}/{first.dtype} vs {tuple(t.shape)}/{t.dtype}); hybrid models are not "
+                "supported yet"
+            )
+    if first.dtype not in TORCH_DTYPES:
+        raise LayoutError(f"KV dtype {first.dtype} is not supported")
+    bs, h, d = block_size, num_kv_heads, head_size
+    if len(shape) == 4 and shape[1:] == (h, bs, 2 * d):
+        kind = LayoutKind.VLLM_CPU
+    elif len(shape) == 5 and shape[0] == 2 and shape[2:] == (bs, h, d):
+        kind = LayoutKind.VLLM_FLASH
+    elif len(shape) == 5 and shape[1] == 2 and shape[2:] == (bs, h, d):
+        kind = LayoutKind.VLLM_FLASH_BLOCKS_FIRST
+    elif len(shape) == 3 and shape[1] == bs and h == 1:
+        kind = LayoutKind.MLA
+        d = shape[2]
+    else:
+        raise LayoutError(
+            f"unsupported vLLM KV cache shape {shape} for block_size={bs}, "
+            f"num_kv_heads={h}, head_size={d}; supported per-layer layouts: "
+            "[num_blocks, heads, block_size, 2*head_size] (CPU), "
+            "[2, num_blocks, block_size, heads, head_size] and "
+            "[num_blocks, 2, block_size, heads, head_size] (flash), "
+            "[num_blocks, block_size, head_size] (MLA)"
+        )
+    for lname, t in layers:
+        if not t.is_contiguous():
+            raise LayoutError(f"KV cache of {lname} is not contiguous; lmcache needs it to be")
+    return KVLayout(
+        kind=kind,
+        dtype=TORCH_DTYPES[first.dtype],
+        num_layers=len(layers),
+        num_kv_heads=h,
+        head_size=d,
+        block_size=bs,
+    )

@@ -1,0 +1,236 @@
+"""The lookup path from vLLM's scheduler to the workers that hold the cache.
+
+The scheduler and the workers are different objects and, with tensor
+parallelism, different processes. Every worker serves lookups for its own
+rank; the scheduler hashes the prompt once and sends the chunks' prefix
+hashes (32 bytes a chunk, not the tokens) to every rank. A hit counts only up
+to the shortest prefix that *every* rank holds.
+
+Two transports, one protocol:
+
+* in-process: a worker in the same process (vLLM's uni-process executor, the
+  default for one CPU or GPU) registers itself, and the scheduler calls it
+  directly;
+* a Unix socket per rank, named after vLLM's engine id, for workers in other
+  processes. Frames are length-prefixed binary; no pickle.
+
+A rank that does not answer within ``blocking_timeout_secs`` counts as a miss:
+the request is computed, never failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_OP_LOOKUP = 1
+_OP_UNPIN = 2
+_OP_PING = 3
+_HDR = struct.Struct("<IB")  # payload length, op
+_LOOKUP = struct.Struct("<IIIBH")  # chunk_size, num_tokens, n_digests, digest_size, owner_len
+_U32 = struct.Struct("<I")
+MAX_FRAME = 64 << 20
+
+#: ``lookup(chunk_size, num_tokens, digests, owner) -> leading chunks held``.
+LookupFn = Callable[[int, int, list[bytes], str], int]
+UnpinFn = Callable[[str], None]
+
+_LOCAL: dict[tuple[str, int], tuple[LookupFn, UnpinFn]] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def socket_path(engine_id: str, rank: int) -> str:
+    base = os.environ.get("LMCACHE_SOCKET_DIR") or tempfile.gettempdir()
+    safe = "".join(c for c in engine_id if c.isalnum() or c in "-_")[:48]
+    return str(Path(base) / f"lmcache-{safe}-tp{rank}.sock")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("peer closed the lookup socket")
+        buf += part
+    return bytes(buf)
+
+
+def _encode_lookup(chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> bytes:
+    o = owner.encode()
+    size = len(digests[0]) if digests else 0
+    if any(len(d) != size for d in digests):
+        raise ValueError("all digests of a prompt have the same size")
+    return _LOOKUP.pack(chunk_size, num_tokens, len(digests), size, len(o)) + o + b"".join(digests)
+
+
+def _decode_lookup(payload: bytes) -> tuple[int, int, list[bytes], str]:
+    if len(payload) < _LOOKUP.size:
+        raise ValueError("lookup frame too short")
+    chunk_size, num_tokens, n, size, olen = _LOOKUP.unpack_from(payload)
+    off = _LOOKUP.size
+    if len(payload) != off + olen + n * size:
+        raise ValueError("lookup frame length does not match its header")
+    owner = payload[off : off + olen].decode()
+    off += olen
+    digests = [payload[off + i * size : off + (i + 1) * size] for i in range(n)]
+    return chunk_size, num_tokens, digests, owner
+
+
+class LookupServer:
+    """Serves one rank's lookups, in process and on a Unix socket."""
+
+    def __init__(self, engine_id: str, rank: int, lookup: LookupFn, unpin: UnpinFn) -> None:
+        self.key = (engine_id, rank)
+        self.path = socket_path(engine_id, rank)
+        self._lookup, self._unpin = lookup, unpin
+        with _LOCAL_LOCK:
+            _LOCAL[self.key] = (lookup, unpin)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self._sock.listen(16)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="lmcache-lookup", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    length, op = _HDR.unpack(_recv_exact(conn, _HDR.size))
+                    if length > MAX_FRAME:
+                        raise ValueError(f"frame of {length} bytes is too large")
+                    payload = _recv_exact(conn, length)
+                    if op == _OP_LOOKUP:
+                        chunk_size, ntok, digests, owner = _decode_lookup(payload)
+                        result = self._lookup(chunk_size, ntok, digests, owner)
+                    elif op == _OP_UNPIN:
+                        self._unpin(payload.decode())
+                        result = 0
+                    elif op == _OP_PING:
+                        result = 0
+                    else:
+                        raise ValueError(f"unknown op {op}")
+                    conn.sendall(_U32.pack(result))
+                except ConnectionError:
+                    return
+                except Exception:
+                    logger.exception("bad lookup request; closing the connection")
+                    return
+
+    def close(self) -> None:
+        self._closed = True
+        with _LOCAL_LOCK:
+            _LOCAL.pop(self.key, None)
+        try:
+            self._sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class LookupClient:
+    """The scheduler's view of every rank's cache."""
+
+    def __init__(self, engine_id: str, world_size: int, timeout_s: float) -> None:
+        self.engine_id = engine_id
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self._socks: dict[int, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def _call(self, rank: int, op: int, payload: bytes) -> int:
+        sock = self._socks.get(rank)
+        for attempt in (0, 1):
+            try:
+                if sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(self.timeout_s)
+                    sock.connect(socket_path(self.engine_id, rank))
+                    self._socks[rank] = sock
+                sock.sendall(_HDR.pack(len(payload), op) + payload)
+                return int(_U32.unpack(_recv_exact(sock, _U32.size))[0])
+            except (OSError, ConnectionError):
+                self._socks.pop(rank, None)
+                if sock is not None:
+                    sock.close()
+                sock = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
+        """Leading chunks held by every rank (pinned on each for ``owner``)."""
+        if not digests:
+            return 0
+        best = len(digests)
+        payload: bytes | None = None
+        with self._lock:
+            for rank in range(self.world_size):
+                local = _LOCAL.get((self.engine_id, rank))
+                try:
+                    if local is not None:
+                        n = local[0](chunk_size, num_tokens, digests, owner)
+                    else:
+                        if payload is None:
+                            payload = _encode_lookup(chunk_size, num_tokens, digests, owner)
+                        n = self._call(rank, _OP_LOOKUP, payload)
+                except Exception:
+                    self._warn(rank)
+                    return 0
+                best = min(best, n)
+                if best == 0:
+                    break
+        return best
+
+    def unpin(self, owner: str) -> None:
+        with self._lock:
+            for rank in range(self.world_size):
+                local = _LOCAL.get((self.engine_id, rank))
+                try:
+                    if local is not None:
+                        local[1](owner)
+                    else:
+                        self._call(rank, _OP_UNPIN, owner.encode())
+                except Exception:
+                    self._warn(rank)
+
+    def _warn(self, rank: int) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 30:
+            self._last_warning = now
+            logger.warning(
+                "lmcache: rank %d did not answer a lookup (socket %s); counting misses",
+                rank,
+                socket_path(self.engine_id, rank),
+                exc_info=True,
+            )
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()

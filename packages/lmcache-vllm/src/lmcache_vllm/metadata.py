@@ -1,0 +1,46 @@
+"""What the scheduler-side connector tells the workers each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmcache_core.keys import ChunkedPrompt
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class PromptRef:
+    """A prompt hashed once by the scheduler: its chunks' prefix hashes."""
+
+    chunk_size: int
+    num_tokens: int
+    digests: list[bytes]
+
+    def prompt(self) -> ChunkedPrompt:
+        return ChunkedPrompt(self.chunk_size, self.num_tokens, self.digests)
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``[load_from, load_until)`` of a request into its blocks."""
+
+    req_id: str
+    prompt: PromptRef
+    block_ids: list[int]
+    load_from: int
+    load_until: int
+
+
+@dataclass
+class SaveSpec:
+    """Store the chunks of ``prompt`` (tokens computed by now) from the request's blocks."""
+
+    req_id: str
+    prompt: PromptRef
+    block_ids: list[int]
+
+
+@dataclass
+class LMCacheConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)

