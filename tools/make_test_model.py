@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 PRESETS = {
@@ -32,32 +31,6 @@ PRESETS = {
     "bench": dict(hidden=1024, layers=16, heads=8, kv_heads=4, head_dim=128, intermediate=4096),
 }
 VOCAB = 4096
-_WORDS = None
-
-
-def words() -> list[str]:
-    """A fixed vocabulary of made-up words."""
-    global _WORDS
-    if _WORDS is None:
-        rnd = random.Random(1234)
-        syll = ["ka", "lo", "mi", "nu", "re", "sa", "ti", "vo", "ze", "pa", "qu", "dor", "fen",
-                "gar", "hil", "jun", "mar", "pel", "ros", "tan", "vek", "wyl", "xen", "yor"]
-        _WORDS = sorted({"".join(rnd.choice(syll) for _ in range(rnd.randint(1, 4)))
-                         for _ in range(3000)})
-    return _WORDS
-
-
-def synthetic_text(seed: int, num_words: int) -> str:
-    """Deterministic prose-like text: sentences of made-up words."""
-    rnd = random.Random(seed)
-    vocab = words()
-    out = []
-    for i in range(num_words):
-        w = rnd.choice(vocab)
-        out.append(w.capitalize() if i % 12 == 0 else w)
-        if i % 12 == 11:
-            out[-1] += "."
-    return " ".join(out)
 
 
 def train_tokenizer(out: Path) -> int:
@@ -68,9 +41,13 @@ def train_tokenizer(out: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
+    from lmcache_core.workload import synthetic_text
+
     tok.train_from_iterator((synthetic_text(s, 400) for s in range(300)), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out)
@@ -85,11 +62,20 @@ def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
     vocab = train_tokenizer(out)
     p = PRESETS[preset]
     config = LlamaConfig(
-        vocab_size=max(vocab, VOCAB), hidden_size=p["hidden"], intermediate_size=p["intermediate"],
-        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"],
-        max_position_embeddings=16384, rope_theta=10000.0, bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=False, torch_dtype="bfloat16", initializer_range=init_std,
+        vocab_size=max(vocab, VOCAB),
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        head_dim=p["head_dim"],
+        max_position_embeddings=16384,
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -100,8 +86,9 @@ def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
     return out
 
 
-def ensure_model(out: str | Path, preset: str = "tiny", seed: int = 0,
-                 init_std: float = 0.02) -> Path:
+def ensure_model(
+    out: str | Path, preset: str = "tiny", seed: int = 0, init_std: float = 0.02
+) -> Path:
     """Build the model at ``out`` unless the same one is already there."""
     out = Path(out)
     stamp = out / "lmcache_test_model.json"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job.
+# Set up (if needed) and run the main job: vLLM's OpenAI server with lmcache
+# on this machine (the CPU when there is no GPU), a long-document QA workload
+# sent twice (the first pass fills the cache, the second hits it), and a table
+# of TTFT per pass, hit rate and bytes stored. With --baseline (the default
+# here) plain vLLM is measured in the same run for comparison.
 #
-# Until the vLLM adapter lands (issue #3), the main job is the core benchmark:
-# KV chunks of a Llama-3-8B-shaped cache stored into and retrieved from the
-# CPU tier, against memcpy of the same bytes, and the cost of looking up a
-# 128K-token prompt.
+#   tools/run_main.sh                      # local random ~200M Llama on the CPU
+#   tools/run_main.sh --model /models/x    # a model of yours (e.g. on a GPU machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec .venv/bin/lmcache bench core "$@"
+exec .venv/bin/python tools/bench_vllm.py --baseline "$@"

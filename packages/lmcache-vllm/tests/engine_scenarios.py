@@ -170,6 +170,21 @@ def scenario_recompute(model: str) -> dict:
     return r
 
 
+def scenario_restart(model: str) -> dict:
+    """One process of a pair: the second, started after the first exited, hits from disk."""
+    h = Harness(make_llm(model))
+    p = tokens(5, 700)
+    before = h.retrieved()
+    out = h.gen(p)
+    tiers = [t.name for t in h.engine.tiers]
+    return {
+        "out": out,
+        "loaded": h.retrieved() - before,
+        "tiers": tiers,
+        "disk_chunks": len(list(h.engine.tiers[-1].keys())),
+    }
+
+
 def scenario_bad_chunk_size(model: str) -> dict:
     try:
         make_llm(model, kv_connector_extra_config={"chunk_size": 200})

@@ -70,3 +70,13 @@ def test_chunk_size_that_splits_blocks_is_refused_at_start(tiny_model):
     r = run_scenario("bad_chunk_size", tiny_model)
     assert r["error"] and "chunk_size=200 is not a multiple of vLLM's block size 128" in r["error"]
     assert "LMCACHE_CHUNK_SIZE=256" in r["error"]
+
+
+def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
+    env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
+    first = run_scenario("restart", peaked_model, **env)
+    assert first["tiers"] == ["cpu", "disk"]
+    assert first["loaded"] == 0 and first["disk_chunks"] == 3  # 2 full chunks + 1 block of 128
+    second = run_scenario("restart", peaked_model, **env)
+    assert second["loaded"] == 640  # 699 computable tokens -> 5 whole blocks come from disk
+    assert second["out"] == first["out"]

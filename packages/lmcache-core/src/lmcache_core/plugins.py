@@ -28,7 +28,6 @@ GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS)
 #: Names we know of, with what to install to get them.
 KNOWN_PLUGINS: dict[str, dict[str, str]] = {
     BACKENDS: {
-        "disk": "the local disk tier is not released yet (lmcache-core, tiers issue)",
         "redis": "pip install 'lmcache[redis]' (Redis/Valkey tier)",
         "valkey": "pip install 'lmcache[redis]' (Redis/Valkey tier)",
         "s3": "pip install 'lmcache[s3]' (S3-compatible tier)",

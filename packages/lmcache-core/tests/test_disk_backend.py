@@ -1,0 +1,182 @@
+"""The local disk tier: the shipped storage contract, restarts, torn writes, corruption."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from lmcache_core import CacheConfig, CacheEngine, KVLayout
+from lmcache_core.backends.disk import LocalDiskBackend
+from lmcache_core.errors import ConfigError
+from lmcache_core.testing import (
+    ChunkFactory,
+    StorageBackendTests,
+    backend_state_machine,
+    chunk_payload,
+    test_key,
+)
+
+
+def make_disk(capacity_bytes: int, slot_bytes: int) -> LocalDiskBackend:
+    return LocalDiskBackend(tempfile.mkdtemp(prefix="lmcache-disk-test-"), capacity_bytes)
+
+
+class TestLocalDiskBackend(StorageBackendTests):
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make_disk(capacity_bytes, slot_bytes)
+
+
+TestLocalDiskBackendStateful = backend_state_machine(make_disk, max_examples=30).TestCase
+
+
+def _put(backend, factory, ids, nbytes=4096):
+    for i in ids:
+        c = factory.make(test_key(i), nbytes)
+        assert backend.put([c]) == [True]
+        c.release()
+
+
+def _read(backend, factory, i):
+    (c,) = backend.get([test_key(i)], factory.allocate)
+    if c is None:
+        return None
+    data = bytes(c.view)
+    c.release()
+    return data
+
+
+def test_a_restarted_tier_finds_every_chunk(tmp_path):
+    f = ChunkFactory(4096)
+    first = LocalDiskBackend(tmp_path, 1 << 20)
+    _put(first, f, range(5))
+    second = LocalDiskBackend(tmp_path, 1 << 20)
+    assert second.used_bytes == 5 * 4096
+    assert set(second.keys()) == {test_key(i) for i in range(5)}
+    for i in range(5):
+        assert _read(second, f, i) == chunk_payload(test_key(i), 4096)
+
+
+def test_a_restart_with_a_smaller_bound_evicts_the_oldest(tmp_path):
+    f = ChunkFactory(4096)
+    first = LocalDiskBackend(tmp_path, 1 << 20)
+    for i in range(4):
+        _put(first, f, [i])
+        p = first._path(test_key(i))
+        os.utime(p, (1000 + i, 1000 + i))
+    second = LocalDiskBackend(tmp_path, 2 * 4096)
+    assert second.contains([test_key(i) for i in range(4)]) == [False, False, True, True]
+    assert not first._path(test_key(0)).exists()
+
+
+def test_corrupt_truncated_and_misplaced_files_are_misses(tmp_path):
+    f = ChunkFactory(4096)
+    disk = LocalDiskBackend(tmp_path, 1 << 20)
+    _put(disk, f, range(4))
+    p0, p1, p2 = (disk._path(test_key(i)) for i in range(3))
+    data = bytearray(p0.read_bytes())
+    data[-10] ^= 0x01
+    p0.write_bytes(data)  # a flipped bit
+    p1.write_bytes(p1.read_bytes()[:-100])  # a truncated file
+    p2.write_bytes(disk._path(test_key(3)).read_bytes())  # another chunk's frame
+    for i in range(3):
+        assert _read(disk, f, i) is None
+        assert not disk._path(test_key(i)).exists(), "a bad file must be dropped"
+    assert disk.metrics.get("lmcache:num_corrupt_chunks") == 3
+    assert _read(disk, f, 3) == chunk_payload(test_key(3), 4096)
+
+
+def test_leftover_temporary_files_are_never_served(tmp_path):
+    f = ChunkFactory(4096)
+    disk = LocalDiskBackend(tmp_path, 1 << 20)
+    _put(disk, f, [0])
+    final = disk._path(test_key(0))
+    torn = final.parent / f".{final.name}.tmp123-0"
+    torn.write_bytes(final.read_bytes()[:50])
+    final.unlink()
+    again = LocalDiskBackend(tmp_path, 1 << 20)
+    assert again.contains([test_key(0)]) == [False]
+    assert not torn.exists()
+
+
+_WRITER = r"""
+import sys
+from lmcache_core.backends.disk import LocalDiskBackend
+from lmcache_core.testing import ChunkFactory, test_key
+disk = LocalDiskBackend(sys.argv[1], 1 << 30)
+f = ChunkFactory(1 << 20, num_slots=4)
+i = 0
+print("writing", flush=True)
+while True:
+    c = f.make(test_key(i), 1 << 20)
+    disk.put([c])
+    c.release()
+    i += 1
+"""
+
+
+def test_kill_9_in_the_middle_of_writes_leaves_no_torn_chunk(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    import time
+
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    f = ChunkFactory(1 << 20, num_slots=4)
+    disk = LocalDiskBackend(tmp_path, 1 << 30)
+    found = sorted(disk.keys())
+    assert found, "the writer stored nothing before it was killed"
+    n = len(found)
+    for i in range(n):
+        (c,) = disk.get([test_key(i)], f.allocate)
+        assert c is not None, f"complete chunk {i} was lost"
+        assert bytes(c.view) == chunk_payload(test_key(i), 1 << 20)
+        c.release()
+    assert disk.metrics.get("lmcache:num_corrupt_chunks") == 0
+
+
+def test_engine_hits_from_disk_after_a_restart_and_promotes_to_dram(tmp_path):
+    import numpy as np
+    from lmcache_core.transfer import ChunkIO
+    from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape
+
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+    )
+    cfg = {
+        "chunk_size": 16,
+        "max_local_cpu_size": "1MiB",
+        "local_disk": f"file://{tmp_path}",
+        "max_local_disk_size": "16MiB",
+    }
+    rng = np.random.default_rng(0)
+    src = [rng.integers(1, 2**16, size=layer_shape(layout, 32), dtype=np.uint16) for _ in range(2)]
+    tokens = list(range(48))
+    with CacheEngine(CacheConfig.from_dict(cfg), model="m", layout=layout) as a:
+        assert [t.name for t in a.tiers] == ["cpu", "disk"]
+        assert a.store(tokens, NumpyPagedKV(layout, src, range(12))) == 48
+    dst = [np.zeros_like(x) for x in src]
+    with CacheEngine(CacheConfig.from_dict(cfg), model="m", layout=layout) as b:
+        assert b.lookup(tokens) == 48
+        assert b.retrieve(tokens, NumpyPagedKV(layout, dst, range(12, 24))) == 48
+        assert b.cpu.contains(b.chunk(tokens).keys(b.namespace)) == [True] * 3
+    want, got = bytearray(layout.chunk_bytes(48)), bytearray(layout.chunk_bytes(48))
+    NumpyPagedKV(layout, src, range(12)).read_chunks([ChunkIO(0, 48, memoryview(want))])
+    NumpyPagedKV(layout, dst, range(12, 24)).read_chunks([ChunkIO(0, 48, memoryview(got))])
+    assert want == got
+
+
+def test_unwritable_paths_are_config_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot create"):
+        LocalDiskBackend(blocker / "sub", 1 << 20)
+    with pytest.raises(ConfigError, match="file:///path/"):
+        from lmcache_core.backends.disk import path_from_url
+
+        path_from_url("s3://bucket/x")

@@ -1,0 +1,193 @@
+"""The adapter's parts without an engine: torch transfer, layout detection, lookup transport."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from lmcache_core.config import CacheConfig  # noqa: E402
+from lmcache_core.errors import ConfigError, LayoutError  # noqa: E402
+from lmcache_core.layout import KVLayout, LayoutKind  # noqa: E402
+from lmcache_core.transfer import ChunkIO  # noqa: E402
+from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape  # noqa: E402
+from lmcache_vllm.layouts import detect_layout, ordered_layers  # noqa: E402
+from lmcache_vllm.lookup import LookupClient, LookupServer, socket_path  # noqa: E402
+from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef  # noqa: E402
+from lmcache_vllm.settings import check_chunk_size, load_cache_config  # noqa: E402
+from lmcache_vllm.transfer_torch import TorchPagedKV  # noqa: E402
+
+layouts = st.builds(
+    lambda kind, nl, heads, hs, bs: KVLayout(
+        kind=kind,
+        dtype="bfloat16",
+        num_layers=nl,
+        num_kv_heads=1 if kind == "mla" else heads,
+        head_size=hs,
+        block_size=bs,
+    ),
+    kind=st.sampled_from(["vllm_flash", "vllm_flash_blocks_first", "vllm_cpu", "mla"]),
+    nl=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    hs=st.sampled_from([2, 8]),
+    bs=st.sampled_from([1, 4, 16]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts, data=st.data())
+def test_torch_transfer_agrees_with_the_numpy_reference(layout, data):
+    """The CPU twin of the GPU path: same bytes as core's reference, both directions."""
+    nb = data.draw(st.integers(2, 10))
+    n_req = data.draw(st.integers(1, nb))
+    table = data.draw(st.permutations(range(nb)))[:n_req]
+    bs = layout.block_size
+    if layout.kind is LayoutKind.VLLM_CPU:
+        b0 = data.draw(st.integers(0, n_req - 1))
+        start, end = b0 * bs, data.draw(st.integers(b0 + 1, n_req)) * bs
+    else:
+        start = data.draw(st.integers(0, n_req * bs - 1))
+        end = data.draw(st.integers(start + 1, n_req * bs))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    src = [
+        torch.randint(1, 2**15, layer_shape(layout, nb), dtype=torch.int16, generator=g).view(
+            torch.bfloat16
+        )
+        for _ in range(layout.num_layers)
+    ]
+    ref = bytearray(layout.chunk_bytes(end - start))
+    NumpyPagedKV(layout, [t.view(torch.int16).numpy() for t in src], table).read_chunks(
+        [ChunkIO(start, end, memoryview(ref))]
+    )
+    got = bytearray(len(ref))
+    TorchPagedKV(layout, src, table).read_chunks([ChunkIO(start, end, memoryview(got))])
+    assert got == ref
+
+    w_from = data.draw(st.integers(start, end))
+    if layout.kind is LayoutKind.VLLM_CPU:
+        w_from = start + ((w_from - start) // bs) * bs
+    dst_t = [torch.zeros_like(t) for t in src]
+    dst_n = [torch.zeros_like(t) for t in src]
+    io = ChunkIO(start, end, memoryview(ref), w_from, end)
+    TorchPagedKV(layout, dst_t, table).write_chunks([io])
+    NumpyPagedKV(layout, [t.view(torch.int16).numpy() for t in dst_n], table).write_chunks([io])
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dst_t, dst_n))
+
+
+def test_detect_layout_recognises_vllm_shapes_and_orders_layers():
+    cpu = {
+        f"model.layers.{i}.self_attn.attn": torch.zeros(8, 2, 128, 128, dtype=torch.bfloat16)
+        for i in (10, 2, 1)
+    }
+    lay = detect_layout(cpu, block_size=128, num_kv_heads=2, head_size=64)
+    assert (lay.kind, lay.num_layers, lay.dtype) == (LayoutKind.VLLM_CPU, 3, "bfloat16")
+    assert [n for n, _ in ordered_layers(cpu)] == [
+        "model.layers.1.self_attn.attn",
+        "model.layers.2.self_attn.attn",
+        "model.layers.10.self_attn.attn",
+    ]
+    flash = {"l.0": torch.zeros(2, 8, 16, 4, 64, dtype=torch.float16)}
+    assert detect_layout(flash, block_size=16, num_kv_heads=4, head_size=64).kind is (
+        LayoutKind.VLLM_FLASH
+    )
+    first = {"l.0": torch.zeros(8, 2, 16, 4, 64, dtype=torch.float16)}
+    assert detect_layout(first, block_size=16, num_kv_heads=4, head_size=64).kind is (
+        LayoutKind.VLLM_FLASH_BLOCKS_FIRST
+    )
+    with pytest.raises(LayoutError, match="unsupported vLLM KV cache shape"):
+        detect_layout({"l.0": torch.zeros(3, 3)}, block_size=16, num_kv_heads=4, head_size=64)
+    mixed = {"l.0": torch.zeros(8, 2, 128, 128), "l.1": torch.zeros(8, 2, 128, 64)}
+    with pytest.raises(LayoutError, match="hybrid"):
+        detect_layout(mixed, block_size=128, num_kv_heads=2, head_size=64)
+
+
+def test_chunk_size_must_be_a_multiple_of_the_block_size():
+    check_chunk_size(CacheConfig.from_dict({"chunk_size": 256}), 128)
+    with pytest.raises(ConfigError, match="LMCACHE_CHUNK_SIZE=128"):
+        check_chunk_size(CacheConfig.from_dict({"chunk_size": 100}), 128)
+
+
+def test_extra_config_overrides_and_is_validated(monkeypatch):
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "512")
+    assert load_cache_config({"chunk_size": 128, "model_id": "x"}).chunk_size == 128
+    assert load_cache_config(None).chunk_size == 512
+    with pytest.raises(ConfigError, match="chunk_sise"):
+        load_cache_config({"chunk_sise": 1})
+
+
+def test_metadata_survives_pickling():
+    meta = LMCacheConnectorMetadata(
+        loads=[LoadSpec("r", PromptRef(256, 300, [b"a" * 32, b"b" * 32]), [1, 2, 3], 0, 256)]
+    )
+    back = pickle.loads(pickle.dumps(meta))
+    assert back.loads[0].prompt.prompt().end(1) == 300
+
+
+_SERVER = """
+import sys, time
+from lmcache_vllm.lookup import LookupServer
+engine_id, rank, held = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+server = LookupServer(engine_id, rank, lambda cs, n, d, o: min(held, len(d)), lambda o: None)
+print("ready", flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+def test_lookup_over_sockets_takes_the_minimum_over_ranks(tmp_path, monkeypatch):
+    """Two worker processes hold 3 and 5 chunks; the scheduler may count 3."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LMCACHE_SOCKET_DIR", str(tmp_path))
+    engine_id = f"test-{os.getpid()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVER, engine_id, str(rank), str(held)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ},
+        )
+        for rank, held in ((0, 3), (1, 5))
+    ]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        client = LookupClient(engine_id, 2, timeout_s=5)
+        digests = [bytes([i]) * 32 for i in range(8)]
+        assert client.lookup(256, 2048, digests, "req-1") == 3
+        assert client.lookup(256, 2048, digests[:2], "req-2") == 2
+        client.unpin("req-1")
+        # A rank that dies counts as a miss, never as an error.
+        procs[1].kill()
+        procs[1].wait()
+        assert client.lookup(256, 2048, digests, "req-3") == 0
+        client.close()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.communicate("", timeout=10)
+
+
+def test_lookup_socket_refuses_garbage(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("LMCACHE_SOCKET_DIR", str(tmp_path))
+    server = LookupServer("garbage", 0, lambda *a: 1, lambda o: None)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(socket_path("garbage", 0))
+        s.sendall(b"\x05\x00\x00\x00\x01hello")  # a lookup frame with a nonsense payload
+        assert s.recv(4) == b""  # the server drops the connection instead of answering
+        s.close()
+        assert LookupClient("garbage", 1, 5).lookup(256, 256, [b"x" * 32], "o") == 1
+    finally:
+        server.close()
+    assert not os.path.exists(socket_path("garbage", 0))
