@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from lmcache_core.errors import LayoutError
+
+if TYPE_CHECKING:
+    from lmcache_core.layout import KVLayout
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,34 @@ class KVWriter(Protocol):
 
     def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
         """Scatter each ``chunk.buffer`` into the engine's memory for its tokens."""
+
+
+# Helpers every implementation shares, so they agree on what is valid.
+
+
+def check_chunk(layout: KVLayout, chunk: ChunkIO) -> None:
+    """Refuse, before any byte moves, a buffer of the wrong size or a chunk that splits an
+    opaque block."""
+    from lmcache_core.layout import LayoutKind
+
+    expected = layout.chunk_bytes(chunk.num_tokens)
+    if chunk.buffer.nbytes != expected:
+        raise LayoutError(
+            f"chunk buffer for tokens [{chunk.start}, {chunk.end}) has {chunk.buffer.nbytes} "
+            f"bytes, the layout needs {expected}"
+        )
+    bs = layout.block_size
+    if layout.kind is LayoutKind.VLLM_CPU and (chunk.start % bs or chunk.num_tokens % bs):
+        raise LayoutError(
+            "the vllm_cpu layout moves whole blocks only; chunk "
+            f"[{chunk.start}, {chunk.end}) is not aligned to {bs} tokens"
+        )
+
+
+def block_range(block_size: int, start: int, end: int, table_len: int) -> tuple[int, int, int, int]:
+    """Blocks ``[first, last)`` of a request's table that hold tokens ``[start, end)``, and
+    the token offsets ``lo, hi`` of those tokens inside the first of them."""
+    first, last = start // block_size, -(-end // block_size)
+    if last > table_len:
+        raise LayoutError(f"tokens up to {end} need {last} blocks, the block table has {table_len}")
+    return first, last, start - first * block_size, end - first * block_size

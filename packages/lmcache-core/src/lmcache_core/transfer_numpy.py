@@ -29,7 +29,7 @@ import numpy as np
 
 from lmcache_core.errors import LayoutError
 from lmcache_core.layout import KVLayout, LayoutKind
-from lmcache_core.transfer import ChunkIO
+from lmcache_core.transfer import ChunkIO, block_range, check_chunk
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -102,14 +102,8 @@ class NumpyPagedKV:
 
     def _blocks(self, start: int, end: int) -> tuple[np.ndarray, int, int]:
         """Block ids covering tokens [start, end), and the token offsets inside them."""
-        bs = self.layout.block_size
-        first, last = start // bs, -(-end // bs)
-        if last > len(self.block_table):
-            raise LayoutError(
-                f"tokens up to {end} need {last} blocks, the block table has "
-                f"{len(self.block_table)}"
-            )
-        return self.block_table[first:last], start - first * bs, end - first * bs
+        first, last, lo, hi = block_range(self.layout.block_size, start, end, len(self.block_table))
+        return self.block_table[first:last], lo, hi
 
     def _plane_views(self, layer: np.ndarray) -> list[np.ndarray]:
         """Views ``[num_blocks, block_size, row_bytes]`` of each K/V plane of a layer."""
@@ -123,19 +117,7 @@ class NumpyPagedKV:
         raise AssertionError(kind)
 
     def _check(self, chunk: ChunkIO) -> None:
-        expected = self.layout.chunk_bytes(chunk.num_tokens)
-        if chunk.buffer.nbytes != expected:
-            raise LayoutError(
-                f"chunk buffer for tokens [{chunk.start}, {chunk.end}) has {chunk.buffer.nbytes} "
-                f"bytes, the layout needs {expected}"
-            )
-        if self.layout.kind is LayoutKind.VLLM_CPU and (
-            chunk.start % self.layout.block_size or chunk.num_tokens % self.layout.block_size
-        ):
-            raise LayoutError(
-                "the vllm_cpu layout moves whole blocks only; chunk "
-                f"[{chunk.start}, {chunk.end}) is not aligned to {self.layout.block_size} tokens"
-            )
+        check_chunk(self.layout, chunk)
 
     # ------------------------------------------------------------------ protocol
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from lmcache_core.errors import LayoutError
 from lmcache_core.layout import KVLayout, LayoutKind
-from lmcache_core.transfer import ChunkIO
+from lmcache_core.transfer import ChunkIO, block_range, check_chunk
 
 
 class TorchPagedKV:
@@ -51,27 +51,12 @@ class TorchPagedKV:
         return [raw.reshape(raw.shape[0], 1, -1)]
 
     def _blocks(self, start: int, end: int) -> tuple[torch.Tensor, int, int]:
-        bs = self.layout.block_size
-        first, last = start // bs, -(-end // bs)
-        if last > len(self.block_table):
-            raise LayoutError(
-                f"tokens up to {end} need {last} blocks, the block table has "
-                f"{len(self.block_table)}"
-            )
-        return self.block_table[first:last].to(self.device), start - first * bs, end - first * bs
-
-    def _check(self, chunk: ChunkIO) -> None:
-        expected = self.layout.chunk_bytes(chunk.num_tokens)
-        if chunk.buffer.nbytes != expected:
-            raise LayoutError(
-                f"chunk buffer for tokens [{chunk.start}, {chunk.end}) has {chunk.buffer.nbytes} "
-                f"bytes, the layout needs {expected}"
-            )
+        first, last, lo, hi = block_range(self.layout.block_size, start, end, len(self.block_table))
+        return self.block_table[first:last].to(self.device), lo, hi
 
     def read_chunks(self, chunks: Sequence[ChunkIO]) -> None:
-        bs = self.layout.block_size
         for chunk in chunks:
-            self._check(chunk)
+            check_chunk(self.layout, chunk)
             out = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
             blocks, lo, hi = self._blocks(chunk.start, chunk.end)
             per_layer = out.numel() // self.layout.num_layers
@@ -84,13 +69,11 @@ class TorchPagedKV:
                         sel = sel.reshape(-1, sel.shape[-1])[lo:hi]
                     dst = out[i * per_layer + p * per_plane : i * per_layer + (p + 1) * per_plane]
                     dst.copy_(sel.reshape(-1))
-            if self.layout.kind is LayoutKind.VLLM_CPU and (lo or hi % bs):
-                raise LayoutError("the vllm_cpu layout moves whole blocks only")
 
     def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
         bs = self.layout.block_size
         for chunk in chunks:
-            self._check(chunk)
+            check_chunk(self.layout, chunk)
             w_lo, w_hi = chunk.write_range
             if w_lo >= w_hi:
                 continue
