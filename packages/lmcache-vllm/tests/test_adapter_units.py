@@ -191,3 +191,23 @@ def test_lookup_socket_refuses_garbage(tmp_path, monkeypatch):
     finally:
         server.close()
     assert not os.path.exists(socket_path("garbage", 0))
+
+
+def test_deep_socket_dirs_fall_back_to_a_short_deterministic_path(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    monkeypatch.setenv("LMCACHE_SOCKET_DIR", str(deep))
+    path = socket_path("e" * 36, 3)
+    assert len(path) <= 100 and path == socket_path("e" * 36, 3)
+    server = LookupServer("e" * 36, 3, lambda *a: 2, lambda o: None)
+    try:
+        # Force the socket path (no in-process shortcut) by asking as another engine id alias.
+        from lmcache_vllm import lookup
+
+        local = lookup._LOCAL.pop(("e" * 36, 3))
+        try:
+            assert LookupClient("e" * 36, 4, 5)._call(3, 3, b"") == 0  # ping over the socket
+        finally:
+            lookup._LOCAL[("e" * 36, 3)] = local
+    finally:
+        server.close()

@@ -83,6 +83,84 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     return 0 if result.correct else 1
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from lmcache_core.workload import (
+        OpenAIClient,
+        PassResult,
+        long_doc_qa,
+        multi_round_qa,
+        run_passes,
+        scrape_metrics,
+    )
+
+    client = OpenAIClient(args.base_url, args.model)
+    if args.workload == "long-doc-qa":
+        docs = long_doc_qa(args.docs, args.doc_words, seed=args.seed)
+        passes = [(f"pass {p + 1}", docs) for p in range(args.passes)]
+    else:
+        rounds = multi_round_qa(
+            args.users, args.rounds, args.system_words, args.question_words, seed=args.seed
+        )
+        passes = [(f"round {r + 1}", batch) for r, batch in enumerate(rounds)]
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(
+            f"{args.workload} against {args.base_url}", total=sum(len(p) for _, p in passes)
+        )
+        results: list[PassResult] = run_passes(
+            client,
+            passes,
+            max_tokens=args.max_tokens,
+            on_request=lambda _r: progress.advance(task),
+        )
+    errors = [r for p in results for r in p.requests if r.error]
+    summary: dict[str, object] = {
+        "model": client.model,
+        "passes": [
+            {
+                "name": p.name,
+                "requests": len(p.requests),
+                "errors": len(p.requests) - len(p.ok),
+                "median_ttft_s": p.median_ttft(),
+                "mean_ttft_s": p.mean_ttft(),
+                "mean_prompt_tokens": p.prompt_tokens(),
+            }
+            for p in results
+        ],
+    }
+    if args.metrics_url:
+        summary["lmcache"] = scrape_metrics(args.metrics_url)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table(title=f"{args.workload}: TTFT per pass ({client.model})")
+        for col in ("pass", "requests", "median TTFT (s)", "mean TTFT (s)", "prompt tokens"):
+            table.add_column(col, justify="left" if col == "pass" else "right")
+        for p in results:
+            table.add_row(
+                p.name,
+                str(len(p.ok)),
+                f"{p.median_ttft():.3f}",
+                f"{p.mean_ttft():.3f}",
+                f"{p.prompt_tokens():.0f}",
+            )
+        Console().print(table)
+        if "lmcache" in summary:
+            m = summary["lmcache"]
+            assert isinstance(m, dict)
+            looked = m.get("lmcache:num_lookup_tokens", 0)
+            rate = m.get("lmcache:num_hit_tokens", 0) / looked if looked else 0.0
+            stored = m.get("lmcache:stored_bytes", 0) / 2**20
+            print(f"lmcache hit rate {rate:.0%}; stored {stored:.0f} MiB")
+    for r in errors[:5]:
+        print(f"lmcache: request {r.label} failed: {r.error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmcache", description="lmcache: KV cache for LLM engines"
@@ -106,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(fn=_cmd_bench_core)
+
+    p = bench.add_parser("serve", help="TTFT of a workload against any OpenAI-compatible server")
+    p.add_argument("--base-url", required=True, help="e.g. http://localhost:8000")
+    p.add_argument("--model", help="model name (default: the first the server lists)")
+    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], default="long-doc-qa")
+    p.add_argument("--docs", type=int, default=4, help="long-doc-qa: documents")
+    p.add_argument("--doc-words", type=int, default=3540, help="long-doc-qa: words a document")
+    p.add_argument("--passes", type=int, default=2, help="long-doc-qa: times each is asked")
+    p.add_argument("--users", type=int, default=4, help="multi-round-qa: users")
+    p.add_argument("--rounds", type=int, default=3, help="multi-round-qa: rounds a user")
+    p.add_argument("--system-words", type=int, default=1000, help="multi-round-qa: shared prompt")
+    p.add_argument("--question-words", type=int, default=50, help="multi-round-qa: a question")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-url", help="an lmcache /metrics URL, for hit rate and bytes")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(fn=_cmd_bench_serve)
     return parser
 
 

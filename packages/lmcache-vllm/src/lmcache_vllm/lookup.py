@@ -20,6 +20,7 @@ the request is computed, never failed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -48,10 +49,20 @@ _LOCAL: dict[tuple[str, int], tuple[LookupFn, UnpinFn]] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
+#: Unix socket paths are limited to 107 bytes on Linux.
+_MAX_SOCKET_PATH = 100
+
+
 def socket_path(engine_id: str, rank: int) -> str:
+    """The socket of ``rank``; the same in the scheduler's and the worker's process."""
     base = os.environ.get("LMCACHE_SOCKET_DIR") or tempfile.gettempdir()
     safe = "".join(c for c in engine_id if c.isalnum() or c in "-_")[:48]
-    return str(Path(base) / f"lmcache-{safe}-tp{rank}.sock")
+    path = str(Path(base) / f"lmcache-{safe}-tp{rank}.sock")
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        # A deep LMCACHE_SOCKET_DIR: fall back to a short, still deterministic name.
+        digest = hashlib.sha256(path.encode()).hexdigest()[:20]
+        path = str(Path(tempfile.gettempdir()) / f"lmcache-{digest}.sock")
+    return path
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -94,19 +105,29 @@ class LookupServer:
         self._lookup, self._unpin = lookup, unpin
         with _LOCAL_LOCK:
             _LOCAL[self.key] = (lookup, unpin)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self._sock.listen(16)
         self._closed = False
+        self._sock: socket.socket | None = None
+        try:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+            self._sock = sock
+        except OSError as e:
+            # Lookups from other processes will miss; the engine still serves requests.
+            logger.error(
+                "lmcache: cannot serve lookups on %s (%s); other processes will miss", self.path, e
+            )
+            return
         self._thread = threading.Thread(target=self._accept, name="lmcache-lookup", daemon=True)
         self._thread.start()
 
     def _accept(self) -> None:
+        assert self._sock is not None
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
@@ -143,6 +164,8 @@ class LookupServer:
         self._closed = True
         with _LOCAL_LOCK:
             _LOCAL.pop(self.key, None)
+        if self._sock is None:
+            return
         try:
             self._sock.close()
         finally:
