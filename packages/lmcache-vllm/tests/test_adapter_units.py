@@ -211,3 +211,68 @@ def test_deep_socket_dirs_fall_back_to_a_short_deterministic_path(tmp_path, monk
             lookup._LOCAL[("e" * 36, 3)] = local
     finally:
         server.close()
+
+
+def _scheduler(engine_id: str):
+    from types import SimpleNamespace
+
+    from lmcache_vllm.connector import SchedulerSide
+
+    cfg = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(
+            kv_connector_extra_config={}, kv_role="kv_both", engine_id=engine_id
+        ),
+        cache_config=SimpleNamespace(block_size=16),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+    )
+    return SchedulerSide(cfg, None)
+
+
+def test_scheduler_plans_loads_for_new_and_resumed_requests_and_saves_as_it_goes():
+    """vLLM's scheduler output is a stand-in here; the real-engine tests cover the rest."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm import lookup
+
+    lookup._LOCAL[("sched-test", 0)] = (lambda cs, n, d, o: len(d), lambda o: None)
+    try:
+        side = _scheduler("sched-test")
+        req = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)), cache_salt=None)
+        # 2 full chunks + a partial cut to whole blocks (80 tokens) = 592, below 600 - 1.
+        assert side.get_num_new_matched_tokens(req, 0) == 592
+        assert side.get_num_new_matched_tokens(req, 512) == 80
+        side.update_state_after_alloc(req, None, 80)
+        none = SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        )
+        new = SimpleNamespace(req_id="r", block_ids=(list(range(10, 48)),), num_computed_tokens=592)
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new], scheduled_cached_reqs=none, num_scheduled_tokens={"r": 8}
+            )
+        )
+        (load,) = meta.loads
+        assert (load.load_from, load.load_until, load.block_ids[:2]) == (512, 592, [10, 11])
+        assert len(meta.saves) == 1 and meta.saves[0].prompt.num_tokens == 592
+        # Preempted, then resumed: it looks up again and comes back as a cached request.
+        assert side.get_num_new_matched_tokens(req, 0) == 592
+        side.update_state_after_alloc(req, None, 592)
+        resumed = SimpleNamespace(
+            req_ids=["r"],
+            resumed_req_ids={"r"},
+            new_block_ids=[(list(range(100, 138)),)],
+            num_computed_tokens=[592],
+        )
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[], scheduled_cached_reqs=resumed, num_scheduled_tokens={"r": 8}
+            )
+        )
+        (load,) = meta.loads
+        assert (load.load_from, load.load_until) == (0, 592)
+        assert load.block_ids[:2] == [100, 101], "a resumed request loads into its new blocks"
+        assert meta.saves == []  # its chunks were planned for saving already
+        side.request_finished(req)
+        assert "r" not in side.requests
+    finally:
+        lookup._LOCAL.pop(("sched-test", 0), None)

@@ -159,13 +159,7 @@ class SchedulerSide:
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
-            if st.load is not None:
-                lo, hi = st.load
-                meta.loads.append(
-                    LoadSpec(new.req_id, self._ref(st, len(st.prompt)), list(st.block_ids), lo, hi)
-                )
-                st.load = None
-                st.pinned = False
+            self._plan_load(new.req_id, st, meta)
             self._plan_save(
                 new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens[new.req_id], meta
             )
@@ -179,9 +173,22 @@ class SchedulerSide:
                 st.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
+            # A preempted request comes back here, not among the new ones, and
+            # may have looked up (and been promised) tokens again.
+            self._plan_load(req_id, st, meta)
             done = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
             self._plan_save(req_id, st, done, meta)
         return meta
+
+    def _plan_load(self, req_id: str, st: _RequestState, meta: LMCacheConnectorMetadata) -> None:
+        if st.load is None:
+            return
+        lo, hi = st.load
+        meta.loads.append(
+            LoadSpec(req_id, self._ref(st, len(st.prompt)), list(st.block_ids), lo, hi)
+        )
+        st.load = None
+        st.pinned = False
 
     def _ref(self, st: _RequestState, chunks: int) -> PromptRef:
         p = st.prompt
