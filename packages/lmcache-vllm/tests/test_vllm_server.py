@@ -94,8 +94,8 @@ def server(tiny_model, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_bench_serve_against_a_real_server_hits_the_cache(server):
-    port, metrics_port, _sockets = server
+def bench_serve(port: int, *args: str) -> dict:
+    """Run ``lmcache bench serve --json`` against the server; its parsed summary."""
     out = subprocess.run(
         [
             sys.executable,
@@ -105,22 +105,30 @@ def test_bench_serve_against_a_real_server_hits_the_cache(server):
             "serve",
             "--base-url",
             f"http://127.0.0.1:{port}",
-            "--docs",
-            "2",
-            "--doc-words",
-            "500",
-            "--passes",
-            "2",
-            "--metrics-url",
-            f"http://127.0.0.1:{metrics_port}/metrics",
             "--json",
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+def test_bench_serve_against_a_real_server_hits_the_cache(server):
+    port, metrics_port, _sockets = server
+    summary = bench_serve(
+        port,
+        "--docs",
+        "2",
+        "--doc-words",
+        "500",
+        "--passes",
+        "2",
+        "--metrics-url",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+    )
     first, second = summary["passes"]
     assert first["errors"] == 0 and second["errors"] == 0
     assert first["mean_prompt_tokens"] > 500
@@ -134,32 +142,18 @@ def test_bench_serve_against_a_real_server_hits_the_cache(server):
 
 def test_multi_round_qa_runs_against_the_same_server(server):
     port, _metrics_port, _ = server
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmcache_core.cli",
-            "bench",
-            "serve",
-            "--base-url",
-            f"http://127.0.0.1:{port}",
-            "--workload",
-            "multi-round-qa",
-            "--users",
-            "2",
-            "--rounds",
-            "2",
-            "--system-words",
-            "300",
-            "--question-words",
-            "20",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
-    rounds = json.loads(out.stdout)["passes"]
+    rounds = bench_serve(
+        port,
+        "--workload",
+        "multi-round-qa",
+        "--users",
+        "2",
+        "--rounds",
+        "2",
+        "--system-words",
+        "300",
+        "--question-words",
+        "20",
+    )["passes"]
     assert [r["requests"] for r in rounds] == [2, 2]
     assert rounds[1]["mean_prompt_tokens"] > rounds[0]["mean_prompt_tokens"]
