@@ -162,12 +162,7 @@ class CacheEngine:
         """
         prompt = self.chunk(tokens, cache_salt=cache_salt)
         hits = self.lookup_chunks(prompt, pin_owner=pin_owner)
-        hit_tokens = prompt.end(hits - 1) if hits else 0
-        m = self.metrics
-        m.inc("lmcache:num_lookup_requests")
-        m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
-        m.inc("lmcache:num_hit_tokens", hit_tokens)
-        return hit_tokens
+        return prompt.end(hits - 1) if hits else 0
 
     def lookup_chunks(self, prompt: ChunkedPrompt, *, pin_owner: str | None = None) -> int:
         """How many leading chunks of ``prompt`` are cached (pinning them for ``pin_owner``)."""
@@ -177,6 +172,10 @@ class CacheEngine:
             self.cpu.unpin(pin_owner)
             if hits:
                 self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
+        m = self.metrics
+        m.inc("lmcache:num_lookup_requests")
+        m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
+        m.inc("lmcache:num_hit_tokens", prompt.end(hits - 1) if hits else 0)
         return hits
 
     def _prefix_present(self, keys: list[CacheKey]) -> int:

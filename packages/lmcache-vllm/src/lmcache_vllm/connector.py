@@ -287,12 +287,7 @@ class WorkerSide:
     def _lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
         assert self.engine is not None
         prompt = ChunkedPrompt(chunk_size, num_tokens, digests)
-        hits = self.engine.lookup_chunks(prompt, pin_owner=owner)
-        m = self.engine.metrics
-        m.inc("lmcache:num_lookup_requests")
-        m.inc("lmcache:num_lookup_tokens", num_tokens)
-        m.inc("lmcache:num_hit_tokens", prompt.end(hits - 1) if hits else 0)
-        return hits
+        return self.engine.lookup_chunks(prompt, pin_owner=owner)
 
     def kv(self, block_ids: list[int]) -> Any:
         """Reader/writer over this worker's KV tensors for one request's blocks."""

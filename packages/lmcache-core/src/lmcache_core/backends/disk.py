@@ -199,9 +199,10 @@ class LocalDiskBackend(StorageBackend):
         try:
             total = sum(memoryview(p).nbytes for p in parts)
             written = os.writev(fd, parts)
-            while written < total:  # short writes: finish the rest
-                flat = b"".join(bytes(p) for p in parts)
-                written += os.write(fd, flat[written:])
+            if written < total:  # a short write (rare): finish from one joined buffer
+                rest = memoryview(b"".join(parts))
+                while written < total:
+                    written += os.write(fd, rest[written:])
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
