@@ -229,12 +229,34 @@ class CacheConfig:
     local_cpu_checksums: bool = _opt(
         "bool", False, "checksum chunks in DRAM and verify them on every read"
     )
+    write_behind_queue_size: int = _opt(
+        "size",
+        0,
+        "bytes of chunks waiting to be written to lower tiers before new writes are dropped "
+        "(0: a quarter of max_local_cpu_size, at most 1 GiB)",
+    )
+    demote_on_evict: bool = _opt(
+        "bool", True, "write a chunk evicted from DRAM to the local disk tier if it is not there"
+    )
+    tier_retry_backoff: float = _opt(
+        "float", 0.5, "seconds before a failed tier is tried again (doubles on each failure)"
+    )
+    tier_retry_max_backoff: float = _opt(
+        "float", 30.0, "longest wait between tries of a failed tier, seconds"
+    )
     metrics_port: int | None = _opt(
         "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
     )
     extra_config: dict[str, Any] = _opt("dict", {}, "free-form settings for plugins")
 
     # ------------------------------------------------------------------ loading
+
+    @property
+    def write_behind_bytes(self) -> int:
+        """The write-behind bound in effect (``write_behind_queue_size``, or its default)."""
+        if self.write_behind_queue_size:
+            return self.write_behind_queue_size
+        return max(1 << 20, min(1 << 30, self.max_local_cpu_size // 4))
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -325,6 +347,13 @@ class CacheConfig:
             p.append(f"pin_timeout={self.pin_timeout} must be > 0 seconds")
         if self.blocking_timeout_secs <= 0:
             p.append(f"blocking_timeout_secs={self.blocking_timeout_secs} must be > 0 seconds")
+        if self.tier_retry_backoff <= 0:
+            p.append(f"tier_retry_backoff={self.tier_retry_backoff} must be > 0 seconds")
+        if self.tier_retry_max_backoff < self.tier_retry_backoff:
+            p.append(
+                f"tier_retry_max_backoff={self.tier_retry_max_backoff} must be >= "
+                f"tier_retry_backoff={self.tier_retry_backoff}"
+            )
         policies = installed_names(EVICTION_POLICIES)
         if self.cache_policy.lower() not in policies:
             p.append(
@@ -357,7 +386,7 @@ class CacheConfig:
     def describe(self) -> str:
         """Human-readable YAML of the resolved config (sizes with units)."""
         d = self.to_dict()
-        for k in ("max_local_cpu_size", "max_local_disk_size"):
+        for k in ("max_local_cpu_size", "max_local_disk_size", "write_behind_queue_size"):
             d[k] = format_size(d[k]).replace(" ", "")
         return yaml.safe_dump(d, sort_keys=False)
 

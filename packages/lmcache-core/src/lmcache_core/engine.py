@@ -36,6 +36,7 @@ from lmcache_core.metrics import Metrics
 from lmcache_core.plugins import BACKENDS, load_plugin
 from lmcache_core.pool import SLOT_OFFSET, Chunk, SlotPool
 from lmcache_core.sizes import format_size
+from lmcache_core.tier import ManagedTier
 from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class CacheEngine:
         self.pool = SlotPool(arena, slot_bytes)
         self.context = BackendContext(layout=layout, pool=self.pool, metrics=self.metrics)
         self.cpu: LocalCPUBackend | None = None
+        self._demote_to: StorageBackend | None = None
         if tiers is not None:
             self.tiers = list(tiers)
             for t in self.tiers:
@@ -101,17 +103,55 @@ class CacheEngine:
         )
 
     def _build_tiers(self, config: CacheConfig) -> list[StorageBackend]:
+        """CPU (synchronous, zero-copy), then disk and remote behind write-behind and health."""
         tiers: list[StorageBackend] = []
         if config.local_cpu:
             cpu = load_plugin(BACKENDS, "cpu").from_config(config, self.context)
             self.cpu = cpu
             tiers.append(cpu)
+        lower: list[StorageBackend] = []
         if config.local_disk:
-            tiers.append(load_plugin(BACKENDS, "disk").from_config(config, self.context))
+            lower.append(load_plugin(BACKENDS, "disk").from_config(config, self.context))
         if config.remote_url:
             scheme = urlparse(config.remote_url).scheme.lower()
-            tiers.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
+            lower.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
+        for backend in lower:
+            tiers.append(
+                ManagedTier(
+                    backend,
+                    metrics=self.metrics,
+                    write_behind_bytes=config.write_behind_bytes,
+                    base_backoff_s=config.tier_retry_backoff,
+                    max_backoff_s=config.tier_retry_max_backoff,
+                )
+            )
+        if self.cpu is not None and config.demote_on_evict:
+            local = [t for t in tiers[1:] if not t.capabilities.shared]
+            if local:
+                self._demote_to = local[0]
+                self.cpu.on_evict = self._demote
         return tiers
+
+    def _demote(self, chunk: Chunk) -> None:
+        """Called by the CPU tier as it evicts ``chunk``: keep it on local disk if it is not there.
+
+        Most chunks are there already (stores are written through, behind);
+        this catches the ones whose write was dropped, and chunks that came
+        from a remote tier.
+        """
+        tier = self._demote_to
+        if tier is None or tier.contains([chunk.key])[0]:
+            return
+        if tier.put([chunk])[0]:
+            self.metrics.inc("lmcache:num_demotions", tier=tier.name)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued lower-tier write is done; False on timeout."""
+        ok = True
+        for tier in self.tiers:
+            if isinstance(tier, ManagedTier):
+                ok = tier.flush(timeout) and ok
+        return ok
 
     # ------------------------------------------------------------------ keys
 
@@ -344,7 +384,8 @@ class CacheEngine:
                     if tier is not self.cpu:
                         promote.append(c)
             if promote and self.cpu is not None:
-                self.cpu.put(promote)
+                n = sum(self.cpu.put(promote))
+                self.metrics.inc("lmcache:num_promotions", n, tier=tier.name)
             while m < n and found[m] is not None:
                 m += 1
         # Release what lies beyond the first gap: it is unreachable as a prefix.
@@ -371,9 +412,15 @@ class CacheEngine:
         self.metrics.inc("lmcache:num_failures", tier=tier.name, op=op)
 
     def close(self) -> None:
+        """Write what lower tiers have queued (up to ``blocking_timeout_secs``), then close."""
+        if self.cpu is not None:
+            self.cpu.on_evict = None
         for tier in self.tiers:
             try:
-                tier.close()
+                if isinstance(tier, ManagedTier):
+                    tier.close(self.config.blocking_timeout_secs)
+                else:
+                    tier.close()
             except Exception:
                 logger.warning("closing tier %s failed", tier.name, exc_info=True)
         self.tiers = []

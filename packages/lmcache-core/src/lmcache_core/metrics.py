@@ -27,6 +27,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "lmcache:num_failures": ("counter", "Operations that failed and became misses"),
     "lmcache:num_expired_pins": ("counter", "Pins dropped because their owner left them behind"),
     "lmcache:num_corrupt_chunks": ("counter", "Chunks whose checksum failed on read (dropped)"),
+    "lmcache:num_dropped_writes": (
+        "counter",
+        "Chunks not written to a lower tier: its write-behind queue was full or the tier down",
+    ),
+    "lmcache:num_skipped_unhealthy": ("counter", "Operations skipped: the tier is unhealthy"),
+    "lmcache:num_promotions": ("counter", "Chunks copied up into the CPU tier on a lower-tier hit"),
+    "lmcache:num_demotions": ("counter", "Chunks written down to a lower tier when evicted"),
+    "lmcache:tier_healthy": ("gauge", "1 while a tier answers, 0 while it is skipped"),
+    "lmcache:write_queue_bytes": ("gauge", "Bytes waiting in a tier's write-behind queue"),
     "lmcache:usage_bytes": ("gauge", "Bytes stored in a tier"),
     "lmcache:capacity_bytes": ("gauge", "Capacity of a tier"),
 }

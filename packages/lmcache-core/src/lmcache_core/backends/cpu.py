@@ -61,6 +61,9 @@ class LocalCPUBackend(StorageBackend):
         self._used = 0
         self._pins: dict[str, tuple[float, list[CacheKey]]] = {}
         self._pin_counts: dict[CacheKey, int] = {}
+        #: Called with each chunk as it is evicted, before its slot is freed
+        #: (the engine demotes it to disk); it may retain the chunk.
+        self.on_evict: Callable[[Chunk], None] | None = None
         self.metrics.set("lmcache:capacity_bytes", pool.capacity_bytes, tier=self.name)
 
     @classmethod
@@ -100,6 +103,11 @@ class LocalCPUBackend(StorageBackend):
         if self._checksums is not None:
             self._checksums.pop(victim, None)  # type: ignore[call-overload]
         self._used -= chunk.nbytes
+        if self.on_evict is not None:
+            try:
+                self.on_evict(chunk)
+            except Exception:
+                logger.warning("demoting an evicted chunk failed", exc_info=True)
         chunk.release()
         self.metrics.inc("lmcache:num_evictions", tier=self.name)
         self.metrics.set("lmcache:usage_bytes", self._used, tier=self.name)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -170,10 +171,11 @@ class LocalDiskBackend(StorageBackend):
             try:
                 self._write(chunk)
             except OSError as e:
-                logger.warning("disk tier: writing a chunk failed (%s); skipped", e)
-                self.metrics.inc("lmcache:num_failures", tier=self.name, op="put")
-                out.append(False)
-                continue
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._shrink_to_fit()
+                # Raised, not swallowed: the tier's health marks writes unhealthy
+                # (skipped, retried with backoff) instead of failing every write.
+                raise
             with self._lock:
                 if chunk.key in self._index:  # another thread won the race: same content
                     out.append(True)
@@ -189,6 +191,28 @@ class LocalDiskBackend(StorageBackend):
             self.metrics.inc("lmcache:stored_bytes", chunk.nbytes, tier=self.name)
             out.append(True)
         return out
+
+    def _shrink_to_fit(self) -> None:
+        """The filesystem is full before our bound: lower the bound to what we hold.
+
+        Eviction then makes room for each new chunk, so the tier keeps working
+        inside the space the filesystem really has (until a restart re-reads
+        ``max_local_disk_size``).
+        """
+        with self._lock:
+            target = max(0, self._used - self._used // 8)  # leave headroom for the next writes
+            if target < self.capacity:
+                logger.warning(
+                    "disk tier %s: filesystem full at %d bytes of chunks; lowering the bound "
+                    "from %d to %d bytes",
+                    self.root,
+                    self._used,
+                    self.capacity,
+                    target,
+                )
+                self.capacity = target
+                self._make_room(0)
+                self._gauges()
 
     def _write(self, chunk: Chunk) -> None:
         final = self._path(chunk.key)
