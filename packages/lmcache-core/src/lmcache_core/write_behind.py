@@ -65,7 +65,7 @@ class WriteBehindQueue:
     # ------------------------------------------------------------------ producer side
 
     def submit(self, chunks: Sequence[Chunk]) -> list[bool]:
-        """Queue ``chunks`` (retaining each); False for each one dropped because the queue is full."""
+        """Queue ``chunks`` (retaining each); False for each one dropped: the queue is full."""
         out: list[bool] = []
         dropped = 0
         with self._cond:
