@@ -98,7 +98,15 @@ LMCACHE_COMPAT_KEYS = frozenset(
 )
 
 #: ``LMCACHE_*`` variables that are not config keys and must not be reported.
-_NON_KEY_ENV = frozenset({CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL", "LMCACHE_USE_EXPERIMENTAL"})
+_NON_KEY_ENV = frozenset(
+    {
+        CONFIG_FILE_ENV,
+        "LMCACHE_LOG_LEVEL",
+        "LMCACHE_USE_EXPERIMENTAL",
+        "LMCACHE_REDIS_PASSWORD",
+        "LMCACHE_REDIS_USERNAME",
+    }
+)
 
 
 # --------------------------------------------------------------------------- coercion

@@ -54,6 +54,9 @@ class BackendCapabilities:
     evicts: bool = False
     #: ``keys()`` lists what is stored.
     listing: bool = True
+    #: ``used_bytes`` is exactly what is stored (False for a shared store, where
+    #: other instances write too and ``used_bytes`` counts this process's writes).
+    exact_usage: bool = True
 
 
 @dataclass

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcache_core.serdes.base import Serde, SerdeError
+
+#: The suite is subclassed once per serde; each subclass runs the same pure test.
+_SUBCLASSED = [HealthCheck.differing_executors]
 
 
 def _frame(serde: Serde, key: bytes, data: bytes, ntok: int = 7) -> bytes:
@@ -20,7 +23,7 @@ class SerdeTests:
         raise NotImplementedError("implement make_serde()")
 
     @pytest.mark.conformance
-    @settings(max_examples=50, deadline=None)
+    @settings(max_examples=50, deadline=None, suppress_health_check=_SUBCLASSED)
     @given(
         data=st.binary(min_size=1, max_size=4096),
         key=st.binary(min_size=1, max_size=64),
@@ -33,7 +36,7 @@ class SerdeTests:
         assert bytes(out) == data
 
     @pytest.mark.conformance
-    @settings(max_examples=50, deadline=None)
+    @settings(max_examples=50, deadline=None, suppress_health_check=_SUBCLASSED)
     @given(
         data=st.binary(min_size=16, max_size=2048), pos=st.integers(0, 10**6), bit=st.integers(0, 7)
     )
@@ -46,7 +49,7 @@ class SerdeTests:
             serde.decode(bytes(frame), b"k", memoryview(out))
 
     @pytest.mark.conformance
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=30, deadline=None, suppress_health_check=_SUBCLASSED)
     @given(data=st.binary(min_size=1, max_size=2048), cut=st.integers(0, 10**6))
     def test_truncated_frames_are_rejected(self, data, cut):
         serde = self.make_serde()

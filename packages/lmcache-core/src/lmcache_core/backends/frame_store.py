@@ -1,0 +1,203 @@
+"""``FrameStore``: the base of tiers that keep each chunk as one opaque value under a name.
+
+Redis, S3 and the shared filesystem differ only in how they move named
+values; everything else is here, once: the name of a key, encoding with the
+configured serde, and the careful way back: a value is checked (header, key,
+sizes, checksum) before one byte of it reaches a chunk, a value that fails is
+a miss, counted, and deleted, and a value written by another serde (another
+instance's ``remote_serde``) is decoded by that serde.
+
+A third party's tier for another store subclasses this and writes five
+methods: ``_read``, ``_write``, ``_exists``, ``_delete`` and ``_names``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from lmcache_core.backends.base import ChunkAllocator, StorageBackend
+from lmcache_core.keys import CacheKey
+from lmcache_core.metrics import Metrics
+from lmcache_core.plugins import SERDES, installed_names, load_plugin
+from lmcache_core.serdes.base import ChunkHeader, Serde, SerdeError
+from lmcache_core.serdes.naive import NaiveSerde
+
+if TYPE_CHECKING:
+    from lmcache_core.pool import Chunk
+
+logger = logging.getLogger(__name__)
+
+#: A frame to write, as buffers to send in order.
+FrameParts = list["bytes | memoryview"]
+
+
+@functools.cache
+def serde_for_id(serde_id: int) -> Serde | None:
+    """The installed serde that writes frames with ``serde_id`` (None if none is installed)."""
+    for name in installed_names(SERDES):
+        try:
+            cls = load_plugin(SERDES, name)
+        except Exception:  # a broken third-party plugin must not break reads
+            continue
+        if getattr(cls, "serde_id", None) == serde_id:
+            return cls()
+    return None
+
+
+class FrameStore(StorageBackend):
+    """Chunks as named frames in some store. Subclasses move the frames."""
+
+    def __init__(
+        self,
+        *,
+        serde: Serde | None = None,
+        metrics: Metrics | None = None,
+        max_chunk_bytes: int = 1 << 31,
+        name_prefix: str = "lmcache:",
+    ) -> None:
+        self.serde = serde if serde is not None else NaiveSerde()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.max_chunk_bytes = max_chunk_bytes
+        self.name_prefix = name_prefix
+        self._written = 0
+
+    # ------------------------------------------------------------------ what subclasses write
+
+    @abstractmethod
+    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
+        """The values stored under ``names`` (None where missing)."""
+
+    @abstractmethod
+    def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
+        """Store each value unless its name exists already; True where stored afterwards."""
+
+    @abstractmethod
+    def _exists(self, names: list[str]) -> list[bool]:
+        """Which names hold a value."""
+
+    @abstractmethod
+    def _delete(self, names: list[str]) -> int:
+        """Delete ``names``; how many existed."""
+
+    @abstractmethod
+    def _names(self) -> Iterator[str]:
+        """Every name under ``name_prefix``."""
+
+    # ------------------------------------------------------------------ names
+
+    def name_of(self, key: CacheKey) -> str:
+        return f"{self.name_prefix}{key.hex()}"
+
+    def key_of(self, name: str) -> CacheKey | None:
+        if not name.startswith(self.name_prefix):
+            return None
+        try:
+            return CacheKey.from_hex(name[len(self.name_prefix) :])
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ the protocol
+
+    def contains(self, keys: Sequence[CacheKey]) -> list[bool]:
+        if not keys:
+            return []
+        return self._exists([self.name_of(k) for k in keys])
+
+    def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
+        if not keys:
+            return []
+        names = [self.name_of(k) for k in keys]
+        values = self._read(names)
+        out: list[Chunk | None] = []
+        corrupt: list[str] = []
+        nbytes = 0
+        for key, name, value in zip(keys, names, values):
+            chunk = None
+            if value is not None:
+                try:
+                    chunk = self._decode(key, value, allocator)
+                except SerdeError as e:
+                    logger.warning(
+                        "%s tier: value %s is unusable (%s); deleted", self.name, name, e
+                    )
+                    self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
+                    corrupt.append(name)
+            if chunk is not None:
+                nbytes += chunk.nbytes
+            out.append(chunk)
+        if corrupt:
+            try:
+                self._delete(corrupt)
+            except Exception:
+                logger.warning("%s tier: deleting corrupt values failed", self.name, exc_info=True)
+        if nbytes:
+            self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
+        return out
+
+    def _decode(
+        self, key: CacheKey, value: bytes | memoryview, allocator: ChunkAllocator
+    ) -> Chunk | None:
+        kb = key.to_bytes()
+        header = ChunkHeader.unpack(value, max_raw_nbytes=self.max_chunk_bytes)
+        if header.key != kb:
+            raise SerdeError("value was stored under another key")
+        serde = self.serde if header.serde_id == self.serde.serde_id else None
+        if serde is None:
+            serde = serde_for_id(header.serde_id)
+            if serde is None:
+                raise SerdeError(f"no installed serde writes frames with id {header.serde_id}")
+        chunk = allocator(key, header.num_tokens, header.raw_nbytes)
+        if chunk is None:
+            return None  # no memory to read into: a miss, not corruption
+        try:
+            serde.decode(value, kb, chunk.view)
+        except BaseException:
+            chunk.release()
+            raise
+        return chunk
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        if not chunks:
+            return []
+        items = [
+            (self.name_of(c.key), self.serde.encode(c.key.to_bytes(), c.num_tokens, c.view))
+            for c in chunks
+        ]
+        ok = self._write(items)
+        stored = sum(c.nbytes for c, good in zip(chunks, ok) if good)
+        self._written += stored
+        if stored:
+            self.metrics.inc("lmcache:stored_bytes", stored, tier=self.name)
+        return ok
+
+    def remove(self, keys: Sequence[CacheKey]) -> int:
+        if not keys:
+            return 0
+        return self._delete([self.name_of(k) for k in keys])
+
+    def keys(self) -> Iterator[CacheKey]:
+        for name in self._names():
+            key = self.key_of(name)
+            if key is not None:
+                yield key
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes this process has written (the store is shared: others write too)."""
+        return self._written
+
+
+def frame_bytes(parts: FrameParts) -> bytes | memoryview:
+    """One buffer for a frame (no copy when it is one part already)."""
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(parts)
+
+
+def check_serde_name(name: str) -> Serde:
+    """The serde named ``name`` (``remote_serde``), built."""
+    return load_plugin(SERDES, name)()

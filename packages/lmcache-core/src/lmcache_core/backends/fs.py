@@ -1,0 +1,144 @@
+"""The shared filesystem tier (``remote_url: fs:///mnt/shared/lmcache``), for NFS-style mounts.
+
+Unlike the local disk tier, many instances write here, so nothing is kept in
+an in-memory index: ``contains`` asks the filesystem. Each chunk is one file
+holding a checksummed frame, written under a temporary name unique to this
+host and process and renamed into place, so a reader on any host sees a
+whole file or none. The store is bounded by whoever runs the share (quota,
+a cleanup job): lmcache deletes only files that fail their checksum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from lmcache_core.backends.base import BackendCapabilities, BackendContext
+from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name
+from lmcache_core.errors import ConfigError
+from lmcache_core.keys import CacheKey
+from lmcache_core.metrics import Metrics
+from lmcache_core.serdes.base import Serde
+
+if TYPE_CHECKING:
+    from lmcache_core.config import CacheConfig
+
+SUFFIX = ".chunk"
+_counter = itertools.count()
+
+
+def fs_path(url: str) -> Path:
+    u = urlparse(url)
+    if u.scheme != "fs" or not u.path or (u.path == "/" and not u.netloc):
+        raise ConfigError([f"remote_url={url!r}: write a shared directory as fs:///mnt/shared/dir"])
+    if u.netloc:
+        raise ConfigError(
+            [f"remote_url={url!r}: fs:// takes a local mount path (fs:///path), not a host"]
+        )
+    return Path(u.path)
+
+
+class SharedFSBackend(FrameStore):
+    name = "fs"
+    capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        serde: Serde | None = None,
+        metrics: Metrics | None = None,
+        max_chunk_bytes: int = 1 << 31,
+    ) -> None:
+        super().__init__(serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes)
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                [f"remote_url: cannot create {self.root} ({e.strerror}); is the share mounted?"]
+            ) from None
+        if not os.access(self.root, os.W_OK):
+            raise ConfigError([f"remote_url: {self.root} is not writable by this process"])
+        self._tag = f"{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, context: BackendContext) -> SharedFSBackend:
+        assert config.remote_url is not None
+        return cls(
+            fs_path(config.remote_url),
+            serde=check_serde_name(config.remote_serde),
+            metrics=context.metrics,
+            max_chunk_bytes=context.pool.slot_bytes,
+        )
+
+    def name_of(self, key: CacheKey) -> str:
+        h = key.hex()
+        return f"{key.namespace.hex()}/{key.prefix.hex()[:2]}/{h}{SUFFIX}"
+
+    def key_of(self, name: str) -> CacheKey | None:
+        base = name.rsplit("/", 1)[-1]
+        if not base.endswith(SUFFIX):
+            return None
+        try:
+            return CacheKey.from_hex(base[: -len(SUFFIX)])
+        except ValueError:
+            return None
+
+    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
+        out: list[bytes | memoryview | None] = []
+        for name in names:
+            try:
+                out.append((self.root / name).read_bytes())
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
+        for name, parts in items:
+            final = self.root / name
+            if final.exists():
+                continue
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{final.name}.tmp-{self._tag}-{next(_counter)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(b"".join(parts))
+                done = 0
+                while done < view.nbytes:
+                    done += os.write(fd, view[done:])
+                os.fsync(fd)  # other hosts must never see a renamed but empty file
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            os.replace(tmp, final)
+        return [True] * len(items)
+
+    def _exists(self, names: list[str]) -> list[bool]:
+        return [(self.root / n).exists() for n in names]
+
+    def _delete(self, names: list[str]) -> int:
+        n = 0
+        for name in names:
+            try:
+                (self.root / name).unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+    def _names(self) -> Iterator[str]:
+        for path in self.root.glob(f"*/*/*{SUFFIX}"):
+            yield str(path.relative_to(self.root))
+
+    @property
+    def capacity_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize

@@ -1,0 +1,200 @@
+"""The Redis / Valkey tier: one value per chunk, shared by every instance that points at it.
+
+URLs (``remote_url``):
+
+* ``redis://host:6379/0``, ``valkey://host:6379`` - plain TCP;
+* ``rediss://``, ``valkeys://`` - TLS (``?ssl_cert_reqs=none`` and the other
+  redis-py URL options are passed through);
+* ``redis+cluster://host:7000`` (``rediss+cluster://``) - Redis Cluster, for
+  users who outgrow one server; any node of the cluster will do.
+
+The password comes from the URL (``redis://:secret@host``) or, so that it
+stays out of config files, from ``LMCACHE_REDIS_PASSWORD`` (and
+``LMCACHE_REDIS_USERNAME``).
+
+Each chunk is one string value (a checksummed serde frame) under
+``lmcache:<key hex>``, written with ``SET NX`` (keys name immutable content),
+read with ``MGET``, checked with pipelined ``EXISTS``: one round trip per
+batch. The server bounds memory: set ``maxmemory`` with an ``allkeys-lru``
+policy; lmcache never deletes other instances' chunks except ones that fail
+their checksum. Optional ``extra_config``: ``redis_ttl`` (seconds a value
+lives), ``redis_key_prefix``, ``redis_connect_timeout`` (seconds, default 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse, urlunparse
+
+from lmcache_core.backends.base import BackendCapabilities, BackendContext
+from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name, frame_bytes
+from lmcache_core.errors import ConfigError
+from lmcache_core.metrics import Metrics
+from lmcache_core.serdes.base import Serde
+
+if TYPE_CHECKING:
+    from lmcache_core.config import CacheConfig
+
+logger = logging.getLogger(__name__)
+
+PASSWORD_ENV = "LMCACHE_REDIS_PASSWORD"
+USERNAME_ENV = "LMCACHE_REDIS_USERNAME"
+
+_SCHEMES = {
+    "redis": ("redis", False),
+    "valkey": ("redis", False),
+    "rediss": ("rediss", False),
+    "valkeys": ("rediss", False),
+    "redis+cluster": ("redis", True),
+    "valkey+cluster": ("redis", True),
+    "rediss+cluster": ("rediss", True),
+    "valkeys+cluster": ("rediss", True),
+}
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ConfigError(
+            [
+                "remote_url is a Redis/Valkey URL but the redis client is not installed: "
+                "pip install 'lmcache[redis]' (or pip install redis)"
+            ]
+        ) from None
+    return redis
+
+
+def client_url(url: str) -> tuple[str, bool]:
+    """The redis-py URL for a ``remote_url``, and whether it names a cluster."""
+    u = urlparse(url)
+    scheme = u.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            [f"remote_url={url!r}: scheme must be one of {', '.join(sorted(_SCHEMES))}"]
+        )
+    if not u.hostname:
+        raise ConfigError([f"remote_url={url!r} has no host; write e.g. redis://localhost:6379"])
+    try:
+        u.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError([f"remote_url={url!r} has an invalid port"]) from None
+    real, cluster = _SCHEMES[scheme]
+    return urlunparse(u._replace(scheme=real)), cluster
+
+
+class RedisBackend(FrameStore):
+    name = "redis"
+    capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        serde: Serde | None = None,
+        metrics: Metrics | None = None,
+        max_chunk_bytes: int = 1 << 31,
+        key_prefix: str = "lmcache:",
+        ttl_s: float | None = None,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        super().__init__(
+            serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes, name_prefix=key_prefix
+        )
+        redis = _import_redis()
+        real_url, self.cluster = client_url(url)
+        self.url = url
+        self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+        }
+        u = urlparse(url)
+        if u.password is None and os.environ.get(PASSWORD_ENV):
+            kwargs["password"] = os.environ[PASSWORD_ENV]
+            if os.environ.get(USERNAME_ENV):
+                kwargs["username"] = os.environ[USERNAME_ENV]
+        if self.cluster:
+            from redis.cluster import RedisCluster
+
+            self.client = RedisCluster.from_url(real_url, **kwargs)
+        else:
+            kwargs["health_check_interval"] = 30
+            self.client = redis.Redis.from_url(real_url, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, context: BackendContext) -> RedisBackend:
+        assert config.remote_url is not None
+        extra = config.extra_config
+        return cls(
+            config.remote_url,
+            serde=check_serde_name(config.remote_serde),
+            metrics=context.metrics,
+            max_chunk_bytes=context.pool.slot_bytes,
+            key_prefix=str(extra.get("redis_key_prefix", "lmcache:")),
+            ttl_s=float(extra["redis_ttl"]) if extra.get("redis_ttl") else None,
+            timeout_s=config.blocking_timeout_secs,
+            connect_timeout_s=float(extra.get("redis_connect_timeout", 2.0)),
+        )
+
+    # ------------------------------------------------------------------ moving frames
+
+    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
+        if self.cluster:
+            return self.client.mget_nonatomic(names)
+        return self.client.mget(names)
+
+    def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for name, parts in items:
+            pipe.set(name, frame_bytes(parts), nx=True, px=self.ttl_ms)
+        pipe.execute()
+        # SET NX answers None when the name existed: the value there is the same content.
+        return [True] * len(items)
+
+    def _exists(self, names: list[str]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(name)
+        return [bool(n) for n in pipe.execute()]
+
+    def _delete(self, names: list[str]) -> int:
+        if self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.delete(name)
+            return sum(pipe.execute())
+        return int(self.client.delete(*names))
+
+    def _names(self) -> Iterator[str]:
+        for raw in self.client.scan_iter(match=f"{self.name_prefix}*", count=1000):
+            yield raw.decode() if isinstance(raw, bytes) else raw
+
+    # ------------------------------------------------------------------ sizes, lifetime
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The server's ``maxmemory`` (unbounded when it is 0 or cannot be read)."""
+        try:
+            info = self.client.info("memory")
+            if isinstance(info, dict) and not self.cluster:
+                limit = int(info.get("maxmemory", 0))
+                if limit:
+                    return limit
+        except Exception:
+            pass
+        return sys.maxsize
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
