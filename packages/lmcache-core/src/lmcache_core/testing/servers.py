@@ -101,8 +101,9 @@ class RedisServer:
             "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
         ext = d / "san.ext"
         ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", str(ext))  # fmt: skip
+        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt",
+            "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "1",
+            "-extfile", str(ext))  # fmt: skip
 
     @property
     def ca_file(self) -> str:
