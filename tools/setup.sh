@@ -8,13 +8,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+# The tier tests start a real redis-server (Debian's package) on loopback.
+if ! command -v redis-server >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    if command -v apt-get >/dev/null 2>&1; then
+        $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 \
+            || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
+    else
+        echo "setup: install redis-server (the Redis tier tests need it)" >&2
+        exit 1
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 "${PIP[@]}" install \
-    -e "packages/lmcache-core[testing]" \
+    -e "packages/lmcache-core[testing,redis,s3,compression]" \
     -e packages/lmcache-cuda \
     -e packages/lmcache-vllm \
     -e packages/lmcache-sglang \

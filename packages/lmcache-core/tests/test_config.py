@@ -90,7 +90,7 @@ def test_every_problem_is_reported_at_once():
         ({"chunk_size": 0}, "chunk_size=0 must be between 1"),
         ({"hash_algorithm": "md5"}, "is not one of sha256, blake3, xxh3_128"),
         ({"cache_policy": "ARC"}, "installed: lru, s3fifo"),
-        ({"remote_serde": "cachegen"}, "installed: naive"),
+        ({"remote_serde": "cachegen"}, "installed: lz4, naive, zstd"),
         ({"remote_url": "localhost:6379"}, "must be a URL such as redis://host:6379"),
         ({"local_disk": "file:///tmp/x"}, "max_local_disk_size is 0"),
         ({"local_disk": "s3://b", "max_local_disk_size": "1GiB"}, "file:///path/"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,37 +12,11 @@ from lmcache_core.backends.base import StorageBackend
 from lmcache_core.backends.cpu import LocalCPUBackend
 from lmcache_core.errors import ConfigError, LayoutError, PluginNotFoundError
 from lmcache_core.pool import SlotPool
-from lmcache_core.transfer import ChunkIO
-from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape
+from lmcache_core.testing.paged_memory import PagedKVMemory as FakeEngine
 
 LAYOUT = KVLayout(
     kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
 )
-
-
-class FakeEngine:
-    """Paged KV memory of one engine, with requests' block tables."""
-
-    def __init__(self, layout: KVLayout, num_blocks: int = 64, seed: int = 0) -> None:
-        self.layout = layout
-        rng = np.random.default_rng(seed)
-        self.layers = [
-            rng.integers(1, 2**16, size=layer_shape(layout, num_blocks), dtype=np.uint16)
-            for _ in range(layout.num_layers)
-        ]
-        self.num_blocks = num_blocks
-
-    def table(self, ntok: int, seed: int) -> list[int]:
-        need = -(-ntok // self.layout.block_size)
-        return list(np.random.default_rng(seed).permutation(self.num_blocks)[:need])
-
-    def kv(self, table) -> NumpyPagedKV:
-        return NumpyPagedKV(self.layout, self.layers, table)
-
-    def tokens_kv(self, table, start: int, end: int) -> bytes:
-        buf = bytearray(self.layout.chunk_bytes(end - start))
-        self.kv(table).read_chunks([ChunkIO(start, end, memoryview(buf))])
-        return bytes(buf)
 
 
 def make_engine(layout=LAYOUT, **cfg) -> CacheEngine:
@@ -227,8 +200,10 @@ def test_configuration_errors_say_what_to_change():
     )
     with pytest.raises(ConfigError, match="raise it to at least 32.0 MiB"):
         make_engine(layout=big, chunk_size=256, max_local_cpu_size="16MiB")
-    with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[redis\]'"):
-        make_engine(remote_url="redis://localhost:6379")
+    with pytest.raises(ConfigError, match="cannot be reserved"):
+        make_engine(max_local_cpu_size=10**9)  # a bare number is GB: 1 EB
+    with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[nixl\]'"):
+        make_engine(remote_url="p2p://peer:5555")
     with pytest.raises(PluginNotFoundError, match="installed: cpu"):
         make_engine(remote_url="weird://x")
 

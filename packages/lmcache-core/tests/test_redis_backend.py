@@ -187,3 +187,11 @@ def test_bad_urls_say_what_to_fix(url, fix):
 def test_urls_map_to_the_client():
     assert client_url("valkeys://h:1/2") == ("rediss://h:1/2", False)
     assert client_url("redis+cluster://h:7000") == ("redis://h:7000", True)
+
+
+def test_missing_client_library_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(ConfigError, match=r"pip install 'lmcache\[redis\]'"):
+        RedisBackend("redis://127.0.0.1:1")

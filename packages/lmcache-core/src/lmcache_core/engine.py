@@ -82,7 +82,15 @@ class CacheEngine:
                         f"{format_size(slot_bytes)} or lower chunk_size"
                     ]
                 )
-            arena = AnonymousArena(capacity + SLOT_OFFSET)
+            try:
+                arena = AnonymousArena(capacity + SLOT_OFFSET)
+            except OSError as e:
+                raise ConfigError(
+                    [
+                        f"max_local_cpu_size={format_size(capacity)} cannot be reserved "
+                        f"({e.strerror}); lower it (a bare number is GB: write 512MiB, 5GiB)"
+                    ]
+                ) from None
         self.pool = SlotPool(arena, slot_bytes)
         self.context = BackendContext(layout=layout, pool=self.pool, metrics=self.metrics)
         self.cpu: LocalCPUBackend | None = None
@@ -140,7 +148,9 @@ class CacheEngine:
         from a remote tier.
         """
         tier = self._demote_to
-        if tier is None or tier.contains([chunk.key])[0]:
+        if tier is None or (isinstance(tier, ManagedTier) and not tier.write_health.healthy):
+            return
+        if tier.contains([chunk.key])[0]:
             return
         if tier.put([chunk])[0]:
             self.metrics.inc("lmcache:num_demotions", tier=tier.name)
@@ -384,8 +394,8 @@ class CacheEngine:
                     if tier is not self.cpu:
                         promote.append(c)
             if promote and self.cpu is not None:
-                n = sum(self.cpu.put(promote))
-                self.metrics.inc("lmcache:num_promotions", n, tier=tier.name)
+                promoted = sum(self.cpu.put(promote))
+                self.metrics.inc("lmcache:num_promotions", promoted, tier=tier.name)
             while m < n and found[m] is not None:
                 m += 1
         # Release what lies beyond the first gap: it is unreachable as a prefix.

@@ -69,13 +69,12 @@ class Metrics:
             self._values[name][key] = value
 
     def get(self, name: str, **labels: str) -> float:
-        """Value of one series; with no labels, the sum over all series of ``name``."""
+        """The sum over the series of ``name`` whose labels include ``labels``."""
         self._check(name)
+        want = set(labels.items())
         with self._lock:
             series = self._values.get(name, {})
-            if labels:
-                return series.get(tuple(sorted(labels.items())), 0)
-            return sum(series.values())
+            return sum(v for k, v in series.items() if want <= set(k))
 
     def snapshot(self) -> dict[str, dict[Labels, float]]:
         with self._lock:

@@ -28,10 +28,6 @@ GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS)
 #: Names we know of, with what to install to get them.
 KNOWN_PLUGINS: dict[str, dict[str, str]] = {
     BACKENDS: {
-        "redis": "pip install 'lmcache[redis]' (Redis/Valkey tier)",
-        "valkey": "pip install 'lmcache[redis]' (Redis/Valkey tier)",
-        "s3": "pip install 'lmcache[s3]' (S3-compatible tier)",
-        "fs": "the shared filesystem tier is not released yet (lmcache-core, tiers issue)",
         "nixl": "pip install 'lmcache[nixl]' (NIXL storage and peer-to-peer tiers)",
         "p2p": "pip install 'lmcache[nixl]' (NIXL storage and peer-to-peer tiers)",
     },

@@ -84,10 +84,14 @@ class LocalCPUBackend(StorageBackend):
             return chunk
         with self._lock:
             self._expire_pins()
+            # Only the first eviction of a call may demote: a demoted chunk keeps
+            # its slot until written, and demoting every victim would empty the tier.
+            demote = True
             while chunk is None:
-                if not self._evict_one():
+                if not self._evict_one(demote):
                     self.metrics.inc("lmcache:num_store_skipped_full", tier=self.name)
                     return None
+                demote = False
                 chunk = self.pool.allocate(key, num_tokens, nbytes)
         return chunk
 
@@ -95,7 +99,7 @@ class LocalCPUBackend(StorageBackend):
         chunk = self._index.get(key)  # type: ignore[call-overload]
         return chunk is not None and chunk.refs == 1 and not self._pin_counts.get(key)  # type: ignore[call-overload]
 
-    def _evict_one(self) -> bool:
+    def _evict_one(self, demote: bool = False) -> bool:
         victim = self.policy.evict(self._evictable)
         if victim is None:
             return False
@@ -103,7 +107,7 @@ class LocalCPUBackend(StorageBackend):
         if self._checksums is not None:
             self._checksums.pop(victim, None)  # type: ignore[call-overload]
         self._used -= chunk.nbytes
-        if self.on_evict is not None:
+        if demote and self.on_evict is not None:
             try:
                 self.on_evict(chunk)
             except Exception:

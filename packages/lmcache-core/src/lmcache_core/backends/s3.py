@@ -116,7 +116,15 @@ class S3Backend(FrameStore):
 
     def _put_one(self, item: tuple[str, FrameParts]) -> bool:
         name, parts = item
-        self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(frame_bytes(parts)))
+        try:
+            # Keys name immutable content: the first writer wins (conditional write).
+            self.client.put_object(
+                Bucket=self.bucket, Key=name, Body=bytes(frame_bytes(parts)), IfNoneMatch="*"
+            )
+        except Exception as e:
+            code = getattr(e, "response", {}).get("Error", {}).get("Code")
+            if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise
         return True
 
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:

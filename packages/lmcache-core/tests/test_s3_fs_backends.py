@@ -1,0 +1,154 @@
+"""The S3 tier against moto's real S3 server, and the shared-filesystem tier on real files."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+
+import pytest
+from lmcache_core.backends.fs import SharedFSBackend, fs_path
+from lmcache_core.backends.s3 import S3Backend, parse_s3_url
+from lmcache_core.errors import ConfigError
+from lmcache_core.metrics import Metrics
+from lmcache_core.serdes.compressed import ZstdSerde
+from lmcache_core.testing import (
+    ChunkFactory,
+    StorageBackendTests,
+    backend_state_machine,
+    chunk_payload,
+    test_key,
+)
+from lmcache_core.testing.servers import S3Server
+
+BUCKET = "lmcache-test"
+_servers: dict[str, S3Server] = {}
+
+
+def _s3() -> S3Server:
+    if "s" not in _servers:
+        s = S3Server().start()
+        s.client().create_bucket(Bucket=BUCKET)
+        _servers["s"] = s
+    return _servers["s"]
+
+
+def teardown_module(module):
+    for s in _servers.values():
+        s.stop()
+
+
+def make_s3(capacity_bytes=0, slot_bytes=1 << 20, **kw) -> S3Backend:
+    server = _s3()
+    return S3Backend(
+        f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}",
+        client=server.client(),
+        max_chunk_bytes=slot_bytes,
+        **kw,
+    )
+
+
+def make_fs(capacity_bytes=0, slot_bytes=1 << 20, **kw) -> SharedFSBackend:
+    return SharedFSBackend(tempfile.mkdtemp(prefix="lmcache-fs-"), max_chunk_bytes=slot_bytes, **kw)
+
+
+class TestS3Backend(StorageBackendTests):
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make_s3(capacity_bytes, slot_bytes)
+
+
+class TestSharedFSBackend(StorageBackendTests):
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make_fs(capacity_bytes, slot_bytes)
+
+
+TestS3Stateful = backend_state_machine(make_s3, max_examples=10).TestCase
+TestSharedFSStateful = backend_state_machine(make_fs, max_examples=25).TestCase
+
+
+def _put(b, f, ids, nbytes=4096):
+    c = [f.make(test_key(i), nbytes) for i in ids]
+    assert b.put(c) == [True] * len(c)
+    for x in c:
+        x.release()
+
+
+def _read(b, f, i):
+    (c,) = b.get([test_key(i)], f.allocate)
+    if c is None:
+        return None
+    data = bytes(c.view)
+    c.release()
+    return data
+
+
+def test_s3_corrupt_objects_are_deleted_misses():
+    f = ChunkFactory(4096)
+    m = Metrics()
+    b = make_s3(metrics=m)
+    _put(b, f, [1, 2])
+    name = b.name_of(test_key(1))
+    client = _s3().client()
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=name)["Body"].read())
+    data[-1] ^= 0x40
+    client.put_object(Bucket=BUCKET, Key=name, Body=bytes(data))
+    assert _read(b, f, 1) is None
+    assert _read(b, f, 2) == chunk_payload(test_key(2), 4096)
+    assert m.get("lmcache:num_corrupt_chunks", tier="s3") == 1
+    assert b.contains([test_key(1)]) == [False]
+
+
+def test_s3_with_compression_and_a_reader_using_another_serde():
+    f = ChunkFactory(4096)
+    writer = make_s3(serde=ZstdSerde())
+    _put(writer, f, [1])
+    reader = S3Backend(
+        f"s3://{BUCKET}/{writer.name_prefix}", client=_s3().client(), max_chunk_bytes=4096
+    )
+    assert reader.name_prefix == writer.name_prefix
+    assert _read(reader, f, 1) == chunk_payload(test_key(1), 4096)
+
+
+def test_s3_server_down_raises_for_the_tier_guard_to_catch():
+    server = S3Server().start()
+    server.client().create_bucket(Bucket=BUCKET)
+    b = S3Backend(f"s3://{BUCKET}/x", client=server.client())
+    server.stop()
+    with pytest.raises(Exception):  # noqa: B017 - botocore's connection error
+        b.contains([test_key(1)])
+
+
+def test_fs_two_instances_share_files_and_corruption_is_a_miss(tmp_path):
+    f = ChunkFactory(4096)
+    m = Metrics()
+    a = SharedFSBackend(tmp_path)
+    b = SharedFSBackend(tmp_path, metrics=m)
+    _put(a, f, [1, 2])
+    assert b.contains([test_key(1), test_key(2), test_key(3)]) == [True, True, False]
+    assert _read(b, f, 1) == chunk_payload(test_key(1), 4096)
+    p = tmp_path / a.name_of(test_key(2))
+    raw = bytearray(p.read_bytes())
+    raw[100] ^= 1
+    p.write_bytes(raw)
+    assert _read(b, f, 2) is None
+    assert not p.exists()
+    assert m.get("lmcache:num_corrupt_chunks", tier="fs") == 1
+    assert not list(tmp_path.glob("*/*/.*tmp*")), "no temporary file is left behind"
+
+
+@pytest.mark.parametrize(
+    "url, fix", [("s3://", "s3://bucket/prefix"), ("gs://b/p", "s3://bucket/prefix")]
+)
+def test_bad_s3_urls(url, fix):
+    with pytest.raises(ConfigError, match=fix):
+        parse_s3_url(url)
+
+
+def test_s3_url_prefix():
+    assert parse_s3_url("s3://b/a/b/") == ("b", "a/b/")
+    assert parse_s3_url("s3://b") == ("b", "")
+
+
+@pytest.mark.parametrize("url", ["fs://host/path", "fs://", "file:///x"])
+def test_bad_fs_urls(url):
+    with pytest.raises(ConfigError, match="fs:///"):
+        fs_path(url)
