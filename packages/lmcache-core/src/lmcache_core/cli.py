@@ -83,6 +83,67 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     return 0 if result.correct else 1
 
 
+def _cmd_bench_tiers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from lmcache_core.bench_tiers import run_tier_benchmark
+    from lmcache_core.sizes import format_size
+
+    tiers = tuple(args.tiers.split(","))
+    bad = set(tiers) - {"disk", "redis"}
+    if bad:
+        print(f"lmcache: error: --tiers takes disk and/or redis, not {', '.join(bad)}")
+        return 2
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("tier benchmark", total=len(tiers))
+
+        def step(msg: str) -> None:
+            progress.update(task, description=f"{msg} done", advance=1)
+
+        result = run_tier_benchmark(
+            chunk_mib=args.chunk_mib,
+            chunks=args.chunks,
+            rounds=args.rounds,
+            disk_dir=args.dir,
+            redis_url=args.redis_url,
+            tiers=tiers,
+            on_step=step,
+        )
+    if args.json:
+        out = {
+            f"{t}_{op}": {
+                "raw_gbps": result.gbps(raw),
+                "tier_gbps": result.gbps(ours),
+                "ratio": raw / ours,
+            }
+            for (t, op), (raw, ours) in result.times.items()
+        }
+        out["correct"] = result.correct  # type: ignore[assignment]
+        print(json.dumps(out, indent=2))
+        return 0 if result.correct else 1
+    table = Table(
+        title=f"lmcache tiers: {args.chunks} chunks of {format_size(result.chunk_bytes)}, "
+        f"median of {args.rounds} rounds"
+    )
+    for col in ("tier", "operation", "raw GB/s", "tier GB/s", "tier / raw"):
+        table.add_column(col, justify="right" if "/" in col or "GB" in col else "left")
+    baselines = {"disk": "sequential file I/O", "redis": "pipelined redis-py SET/GET"}
+    for (t, op), (raw, ours) in result.times.items():
+        table.add_row(
+            f"{t} (vs {baselines[t]})",
+            op,
+            f"{result.gbps(raw):.2f}",
+            f"{result.gbps(ours):.2f}",
+            f"{raw / ours:.2f}",
+        )
+    Console().print(table)
+    print(f"read bytes equal written bytes: {result.correct}")
+    return 0 if result.correct else 1
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -184,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(fn=_cmd_bench_core)
+
+    p = bench.add_parser("tiers", help="disk and Redis tiers vs raw file I/O and raw redis-py")
+    p.add_argument("--tiers", default="disk,redis", help="comma-separated: disk, redis")
+    p.add_argument("--chunks", type=int, default=32, help="values per round")
+    p.add_argument("--chunk-mib", type=float, default=8.0, help="size of a value, MiB")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--dir", help="directory on the disk to measure (default: the temp dir)")
+    p.add_argument("--redis-url", help="a Redis to measure (default: start a private one)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(fn=_cmd_bench_tiers)
 
     p = bench.add_parser("serve", help="TTFT of a workload against any OpenAI-compatible server")
     p.add_argument("--base-url", required=True, help="e.g. http://localhost:8000")

@@ -106,7 +106,7 @@ class RedisBackend(FrameStore):
         super().__init__(
             serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes, name_prefix=key_prefix
         )
-        redis = _import_redis()
+        redis = self._redis = _import_redis()
         real_url, self.cluster = client_url(url)
         self.url = url
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
@@ -150,12 +150,56 @@ class RedisBackend(FrameStore):
         return self.client.mget(names)
 
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
-        pipe = self.client.pipeline(transaction=False)
-        for name, parts in items:
-            pipe.set(name, frame_bytes(parts), nx=True, px=self.ttl_ms)
-        pipe.execute()
         # SET NX answers None when the name existed: the value there is the same content.
+        if self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for name, parts in items:
+                pipe.set(name, frame_bytes(parts), nx=True, px=self.ttl_ms)
+            pipe.execute()
+            return [True] * len(items)
+        self._send_sets(items)
         return [True] * len(items)
+
+    def _send_sets(self, items: list[tuple[str, FrameParts]]) -> None:
+        """Pipelined ``SET name frame NX [PX ttl]`` without joining header and payload.
+
+        redis-py would need the frame as one buffer (a copy of every chunk); the
+        protocol does not: the command is packed here and the payload, a view of
+        the pool slot, goes to the socket as it is.
+        """
+        tail = b"\r\n$2\r\nNX\r\n"
+        argc = 4
+        if self.ttl_ms:
+            ttl = str(self.ttl_ms).encode()
+            tail += b"$2\r\nPX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)
+            argc = 6
+        packed: list[bytes | memoryview] = []
+        for name, parts in items:
+            nb = name.encode()
+            total = sum(memoryview(p).nbytes for p in parts)
+            small = b"".join(bytes(p) for p in parts[:-1])  # the header
+            packed.append(
+                b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (argc, len(nb), nb, total, small)
+            )
+            packed.append(parts[-1])
+            packed.append(tail)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(packed)
+            errors = []
+            for _ in items:
+                try:
+                    conn.read_response()
+                except self._redis.ResponseError as e:  # e.g. OOM: the value is not stored
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _exists(self, names: list[str]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)

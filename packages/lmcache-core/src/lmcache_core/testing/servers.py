@@ -24,6 +24,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 29999)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +77,7 @@ class RedisServer:
                 "redis-server (tools/setup.sh does this)"
             )
         self.exe = exe
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.password = password
         self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="lmcache-redis-"))
