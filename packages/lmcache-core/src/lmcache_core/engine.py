@@ -13,7 +13,9 @@ stored" or "nothing retrieved", never into an exception for the engine.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -103,6 +105,8 @@ class CacheEngine:
         else:
             self.tiers = self._build_tiers(config)
         self._allocate = self.cpu.allocate if self.cpu is not None else self.pool.allocate
+        # A process that exits without close() still finishes queued lower-tier writes.
+        atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
             "lmcache engine: %s per chunk, %d slots, tiers: %s",
             format_size(self.pool.slot_bytes),
@@ -441,3 +445,12 @@ class CacheEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_at_exit(ref: weakref.ref[CacheEngine]) -> None:
+    engine = ref()
+    if engine is not None and engine.tiers:
+        try:
+            engine.flush(engine.config.blocking_timeout_secs)
+        except Exception:
+            logger.warning("flushing lower tiers at exit failed", exc_info=True)
