@@ -28,7 +28,12 @@ class FlushingTier(ManagedTier):
 
     def put(self, chunks):
         ok = super().put(chunks)
-        assert self.flush(10)
+        if not self.flush(10):
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback(sys.stderr)
+            raise AssertionError("write-behind did not drain in 10 s")
         return ok
 
 

@@ -81,7 +81,7 @@ class WriteBehindQueue:
                 self._bytes += chunk.nbytes
                 out.append(True)
             queued = self._bytes
-            self._cond.notify()
+            self._cond.notify_all()  # flushers wait on it too: notify() could miss the writer
         self.metrics.set("lmcache:write_queue_bytes", queued, tier=self.tier)
         if dropped:
             self.metrics.inc("lmcache:num_dropped_writes", dropped, tier=self.tier)
