@@ -1,4 +1,4 @@
-"""The adapter's parts without an engine: torch transfer, layout detection, lookup transport."""
+"""The adapter's parts without an engine: layout detection, lookup transport, settings."""
 
 from __future__ import annotations
 
@@ -6,78 +6,17 @@ import os
 import pickle
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
 from lmcache_core.config import CacheConfig  # noqa: E402
 from lmcache_core.errors import ConfigError, LayoutError  # noqa: E402
-from lmcache_core.layout import KVLayout, LayoutKind  # noqa: E402
-from lmcache_core.transfer import ChunkIO  # noqa: E402
-from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape  # noqa: E402
+from lmcache_core.layout import LayoutKind  # noqa: E402
 from lmcache_vllm.layouts import detect_layout, ordered_layers  # noqa: E402
 from lmcache_vllm.lookup import LookupClient, LookupServer, socket_path  # noqa: E402
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef  # noqa: E402
 from lmcache_vllm.settings import check_chunk_size, load_cache_config  # noqa: E402
-from lmcache_vllm.transfer_torch import TorchPagedKV  # noqa: E402
-
-layouts = st.builds(
-    lambda kind, nl, heads, hs, bs: KVLayout(
-        kind=kind,
-        dtype="bfloat16",
-        num_layers=nl,
-        num_kv_heads=1 if kind == "mla" else heads,
-        head_size=hs,
-        block_size=bs,
-    ),
-    kind=st.sampled_from(["vllm_flash", "vllm_flash_blocks_first", "vllm_cpu", "mla"]),
-    nl=st.integers(1, 3),
-    heads=st.integers(1, 3),
-    hs=st.sampled_from([2, 8]),
-    bs=st.sampled_from([1, 4, 16]),
-)
-
-
-@settings(max_examples=40, deadline=None)
-@given(layout=layouts, data=st.data())
-def test_torch_transfer_agrees_with_the_numpy_reference(layout, data):
-    """The CPU twin of the GPU path: same bytes as core's reference, both directions."""
-    nb = data.draw(st.integers(2, 10))
-    n_req = data.draw(st.integers(1, nb))
-    table = data.draw(st.permutations(range(nb)))[:n_req]
-    bs = layout.block_size
-    if layout.kind is LayoutKind.VLLM_CPU:
-        b0 = data.draw(st.integers(0, n_req - 1))
-        start, end = b0 * bs, data.draw(st.integers(b0 + 1, n_req)) * bs
-    else:
-        start = data.draw(st.integers(0, n_req * bs - 1))
-        end = data.draw(st.integers(start + 1, n_req * bs))
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    src = [
-        torch.randint(1, 2**15, layer_shape(layout, nb), dtype=torch.int16, generator=g).view(
-            torch.bfloat16
-        )
-        for _ in range(layout.num_layers)
-    ]
-    ref = bytearray(layout.chunk_bytes(end - start))
-    NumpyPagedKV(layout, [t.view(torch.int16).numpy() for t in src], table).read_chunks(
-        [ChunkIO(start, end, memoryview(ref))]
-    )
-    got = bytearray(len(ref))
-    TorchPagedKV(layout, src, table).read_chunks([ChunkIO(start, end, memoryview(got))])
-    assert got == ref
-
-    w_from = data.draw(st.integers(start, end))
-    if layout.kind is LayoutKind.VLLM_CPU:
-        w_from = start + ((w_from - start) // bs) * bs
-    dst_t = [torch.zeros_like(t) for t in src]
-    dst_n = [torch.zeros_like(t) for t in src]
-    io = ChunkIO(start, end, memoryview(ref), w_from, end)
-    TorchPagedKV(layout, dst_t, table).write_chunks([io])
-    NumpyPagedKV(layout, [t.view(torch.int16).numpy() for t in dst_n], table).write_chunks([io])
-    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dst_t, dst_n))
 
 
 def test_detect_layout_recognises_vllm_shapes_and_orders_layers():

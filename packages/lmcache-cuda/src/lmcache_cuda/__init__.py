@@ -1,5 +1,68 @@
-"""lmcache-cuda: not implemented yet (issue #4); only the package's version lives here."""
+"""lmcache-cuda: paged-KV transfer kernels behind one small C ABI, bound with cffi.
+
+* :class:`~lmcache_cuda.paged.CPagedKV` - host memory (numpy arrays or torch
+  CPU tensors), the C kernels;
+* :class:`~lmcache_cuda.cuda.CudaPagedMemory` - GPU memory, the CUDA kernels
+  into a :class:`~lmcache_cuda.pinned.PinnedArena`;
+* :mod:`lmcache_cuda.reference` - the pure-torch oracle and fallback;
+* :func:`paged_memory` - the best of these for an engine's tensors.
+
+Nothing here links against libtorch: the kernels are plain shared libraries
+(``csrc/lmcache_kernels.h`` is the whole ABI).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lmcache_cuda.version import __version__
 
-__all__ = ["__version__"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["__version__", "kernels_available", "paged_memory"]
+
+
+def kernels_available() -> dict[str, bool]:
+    """Which kernel libraries load here: ``{"c": ..., "cuda": ...}``."""
+    from lmcache_cuda import _ffi
+
+    return {"c": _ffi.cpu_lib() is not None, "cuda": _ffi.cuda_lib() is not None}
+
+
+def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]], Any]:
+    """A factory ``block_table -> reader/writer`` for an engine's per-layer KV tensors.
+
+    Checks the tensors once. CUDA tensors use the CUDA kernels, host tensors
+    the C kernels; where a library is missing, the torch reference is used
+    with a warning (never an import error).
+    """
+    first = layers[0]
+    on_gpu = getattr(getattr(first, "device", None), "type", "cpu") == "cuda"
+    avail = kernels_available()
+    if on_gpu:
+        from lmcache_cuda.cuda import CudaPagedMemory
+
+        if not avail["cuda"]:
+            warnings.warn(
+                "lmcache-cuda's CUDA kernels are not built (no nvcc at install); using the "
+                "torch reference, which is slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        mem = CudaPagedMemory(layout, layers)
+        return mem.request
+    if avail["c"]:
+        from lmcache_cuda.paged import CPagedMemory
+
+        return CPagedMemory(layout, layers).request
+    warnings.warn(
+        "lmcache-cuda's C kernels are not built (no C compiler); using the torch reference",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    from lmcache_cuda.reference import TorchPagedKV
+
+    return lambda table: TorchPagedKV(layout, layers, table)

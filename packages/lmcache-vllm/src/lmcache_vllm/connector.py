@@ -30,23 +30,22 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import lmcache_cuda
 import torch
 from lmcache_core.engine import CacheEngine
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
 from lmcache_core.layout import LayoutKind
 from lmcache_core.metrics import serve_metrics
-from lmcache_core.transfer_numpy import NumpyPagedKV
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
-from lmcache_vllm.layouts import INT_OF_SIZE, detect_layout, ordered_layers
+from lmcache_vllm.layouts import detect_layout, ordered_layers
 from lmcache_vllm.lookup import LookupClient, LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
 from lmcache_vllm.settings import check_chunk_size, load_cache_config, model_id
-from lmcache_vllm.transfer_torch import TorchPagedKV
 
 if TYPE_CHECKING:
     from vllm.attention.backends.abstract import AttentionMetadata
@@ -234,7 +233,7 @@ class WorkerSide:
         self.server: LookupServer | None = None
         self.metrics_server: Any = None
         self.layers: list[torch.Tensor] = []
-        self._np_layers: list[Any] | None = None
+        self._paged: Any = None  # block_ids -> reader/writer (lmcache-cuda's kernels)
         self._failed_blocks: set[int] = set()
         #: The last transfers, newest last: ("load"|"save", req_id, block_ids, tokens).
         self.recent: deque[tuple[str, str, list[int], tuple[int, int]]] = deque(maxlen=64)
@@ -254,9 +253,9 @@ class WorkerSide:
             head_size=spec.head_size,
         )
         self.layers = [t for _, t in ordered_layers(kv_caches)]
-        if self.layers[0].device.type == "cpu":
-            int_dtype = INT_OF_SIZE[layout.element_size]
-            self._np_layers = [t.view(int_dtype).numpy() for t in self.layers]
+        # C kernels for the CPU backend, CUDA kernels into pinned memory on GPUs;
+        # the torch reference where a kernel library is missing.
+        self._paged = lmcache_cuda.paged_memory(layout, self.layers)
         rank = get_tensor_model_parallel_rank()
         world = get_tensor_model_parallel_world_size()
         self.engine = CacheEngine(
@@ -265,6 +264,7 @@ class WorkerSide:
             layout=layout,
             world_size=world,
             rank=rank,
+            arena=_pinned_arena(self.config) if self.layers[0].device.type == "cuda" else None,
         )
         self.server = LookupServer(
             self.vllm_config.kv_transfer_config.engine_id, rank, self._lookup, self.engine.unpin
@@ -292,9 +292,7 @@ class WorkerSide:
     def kv(self, block_ids: list[int]) -> Any:
         """Reader/writer over this worker's KV tensors for one request's blocks."""
         assert self.engine is not None
-        if self._np_layers is not None:
-            return NumpyPagedKV(self.engine.layout, self._np_layers, block_ids)
-        return TorchPagedKV(self.engine.layout, self.layers, block_ids)
+        return self._paged(block_ids)
 
     def start_load_kv(self, meta: LMCacheConnectorMetadata) -> None:
         if self.engine is None:
@@ -450,3 +448,15 @@ class LMCacheKVConnector(KVConnectorBase_V1):
 LMCacheConnectorV1 = LMCacheKVConnector
 
 __all__ = ["LMCacheConnectorV1", "LMCacheKVConnector", "LayoutKind"]
+
+
+def _pinned_arena(config: Any) -> Any:
+    """The DRAM tier's memory pinned for the CUDA kernels; None (pageable) if that fails."""
+    from lmcache_core.pool import SLOT_OFFSET
+    from lmcache_cuda.pinned import CudaUnavailableError, PinnedArena
+
+    try:
+        return PinnedArena(config.max_local_cpu_size + SLOT_OFFSET)
+    except (CudaUnavailableError, OSError) as e:
+        logger.warning("lmcache: DRAM tier not pinned (%s); GPU transfers use torch copies", e)
+        return None

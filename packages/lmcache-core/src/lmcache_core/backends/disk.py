@@ -173,6 +173,11 @@ class LocalDiskBackend(StorageBackend):
                 out[i] = False
                 continue
             todo.append(i)
+        if todo:
+            # Evict before writing, so the files of evicted chunks free the space the
+            # new ones need (it matters when the filesystem, not the bound, is full).
+            with self._lock:
+                self._make_room(sum(chunks[i].nbytes for i in todo))
         errors: list[OSError | None] = list(self._map(self._try_write, [chunks[i] for i in todo]))
         for i, err in zip(todo, errors):
             chunk = chunks[i]

@@ -1,10 +1,11 @@
-"""A torch implementation of lmcache-core's transfer protocol, for any device.
+"""The pure-torch reference of the transfer protocol, for any device: the oracle and the fallback.
 
-It moves KV between vLLM's paged tensors (CUDA or CPU) and chunk buffers in
-lmcache's arena, with ``index_select``/``index_copy_`` per layer and K/V
-plane. It is the reference for the GPU path until lmcache-cuda's kernels
-replace it; on the CPU the adapter uses core's numpy transfer, which is faster
-there. Chunk bytes follow the layout's chunk format (``lmcache_core.layout``).
+It moves KV between an engine's paged tensors (CUDA or CPU) and chunk buffers
+with ``index_select``/``index_copy_`` per layer and K/V plane: simple enough
+to be obviously right, so the C and CUDA kernels are tested against it, and
+used when they are not built. Chunk bytes follow the layout's chunk format
+(``lmcache_core.layout``). torch is imported here only: the kernels never
+link against it.
 """
 
 from __future__ import annotations

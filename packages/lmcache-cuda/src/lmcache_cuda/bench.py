@@ -1,0 +1,152 @@
+"""Kernel benchmark: gather/scatter of one chunk against a plain copy of the same bytes.
+
+``python tools/bench_kernels.py`` (``--json`` for machines). Ratios are
+measured in one process with the rounds interleaved (baseline, kernel,
+baseline, ...), median of the rounds, since these machines drift in speed.
+
+* CPU: a 256-token chunk of a Llama-3-8B-shaped cache (32 layers, 8 KV heads,
+  head size 128, bf16: 32 MiB), vLLM flash layout with 16-token blocks at
+  random places in a larger cache, and vLLM's CPU layout (128-token blocks).
+  Baseline: ``memcpy`` of one contiguous 32 MiB buffer (numpy ``copyto``).
+  The numpy reference is measured too, for comparison.
+* CUDA (with a GPU): device -> pinned host gather and host -> device scatter
+  through a :class:`~lmcache_cuda.pinned.PinnedArena`, against
+  ``cudaMemcpyAsync`` of one contiguous device buffer of the same size to
+  (from) pinned host memory (``torch`` ``copy_`` with ``non_blocking``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from lmcache_core.layout import KVLayout
+from lmcache_core.pool import SLOT_OFFSET
+from lmcache_core.transfer import ChunkIO
+from lmcache_core.transfer_numpy import NumpyPagedKV, layer_shape
+
+from lmcache_cuda.paged import CPagedKV
+
+LLAMA3_8B_FLASH = KVLayout("vllm_flash", "bfloat16", 32, 8, 128, 16)
+LLAMA3_8B_CPU = KVLayout("vllm_cpu", "bfloat16", 32, 8, 128, 128)
+TOKENS = 256
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """A buffer that starts half a page in, as lmcache's pool slots do."""
+    raw = np.empty(nbytes + 8192, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 4096 + SLOT_OFFSET
+    buf = raw[start : start + nbytes]
+    buf[:] = 1
+    return buf
+
+
+def bench_cpu(layout: KVLayout, rounds: int = 7, reps: int = 5) -> dict[str, float]:
+    nb = 4 * TOKENS // layout.block_size + 8
+    rng = np.random.default_rng(0)
+    layers = [
+        rng.integers(1, 2**16 - 1, size=layer_shape(layout, nb), dtype=np.uint16)
+        for _ in range(layout.num_layers)
+    ]
+    table = rng.permutation(nb)[: TOKENS // layout.block_size].tolist()
+    n = layout.chunk_bytes(TOKENS)
+    chunk = _aligned(n)
+    other = _aligned(n)
+    c_kv = CPagedKV(layout, layers, table)
+    c_one = CPagedKV(layout, layers, table, threads=1)
+    np_kv = NumpyPagedKV(layout, layers, table)
+    io = ChunkIO(0, TOKENS, memoryview(chunk))
+
+    def memcpy() -> None:
+        np.copyto(other, chunk)
+
+    cases = {
+        "memcpy": memcpy,
+        "c_gather": lambda: c_kv.read_chunks([io]),
+        "c_scatter": lambda: c_kv.write_chunks([io]),
+        "c1_gather": lambda: c_one.read_chunks([io]),
+        "c1_scatter": lambda: c_one.write_chunks([io]),
+        "numpy_gather": lambda: np_kv.read_chunks([io]),
+        "numpy_scatter": lambda: np_kv.write_chunks([io]),
+    }
+    for fn in cases.values():  # warm: page faults, thread pools
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(_median_time(fn, reps))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    # Correctness: what the C kernel gathers equals the numpy reference.
+    ref = _aligned(n)
+    np_kv.read_chunks([ChunkIO(0, TOKENS, memoryview(ref))])
+    c_kv.read_chunks([io])
+    out = {"chunk_bytes": float(n), "memcpy_gbps": n / t["memcpy"] / 1e9}
+    for k in ("c_gather", "c_scatter", "c1_gather", "c1_scatter", "numpy_gather", "numpy_scatter"):
+        out[f"{k}_gbps"] = n / t[k] / 1e9
+        out[f"{k}_vs_memcpy"] = t["memcpy"] / t[k]
+    out["correct"] = float(bool(np.array_equal(ref, chunk)))
+    return out
+
+
+def bench_cuda(layout: KVLayout = LLAMA3_8B_FLASH, rounds: int = 7, reps: int = 10) -> dict:
+    import torch
+    from lmcache_core.pool import SlotPool
+
+    from lmcache_cuda.cuda import CudaPagedMemory
+    from lmcache_cuda.pinned import PinnedArena
+
+    nb = 4 * TOKENS // layout.block_size + 8
+    layers = [
+        torch.randint(1, 2**15 - 1, layer_shape(layout, nb), dtype=torch.int16, device="cuda")
+        for _ in range(layout.num_layers)
+    ]
+    table = torch.randperm(nb)[: TOKENS // layout.block_size].tolist()
+    n = layout.chunk_bytes(TOKENS)
+    pool = SlotPool(PinnedArena(2 * n + SLOT_OFFSET + 4096), n)
+    chunk = pool.allocate(None, TOKENS, n)  # type: ignore[arg-type]
+    assert chunk is not None
+    kv = CudaPagedMemory(layout, layers).request(table)
+    io = ChunkIO(0, TOKENS, chunk.view)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host = torch.frombuffer(chunk.view, dtype=torch.uint8)
+    stream = torch.cuda.current_stream()
+
+    def d2h() -> None:
+        host.copy_(dev, non_blocking=True)
+        stream.synchronize()
+
+    def h2d() -> None:
+        dev.copy_(host, non_blocking=True)
+        stream.synchronize()
+
+    cases = {
+        "memcpy_d2h": d2h,
+        "memcpy_h2d": h2d,
+        "cuda_gather": lambda: kv.read_chunks([io]),
+        "cuda_scatter": lambda: kv.write_chunks([io]),
+    }
+    for fn in cases.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(_median_time(fn, reps))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "chunk_bytes": n,
+        **{f"{k}_gbps": n / v / 1e9 for k, v in t.items()},
+        "gather_vs_memcpy_d2h": t["memcpy_d2h"] / t["cuda_gather"],
+        "scatter_vs_memcpy_h2d": t["memcpy_h2d"] / t["cuda_scatter"],
+    }

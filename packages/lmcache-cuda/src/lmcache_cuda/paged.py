@@ -1,0 +1,258 @@
+"""``CPagedKV``: lmcache-core's transfer protocol over host memory, on the C kernels.
+
+An engine's per-layer KV tensors (numpy arrays, or torch CPU tensors: anything
+with a data pointer) are described once as *planes* (see ``csrc/lmcache_kernels.h``);
+each ``read_chunks`` / ``write_chunks`` then costs one C call per chunk, which
+releases the GIL and copies with a few threads.
+
+Every argument is checked here, in Python, with a message that says what is
+wrong, before the C code (which checks again) touches memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from lmcache_core.errors import LayoutError
+from lmcache_core.layout import KVLayout, LayoutKind
+from lmcache_core.transfer import ChunkIO, check_chunk
+
+from lmcache_cuda import _ffi
+
+
+@dataclass(frozen=True)
+class Planes:
+    """The paged memory of one engine as the C ABI sees it (``lmc_paged``)."""
+
+    bases: tuple[int, ...]
+    block_stride: int
+    row_stride: int
+    row_bytes: int
+    rows_per_block: int
+    num_blocks: int
+
+
+def _tensor_info(t: Any, i: int) -> tuple[int, tuple[int, ...], int, bool]:
+    """(address, shape, element size, contiguous) of a numpy array or a torch tensor."""
+    if isinstance(t, np.ndarray):
+        return (
+            int(t.__array_interface__["data"][0]),
+            tuple(t.shape),
+            t.dtype.itemsize,
+            bool(t.flags.c_contiguous),
+        )
+    if hasattr(t, "data_ptr") and hasattr(t, "element_size"):
+        if getattr(t, "device", None) is not None and t.device.type != "cpu":
+            raise LayoutError(f"layer {i} is on {t.device}; CPagedKV moves host memory only")
+        return int(t.data_ptr()), tuple(t.shape), int(t.element_size()), bool(t.is_contiguous())
+    raise LayoutError(f"layer {i} is a {type(t).__name__}, not a numpy array or torch tensor")
+
+
+def layer_planes(layout: KVLayout, layers: Sequence[Any]) -> Planes:
+    """Describe per-layer tensors of ``layout`` as planes, checking every tensor."""
+    if len(layers) != layout.num_layers:
+        raise LayoutError(f"expected {layout.num_layers} layer tensors, got {len(layers)}")
+    kind = layout.kind
+    bs, h, d, es = layout.block_size, layout.num_kv_heads, layout.head_size, layout.element_size
+    bases: list[int] = []
+    num_blocks = None
+    for i, t in enumerate(layers):
+        addr, shape, elt, contiguous = _tensor_info(t, i)
+        if not contiguous:
+            raise LayoutError(f"layer {i} must be contiguous (call .contiguous() on it)")
+        if elt != es:
+            raise LayoutError(
+                f"layer {i} has {elt}-byte elements, layout says {es} ({layout.dtype})"
+            )
+        nb = shape[1] if kind is LayoutKind.VLLM_FLASH else shape[0]
+        expect = {
+            LayoutKind.VLLM_FLASH: (2, nb, bs, h, d),
+            LayoutKind.VLLM_FLASH_BLOCKS_FIRST: (nb, 2, bs, h, d),
+            LayoutKind.VLLM_CPU: (nb, h, bs, 2 * d),
+            LayoutKind.MLA: (nb, bs, d),
+        }.get(kind)
+        if expect is None:
+            raise LayoutError(
+                f"layout {kind.value} keeps K and V in separate buffers: build its planes "
+                "with CPagedKV.from_planes"
+            )
+        if shape != expect:
+            raise LayoutError(f"layer {i} has shape {shape}, expected {expect} for {kind.value}")
+        if num_blocks is None:
+            num_blocks = nb
+        elif nb != num_blocks:
+            raise LayoutError(f"layer {i} has {nb} blocks, layer 0 has {num_blocks}")
+        row = h * d * es
+        if kind is LayoutKind.VLLM_FLASH:
+            bases += [addr, addr + nb * bs * row]
+        elif kind is LayoutKind.VLLM_FLASH_BLOCKS_FIRST:
+            bases += [addr, addr + bs * row]
+        else:
+            bases.append(addr)
+    assert num_blocks is not None
+    row = h * d * es
+    if kind is LayoutKind.VLLM_FLASH:
+        return Planes(tuple(bases), bs * row, row, row, bs, num_blocks)
+    if kind is LayoutKind.VLLM_FLASH_BLOCKS_FIRST:
+        return Planes(tuple(bases), 2 * bs * row, row, row, bs, num_blocks)
+    if kind is LayoutKind.VLLM_CPU:
+        block = h * bs * 2 * d * es  # opaque: one row per block
+        return Planes(tuple(bases), block, block, block, 1, num_blocks)
+    row = d * es  # MLA
+    return Planes(tuple(bases), bs * row, row, row, bs, num_blocks)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class CPagedMemory:
+    """An engine's host KV memory described once for the C kernels; ``request(table)`` per
+    request."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        layers: Sequence[Any] | None = None,
+        *,
+        planes: Planes | None = None,
+        keepalive: Sequence[Any] = (),
+        threads: int | None = None,
+    ) -> None:
+        lib = _ffi.cpu_lib()
+        if lib is None:
+            raise LayoutError(
+                "lmcache-cuda's C kernels are not built and no C compiler is available; "
+                "install gcc and reinstall lmcache-cuda, or use the torch reference"
+            )
+        if planes is None:
+            if layers is None:
+                raise LayoutError("give the engine's layer tensors or their planes")
+            planes = layer_planes(layout, layers)
+            keepalive = list(layers)
+        else:
+            expect = layout.num_layers * layout.kv_planes
+            if len(planes.bases) != expect:
+                raise LayoutError(
+                    f"expected {expect} planes (layers x K/V), got {len(planes.bases)}"
+                )
+        self.lib = lib
+        self.layout = layout
+        self.planes = planes
+        self.threads = default_threads() if threads is None else max(1, threads)
+        self._keepalive = list(keepalive)
+        ffi = _ffi.ffi()
+        self._bases = ffi.new("uint64_t[]", list(planes.bases))
+        self.desc = ffi.new(
+            "lmc_paged *",
+            {
+                "num_planes": len(planes.bases),
+                "plane_base": self._bases,
+                "block_stride": planes.block_stride,
+                "row_stride": planes.row_stride,
+                "row_bytes": planes.row_bytes,
+                "rows_per_block": planes.rows_per_block,
+                "num_blocks": planes.num_blocks,
+            },
+        )
+
+    def request(self, block_table: Sequence[int]) -> CPagedKV:
+        kv = CPagedKV.__new__(CPagedKV)
+        kv._bind(self, block_table)
+        return kv
+
+
+class CPagedKV:
+    """Reader and writer over an engine's host KV memory and one request's block table."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        layers: Sequence[Any],
+        block_table: Sequence[int],
+        *,
+        threads: int | None = None,
+    ) -> None:
+        self._bind(CPagedMemory(layout, layers, threads=threads), block_table)
+
+    @classmethod
+    def from_planes(
+        cls,
+        layout: KVLayout,
+        planes: Planes,
+        block_table: Sequence[int],
+        *,
+        keepalive: Sequence[Any] = (),
+        threads: int | None = None,
+    ) -> CPagedKV:
+        """For layouts the engine describes itself (SGLang's separate K and V buffers)."""
+        mem = CPagedMemory(layout, planes=planes, keepalive=keepalive, threads=threads)
+        return mem.request(block_table)
+
+    def _bind(self, memory: CPagedMemory, block_table: Sequence[int]) -> None:
+        self.memory = memory
+        self.lib = memory.lib
+        self.layout = memory.layout
+        self.planes = memory.planes
+        self.threads = memory.threads
+        self._desc = memory.desc
+        self.table = np.ascontiguousarray(block_table, dtype=np.int64)
+        nb = self.planes.num_blocks
+        if self.table.size and (self.table.min() < 0 or self.table.max() >= nb):
+            raise LayoutError(f"block table refers to blocks outside [0, {nb})")
+        self._table_ptr = _ffi.ffi().cast("int64_t *", self.table.ctypes.data)
+
+    # ------------------------------------------------------------------ rows
+
+    def _rows(self, lo: int, hi: int) -> tuple[int, int]:
+        """Token range -> row range (rows are blocks for whole-block layouts)."""
+        if self.layout.kind is LayoutKind.VLLM_CPU:
+            bs = self.layout.block_size
+            return lo // bs, -(-hi // bs)
+        return lo, hi
+
+    def _check_table(self, row_hi: int) -> None:
+        rpb = self.planes.rows_per_block
+        need = -(-row_hi // rpb)
+        if need > len(self.table):
+            raise LayoutError(
+                f"rows up to {row_hi} need {need} blocks, the block table has {len(self.table)}"
+            )
+
+    def _call(self, fn: Any, chunk: ChunkIO, lo: int, hi: int, buf: Any) -> None:
+        r0, r1 = self._rows(chunk.start, chunk.end)
+        w0, w1 = self._rows(lo, hi)
+        self._check_table(w1)
+        rc = fn(
+            self._desc, self._table_ptr, len(self.table), w0, w1, buf, r0, r1 - r0, self.threads
+        )
+        if rc != 0:
+            raise LayoutError(f"lmcache C kernel refused the copy (code {rc}): arguments disagree")
+
+    def read_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        ffi = _ffi.ffi()
+        for chunk in chunks:
+            check_chunk(self.layout, chunk)
+            if chunk.buffer.readonly:
+                raise LayoutError("chunk buffer to read into is read-only")
+            buf = ffi.from_buffer(chunk.buffer)
+            self._call(self.lib.lmc_cpu_gather, chunk, chunk.start, chunk.end, buf)
+
+    def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        ffi = _ffi.ffi()
+        for chunk in chunks:
+            check_chunk(self.layout, chunk)
+            lo, hi = chunk.write_range
+            if lo >= hi:
+                continue
+            buf = ffi.from_buffer(chunk.buffer)
+            self._call(self.lib.lmc_cpu_scatter, chunk, lo, hi, buf)
+
+
+def available() -> bool:
+    """Are the C kernels usable here?"""
+    return _ffi.cpu_lib() is not None
