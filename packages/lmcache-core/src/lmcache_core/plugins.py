@@ -22,8 +22,11 @@ BACKENDS = "lmcache.backends"
 EVICTION_POLICIES = "lmcache.eviction_policies"
 SERDES = "lmcache.serdes"
 TRANSPORTS = "lmcache.transports"
+#: Host-memory transfer implementations: ``cls(layout, layers, block_table)``
+#: returning a KVReader/KVWriter (lmcache-cuda registers its C kernels as "c").
+TRANSFERS = "lmcache.transfers"
 
-GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS)
+GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS, TRANSFERS)
 
 #: Names we know of, with what to install to get them.
 KNOWN_PLUGINS: dict[str, dict[str, str]] = {
@@ -37,6 +40,7 @@ KNOWN_PLUGINS: dict[str, dict[str, str]] = {
     },
     EVICTION_POLICIES: {},
     TRANSPORTS: {"nixl": "pip install 'lmcache[nixl]'"},
+    TRANSFERS: {"c": "pip install 'lmcache[cuda]' (C transfer kernels)"},
 }
 
 

@@ -22,14 +22,18 @@ one large memcpy fast, so a single thread reaches only about 0.6 of memcpy.
 from __future__ import annotations
 
 import os
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 from lmcache_core.errors import LayoutError
 from lmcache_core.layout import KVLayout, LayoutKind
 from lmcache_core.transfer import ChunkIO, block_range, check_chunk
+
+logger = logging.getLogger(__name__)
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -227,3 +231,20 @@ def _scatter_rows(
     if pos < hi:
         b = pos // bs
         pv[blocks[b], : hi - pos] = rows[pos - lo : hi - lo]
+
+
+def host_transfer(layout: KVLayout, layers: Sequence[np.ndarray], block_table: Sequence[int]) -> Any:
+    """The fastest installed reader/writer for KV in host memory.
+
+    lmcache-cuda's C kernels when installed (found through the
+    ``lmcache.transfers`` entry points, so core imports no sibling), else
+    this module's numpy implementation.
+    """
+    from lmcache_core.plugins import TRANSFERS, installed_names, load_plugin
+
+    if "c" in installed_names(TRANSFERS):
+        try:
+            return load_plugin(TRANSFERS, "c")(layout, layers, block_table)
+        except Exception as e:  # a broken or unbuilt plugin: the reference still works
+            logger.warning("C transfer kernels unusable (%s); using numpy", e)
+    return NumpyPagedKV(layout, layers, block_table)
