@@ -21,8 +21,8 @@ one large memcpy fast, so a single thread reaches only about 0.6 of memcpy.
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -233,7 +233,9 @@ def _scatter_rows(
         pv[blocks[b], : hi - pos] = rows[pos - lo : hi - lo]
 
 
-def host_transfer(layout: KVLayout, layers: Sequence[np.ndarray], block_table: Sequence[int]) -> Any:
+def host_transfer(
+    layout: KVLayout, layers: Sequence[np.ndarray], block_table: Sequence[int]
+) -> Any:
     """The fastest installed reader/writer for KV in host memory.
 
     lmcache-cuda's C kernels when installed (found through the
