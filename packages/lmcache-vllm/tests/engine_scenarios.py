@@ -67,8 +67,12 @@ class Harness:
         from lmcache_core.transfer import ChunkIO
         from lmcache_core.transfer_numpy import NumpyPagedKV
 
+        import torch
+
+        # Core's numpy reference reads vLLM's tensors independently of the kernels.
+        np_layers = [t.view(torch.int16).numpy() for t in self.worker.layers]
         buf = bytearray(self.engine.layout.chunk_bytes(hi - lo))
-        kv = NumpyPagedKV(self.engine.layout, self.worker._np_layers, block_ids)
+        kv = NumpyPagedKV(self.engine.layout, np_layers, block_ids)
         kv.read_chunks([ChunkIO(lo, hi, memoryview(buf))])
         return bytes(buf)
 
@@ -121,6 +125,7 @@ def scenario_random(model: str) -> dict:
     r["loaded_on_shared_prefix"] = h.retrieved() - before
     r["hit_tokens_total"] = h.m.get("lmcache:num_hit_tokens")
     r["lookups"] = h.m.get("lmcache:num_lookup_requests")
+    r["transfer"] = type(h.worker.kv([0])).__name__
     return r
 
 

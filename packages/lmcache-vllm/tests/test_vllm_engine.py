@@ -34,6 +34,7 @@ def run_scenario(name: str, model: Path, **env: str) -> dict:
 
 def test_lmcache_hit_equals_vllm_prefix_hit_and_kv_is_byte_exact(tiny_model):
     r = run_scenario("random", tiny_model)
+    assert r["transfer"] == "CPagedKV", "vLLM's CPU KV moves through lmcache-cuda's C kernels"
     # The chunks lmcache stored are, byte for byte, the KV vLLM computed ...
     assert r["stored_equals_computed"] == [True, True]
     # ... and what it loads into other blocks later is the same bytes again.
