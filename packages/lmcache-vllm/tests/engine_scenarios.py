@@ -64,10 +64,9 @@ class Harness:
         return [r for r in self.worker.recent if r[0] == kind][-1]
 
     def kv_bytes(self, block_ids, lo, hi):
+        import torch
         from lmcache_core.transfer import ChunkIO
         from lmcache_core.transfer_numpy import NumpyPagedKV
-
-        import torch
 
         # Core's numpy reference reads vLLM's tensors independently of the kernels.
         np_layers = [t.view(torch.int16).numpy() for t in self.worker.layers]
