@@ -227,3 +227,50 @@ def test_missing_c_library_falls_back_to_torch_with_a_warning(monkeypatch, layer
     ref = bytearray(len(got))
     NumpyPagedKV(LAYOUT, layers, [1, 2]).read_chunks([ChunkIO(0, 8, memoryview(ref))])
     assert got == ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_token_plane_layouts_c_agrees_with_the_torch_reference(data):
+    """SGLang-style K and V buffers per layer, paged by page size, random everything."""
+    from lmcache_cuda.reference import TorchTokenPlanesKV
+
+    nl, heads = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    hs, ps = data.draw(st.sampled_from([1, 8, 64])), data.draw(st.sampled_from([1, 4, 16]))
+    layout = KVLayout("sglang_token", "bfloat16", nl, heads, hs, ps)
+    pages = data.draw(st.integers(2, 10))
+    slots = pages * ps + data.draw(st.integers(0, ps))  # SGLang pads its buffers
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    bufs = [rng.integers(1, 2**16 - 1, (slots, heads, hs), dtype=np.uint16) for _ in range(2 * nl)]
+    n_req = data.draw(st.integers(1, pages))
+    table = data.draw(st.permutations(range(pages)))[:n_req]
+    start = data.draw(st.integers(0, n_req * ps - 1))
+    end = data.draw(st.integers(start + 1, n_req * ps))
+    row = heads * hs * 2
+    planes = Planes(
+        tuple(int(b.__array_interface__["data"][0]) for b in bufs),
+        ps * row,
+        row,
+        row,
+        ps,
+        slots // ps,
+    )
+    n = layout.chunk_bytes(end - start)
+    got_c, got_t = bytearray(n), bytearray(n)
+    CPagedKV.from_planes(layout, planes, table, keepalive=bufs).read_chunks(
+        [ChunkIO(start, end, memoryview(got_c))]
+    )
+    tens = [torch.from_numpy(b).view(torch.bfloat16) for b in bufs]
+    TorchTokenPlanesKV(layout, tens, table).read_chunks([ChunkIO(start, end, memoryview(got_t))])
+    assert got_c == got_t
+    w_from = data.draw(st.integers(start, end))
+    dst_c = [np.zeros_like(b) for b in bufs]
+    dst_t = [np.zeros_like(b) for b in bufs]
+    planes_c = Planes(
+        tuple(int(b.__array_interface__["data"][0]) for b in dst_c), ps * row, row, row, ps,
+        slots // ps,
+    )  # fmt: skip
+    io = ChunkIO(start, end, memoryview(got_c), w_from, end)
+    CPagedKV.from_planes(layout, planes_c, table, keepalive=dst_c).write_chunks([io])
+    TorchTokenPlanesKV(layout, [torch.from_numpy(b) for b in dst_t], table).write_chunks([io])
+    assert all(np.array_equal(a, b) for a, b in zip(dst_c, dst_t))

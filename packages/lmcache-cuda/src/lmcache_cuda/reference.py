@@ -96,3 +96,63 @@ class TorchPagedKV:
                     # Token positions inside the selected blocks -> (block, row) pairs.
                     pos = torch.arange(first, last, device=self.device)
                     pv[blocks[pos // bs], pos % bs] = rows
+
+
+class TorchTokenPlanesKV:
+    """Reference for token-indexed layouts (SGLang): per layer, separate K and V buffers.
+
+    ``planes`` are the buffers in chunk order (layer 0 K, layer 0 V, layer 1 K,
+    ...), each ``[slots, heads, head_size]``; a request's pages are
+    ``page_table`` and token ``t`` lives in slot
+    ``page_table[t // page_size] * page_size + t % page_size``.
+    """
+
+    def __init__(
+        self, layout: KVLayout, planes: Sequence[torch.Tensor], page_table: Sequence[int]
+    ) -> None:
+        expect = layout.num_layers * layout.kv_planes
+        if len(planes) != expect:
+            raise LayoutError(f"expected {expect} K/V buffers, got {len(planes)}")
+        self.layout = layout
+        self.planes = [p.reshape(p.shape[0], -1).view(torch.uint8) for p in planes]
+        self.device = planes[0].device
+        ps = layout.block_size
+        slots = self.planes[0].shape[0]
+        self.page_table = [int(x) for x in page_table]
+        if self.page_table and (
+            min(self.page_table) < 0 or (max(self.page_table) + 1) * ps > slots
+        ):
+            raise LayoutError(f"page table refers to slots outside [0, {slots})")
+
+    def _slots(self, lo: int, hi: int) -> torch.Tensor:
+        ps = self.layout.block_size
+        if -(-hi // ps) > len(self.page_table):
+            raise LayoutError(f"tokens up to {hi} need more pages than the table has")
+        t = torch.arange(lo, hi)
+        pages = torch.as_tensor(self.page_table, dtype=torch.long)[t // ps]
+        return (pages * ps + t % ps).to(self.device)
+
+    def read_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        for chunk in chunks:
+            check_chunk(self.layout, chunk)
+            out = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
+            slots = self._slots(chunk.start, chunk.end)
+            per_plane = out.numel() // len(self.planes)
+            for i, plane in enumerate(self.planes):
+                dst = out[i * per_plane : (i + 1) * per_plane]
+                dst.copy_(plane.index_select(0, slots).reshape(-1))
+
+    def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
+        for chunk in chunks:
+            check_chunk(self.layout, chunk)
+            lo, hi = chunk.write_range
+            if lo >= hi:
+                continue
+            src = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
+            slots = self._slots(lo, hi)
+            per_plane = src.numel() // len(self.planes)
+            for i, plane in enumerate(self.planes):
+                rows = src[i * per_plane : (i + 1) * per_plane].reshape(chunk.num_tokens, -1)
+                plane.index_copy_(
+                    0, slots, rows[lo - chunk.start : hi - chunk.start].to(self.device)
+                )
