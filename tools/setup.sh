@@ -48,10 +48,19 @@ if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     fi
 fi
 
+# SGLang's storage interface for lmcache-sglang's tests (CPU: the package alone).
+if ! .venv/bin/python -c "import sglang.srt.mem_cache.hicache_storage" >/dev/null 2>&1; then
+    "${PIP[@]}" install --no-deps -r tools/requirements-sglang-cpu.txt
+    "${PIP[@]}" install -r tools/requirements-sglang-cpu-deps.txt
+fi
+
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
 for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl"):
     md.version(dist)  # raises if the install above failed
 import vllm  # noqa: F401  (the adapter's tests and the main job need it)
+import sglang.srt.mem_cache.hicache_storage  # noqa: F401  (lmcache-sglang's tests)
+import torch
+assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__
 PY
 echo "lmcache: environment ready in .venv"

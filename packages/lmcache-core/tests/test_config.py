@@ -169,3 +169,10 @@ def test_bad_sizes(bad):
 def test_format_size():
     assert format_size(32 * 1024**2) == "32.0 MiB"
     assert format_size(12) == "12 B"
+
+
+def test_replace_keeps_sizes_in_bytes():
+    c = CacheConfig.from_dict({"max_local_cpu_size": "64MiB", "max_local_disk_size": "3GB"})
+    r = c.replace(chunk_size=16)
+    assert r.max_local_cpu_size == 64 * 2**20 and r.max_local_disk_size == c.max_local_disk_size
+    assert r.chunk_size == 16

@@ -400,7 +400,11 @@ class CacheConfig:
 
     def replace(self, **changes: Any) -> CacheConfig:
         """A copy with ``changes`` applied and validated like any other input."""
-        merged = {**self.to_dict(), **changes}
+        current = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.metadata.get("kind") == "size" and f.name not in changes:
+                current[f.name] = f"{current[f.name]}B"  # bytes, not a bare number of GB
+        merged = {**current, **changes}
         return CacheConfig.from_dict(merged, source="CacheConfig.replace")
 
 

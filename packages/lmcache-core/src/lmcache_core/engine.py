@@ -280,7 +280,16 @@ class CacheEngine:
         spans = self.spans(tokens, cache_salt=cache_salt)
         if not spans:
             return 0
-        keys = self.keys(spans)
+        return self.store_chunks(self.keys(spans), spans, reader)
+
+    def store_chunks(
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
+    ) -> int:
+        """Store chunks the caller named: ``keys[i]`` holds tokens ``spans[i]`` of ``reader``.
+
+        For engines that hash their own pages (SGLang's page keys); ``store``
+        is this with lmcache's own prefix keys. Returns tokens newly stored.
+        """
         first_tier = self.tiers[0] if self.tiers else None
         if first_tier is None:
             return 0
@@ -290,7 +299,7 @@ class CacheEngine:
             self._tier_failed(first_tier, "contains")
             present = [False] * len(keys)
         todo: list[tuple[ChunkSpan, Chunk]] = []
-        for span, key, ok in zip(spans, keys, present):
+        for span, key, ok in zip(spans, keys, present, strict=True):
             if ok:
                 continue
             chunk = self._allocate(key, span.num_tokens, self.layout.chunk_bytes(span.num_tokens))
@@ -376,6 +385,38 @@ class CacheEngine:
                 c.release()
             if pin_owner is not None:
                 self.unpin(pin_owner)
+
+    def prefix_present(self, keys: Sequence[CacheKey]) -> int:
+        """How many leading ``keys`` some tier holds (key-level ``lookup``)."""
+        return self._prefix_present(list(keys))
+
+    def retrieve_chunks(
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
+    ) -> int:
+        """Write the longest stored prefix of ``keys`` (tokens ``spans[i]``) through ``writer``.
+
+        Key-level ``retrieve`` for engines that name their own pages. Returns
+        how many leading chunks were written (0 on any failure: recompute).
+        """
+        self.metrics.inc("lmcache:num_retrieve_requests")
+        chunks = self._get_prefix(list(keys))
+        try:
+            if not chunks:
+                return 0
+            ios = [ChunkIO(s.start, s.end, c.view) for s, c in zip(spans, chunks)]
+            try:
+                writer.write_chunks(ios)
+            except Exception:
+                logger.exception("writing KV into the engine failed; it will recompute")
+                self.metrics.inc("lmcache:num_failures", op="write_kv")
+                return 0
+            self.metrics.inc(
+                "lmcache:num_retrieved_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
+            )
+            return len(chunks)
+        finally:
+            for c in chunks:
+                c.release()
 
     def _get_prefix(self, keys: list[CacheKey]) -> list[Chunk]:
         """Chunks of the longest prefix of ``keys`` found in any tier (owned by the caller)."""

@@ -1,5 +1,27 @@
-"""lmcache-sglang: not implemented yet (issue #7); only the package's version lives here."""
+"""lmcache-sglang: lmcache as SGLang HiCache's storage layer (``LMCacheHiCacheStorage``).
+
+Importing the backend needs SGLang; the package itself imports without it,
+so ``module_path: lmcache_sglang`` works and a missing SGLang says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from lmcache_sglang.version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["LMCacheHiCacheStorage", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LMCacheHiCacheStorage":
+        try:
+            from lmcache_sglang.storage import LMCacheHiCacheStorage
+        except ImportError as e:
+            if "sglang" in str(e):
+                raise ImportError(
+                    f"LMCacheHiCacheStorage needs SGLang ({e}); install sglang first"
+                ) from e
+            raise
+        return LMCacheHiCacheStorage
+    raise AttributeError(name)

@@ -1,0 +1,230 @@
+"""lmcache behind SGLang's real HiCacheStorage interface (SGLang 0.5, imported on the CPU).
+
+SGLang's host pool classes cannot be built here (their import chain needs
+torchvision, which breaks the CPU torch, and CUDA for pinned registration), so
+``HostPool`` below is a test double that allocates ``kv_buffer`` exactly as
+``MHATokenToKVPoolHost.init_kv_buffer`` / the MLA pool do, and reads pages as
+their ``get_data_page`` does. Everything else is SGLang's own code.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+hs = pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
+from lmcache_core.errors import ConfigError  # noqa: E402
+from lmcache_core.testing.servers import RedisServer  # noqa: E402
+from lmcache_sglang import LMCacheHiCacheStorage  # noqa: E402
+from lmcache_sglang.storage import host_pool_layout  # noqa: E402
+
+HiCacheStorage = hs.HiCacheStorage
+HiCacheStorageConfig = hs.HiCacheStorageConfig
+
+
+class HostPool:
+    """SGLang's host KV pool memory (MHA or MLA), as its classes allocate it."""
+
+    def __init__(self, layout="layer_first", *, mla=False, layers=3, heads=2, dim=8, page=4,
+                 size=64, dtype=torch.bfloat16, seed=0):  # fmt: skip
+        self.layout, self.page_size, self.layer_num, self.size = layout, page, layers, size
+        self.head_num, self.head_dim, self.dtype, self.mla = heads, dim, dtype, mla
+        pages = size // page
+        if mla:
+            dims = {"layer_first": (layers, size, 1, dim), "page_first": (size, layers, 1, dim)}
+        else:
+            dims = {
+                "layer_first": (2, layers, size, heads, dim),
+                "page_first": (2, size, layers, heads, dim),
+                "page_first_direct": (2, pages, layers, page, heads, dim),
+                "page_head": (2, pages, heads, page, layers, dim),
+            }
+        g = torch.Generator().manual_seed(seed)
+        self.kv_buffer = (
+            torch.randint(1, 2**15, dims[layout], dtype=torch.int16, generator=g).view(dtype)
+            if dtype.itemsize == 2
+            else torch.randint(1, 255, dims[layout], dtype=torch.uint8, generator=g).view(dtype)
+        )
+
+    def get_data_page(self, index, flat=True):
+        """As SGLang: the page starting at token index ``index``."""
+        ps = self.page_size
+        if self.mla:
+            page = (
+                self.kv_buffer[:, index : index + ps]
+                if self.layout == "layer_first"
+                else self.kv_buffer[index : index + ps]
+            )
+        elif self.layout == "layer_first":
+            page = self.kv_buffer[:, :, index : index + ps]
+        elif self.layout == "page_first":
+            page = self.kv_buffer[:, index : index + ps]
+        else:
+            page = self.kv_buffer[:, index // ps : index // ps + 1]
+        return page.flatten() if flat else page
+
+    def token_kv(self, index):
+        """Every layer's K and V of one token, layout-independent (for comparisons)."""
+        b = self.kv_buffer
+        if self.mla:
+            return (b[:, index] if self.layout == "layer_first" else b[index]).flatten()
+        if self.layout == "layer_first":
+            return b[:, :, index].flatten()
+        if self.layout == "page_first":
+            return b[:, index].flatten()
+        ps = self.page_size
+        return b[:, index // ps, :, index % ps].flatten()
+
+
+def storage_config(**kw):
+    base = dict(
+        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+        is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
+        model_name="test/model", extra_config={"max_local_cpu_size": "64MiB"},
+    )  # fmt: skip
+    base.update(kw)
+    return HiCacheStorageConfig(**base)
+
+
+def backend(pool, **kw) -> LMCacheHiCacheStorage:
+    b = LMCacheHiCacheStorage(storage_config(is_mla_model=pool.mla, **kw), {})
+    b.register_mem_pool_host(pool)
+    return b
+
+
+def page_indices(pages, ps):
+    return torch.tensor([p * ps + i for p in pages for i in range(ps)], dtype=torch.int64)
+
+
+def keys(n, tag="a"):
+    return [f"{tag}-page-{i}" for i in range(n)]
+
+
+def test_it_is_a_real_hicache_storage_built_as_sglang_builds_dynamic_backends():
+    assert issubclass(LMCacheHiCacheStorage, HiCacheStorage)
+    b = LMCacheHiCacheStorage(storage_config(), {})  # (storage_config, kwargs), as SGLang does
+    with pytest.raises(RuntimeError, match="register_mem_pool_host"):
+        b.batch_exists(["k"])
+
+
+LAYOUTS = [
+    ("layer_first", False, torch.bfloat16),
+    ("page_first", False, torch.float16),
+    ("page_first_direct", False, torch.bfloat16),
+    ("layer_first", True, torch.bfloat16),
+    ("page_first", True, torch.uint8),  # fp8 caches move as bytes
+]
+
+
+@pytest.mark.parametrize("layout, mla, dtype", LAYOUTS)
+def test_v1_pages_round_trip_between_host_pools_byte_for_byte(layout, mla, dtype):
+    src = HostPool(layout, mla=mla, dtype=dtype, seed=1)
+    dst = HostPool(layout, mla=mla, dtype=dtype, seed=2)
+    a = backend(src)
+    b = LMCacheHiCacheStorage(storage_config(is_mla_model=mla), {})
+    b.register_mem_pool_host(dst)
+    b.engine = a.engine  # the same cache (one process, two pools)
+    ps = src.page_size
+    ks = keys(3)
+    assert a.batch_set_v1(ks, page_indices([5, 1, 9], ps)) == [True, True, True]
+    assert a.batch_exists(ks) == 3 and a.exists(ks[1])
+    assert b.batch_get_v1(ks, page_indices([2, 14, 7], ps)) == [True, True, True]
+    for sp, dp in zip([5, 1, 9], [2, 14, 7]):
+        for i in range(ps):
+            assert torch.equal(
+                src.token_kv(sp * ps + i).view(torch.uint8),
+                dst.token_kv(dp * ps + i).view(torch.uint8),
+            )
+    # An untouched page of the destination stays as it was.
+    fresh = HostPool(layout, mla=mla, dtype=dtype, seed=2)
+    assert torch.equal(dst.token_kv(0).view(torch.uint8), fresh.token_kv(0).view(torch.uint8))
+
+
+def test_exists_is_a_prefix_and_missing_pages_are_false():
+    pool = HostPool()
+    b = backend(pool)
+    ks = keys(4)
+    b.batch_set_v1(ks[:2], page_indices([0, 1], 4))
+    b.batch_set_v1(ks[3:], page_indices([3], 4))
+    assert b.batch_exists(ks) == 2
+    assert not b.exists("never-stored")
+    assert b.batch_get_v1(ks, page_indices([4, 5, 6, 7], 4)) == [True, True, False, False]
+    assert b.batch_get_v1([], torch.tensor([], dtype=torch.int64)) == []
+
+
+def test_legacy_flat_page_calls_agree_with_the_host_pool_layout():
+    for layout in ("layer_first", "page_first"):
+        pool = HostPool(layout, seed=3)
+        b = backend(pool)
+        page = pool.get_data_page(8).clone()
+        assert b.set("legacy-0", page)
+        got = b.get("legacy-0")
+        assert torch.equal(got.view(torch.uint8), page.view(torch.uint8))
+        # What set() stored is what a v1 get writes into the pool.
+        other = HostPool(layout, seed=4)
+        b2 = LMCacheHiCacheStorage(storage_config(), {})
+        b2.register_mem_pool_host(other)
+        b2.engine = b.engine
+        assert b2.batch_get_v1(["legacy-0"], page_indices([5], 4)) == [True]
+        assert torch.equal(other.get_data_page(20).view(torch.uint8), page.view(torch.uint8))
+        target = torch.empty_like(page)
+        assert b.batch_get(["legacy-0", "absent"], [target, None])[1] is None
+        assert torch.equal(target.view(torch.uint8), page.view(torch.uint8))
+        assert not b.batch_set(["x"], [page[:-1]])  # wrong size: refused
+
+
+def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier():
+    with RedisServer() as redis:
+        extra = {
+            "max_local_cpu_size": "64MiB",
+            "remote_url": redis.url,
+            "extra_config": {"redis_key_prefix": f"t-{uuid.uuid4().hex[:6]}:"},
+        }
+        pool = HostPool()
+        r0 = backend(pool, tp_rank=0, tp_size=2, extra_config=extra)
+        r1 = backend(HostPool(), tp_rank=1, tp_size=2, extra_config=extra)
+        other_model = backend(HostPool(), tp_rank=0, tp_size=2, extra_config=extra,
+                              model_name="other/model")  # fmt: skip
+        ks = keys(2)
+        r0.batch_set_v1(ks, page_indices([0, 1], 4))
+        assert r0.engine.flush(10)
+        assert r1.batch_exists(ks) == 0
+        assert other_model.batch_exists(ks) == 0
+        # A new rank-0 process (empty DRAM) finds them in Redis.
+        again = backend(HostPool(), tp_rank=0, tp_size=2, extra_config=extra)
+        assert again.batch_exists(ks) == 2
+        assert again.batch_get_v1(ks, page_indices([7, 8], 4)) == [True, True]
+        assert torch.equal(again.mem_pool_host.token_kv(28), pool.token_kv(0))
+
+
+def test_mla_replicas_write_once():
+    pool = HostPool(mla=True)
+    reader = backend(pool, tp_rank=1, tp_size=2)
+    assert not reader.writer
+    assert reader.batch_set_v1(keys(1), page_indices([0], 4)) == [True]
+    assert reader.batch_exists(keys(1)) == 0  # nothing written by the non-writer
+
+
+def test_bad_input_is_refused_clearly():
+    b = backend(HostPool())
+    with pytest.raises(ValueError, match="non-empty string"):
+        b.batch_exists([""])
+    misaligned = torch.arange(2, 6)
+    assert b.batch_set_v1(["k"], misaligned) == [False]
+    assert b.batch_set_v1(["k", "l"], page_indices([0], 4)) == [False, False]  # too few indices
+    assert b.batch_get_v1(["k"], misaligned) == [False]
+    with pytest.raises(Exception, match="splits a token's heads"):
+        backend(HostPool("page_head"))
+    with pytest.raises(ConfigError, match="model_id"):
+        LMCacheHiCacheStorage(storage_config(model_name=None), {})
+    with pytest.raises(ConfigError, match="chunk_sise"):
+        LMCacheHiCacheStorage(storage_config(extra_config={"chunk_sise": 5}), {})
+
+
+def test_layout_description_matches_the_pool():
+    layout, planes = host_pool_layout(HostPool("page_first"), is_mla=False)
+    assert layout.kind.value == "sglang_token" and layout.block_size == 4
+    assert planes.row_stride == 3 * planes.row_bytes  # tokens interleave the layers
+    assert len(planes.bases) == 6
