@@ -274,3 +274,21 @@ def test_dram_checksums_turn_a_stray_write_into_a_miss():
         assert engine.retrieve(tokens, dst.kv(dst.table(48, 1))) == 16
         assert engine.metrics.get("lmcache:num_corrupt_chunks") == 1
         assert engine.lookup(tokens) == 16
+
+
+def test_key_level_store_and_retrieve_for_engines_that_name_their_pages():
+    """SGLang names pages by its own hashes: store/retrieve by keys the caller gives."""
+    from lmcache_core.keys import CacheKey, ChunkSpan
+
+    src, dst = FakeEngine(LAYOUT, seed=1), FakeEngine(LAYOUT, seed=2)
+    with make_engine() as engine:
+        ns = engine.namespace.digest
+        keys = [CacheKey.of(ns, bytes([i]) * 32) for i in range(3)]
+        spans = [ChunkSpan(16 * i, 16 * (i + 1), b"") for i in range(3)]
+        t_src, t_dst = src.table(48, 0), dst.table(48, 1)
+        assert engine.store_chunks(keys[:2], spans[:2], src.kv(t_src)) == 32
+        assert engine.store_chunks(keys[:2], spans[:2], src.kv(t_src)) == 0  # held already
+        assert engine.prefix_present(keys) == 2
+        assert engine.retrieve_chunks(keys, spans, dst.kv(t_dst)) == 2
+        assert dst.tokens_kv(t_dst, 0, 32) == src.tokens_kv(t_src, 0, 32)
+        assert engine.retrieve_chunks(keys[2:], spans[2:], dst.kv(t_dst)) == 0
