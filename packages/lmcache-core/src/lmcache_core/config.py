@@ -64,7 +64,6 @@ LMCACHE_COMPAT_KEYS = frozenset(
         "blend_recompute_ratios",
         "blend_check_layers",
         "blend_special_str",
-        "enable_p2p",
         "lookup_url",
         "distributed_url",
         "enable_controller",
@@ -252,6 +251,16 @@ class CacheConfig:
     tier_retry_max_backoff: float = _opt(
         "float", 30.0, "longest wait between tries of a failed tier, seconds"
     )
+    enable_p2p: bool = _opt(
+        "bool", False, "pull chunks from other instances' DRAM on a local miss (p2p tier)"
+    )
+    p2p_index_url: str | None = _opt(
+        "opt_str", None, "index of who holds which chunk, e.g. redis://index-host:6379"
+    )
+    p2p_transport: str = _opt("str", "nixl", "transport of the p2p tier (lmcache.transports)")
+    p2p_peer_ttl: float = _opt(
+        "float", 10.0, "seconds a silent peer stays in the index (it heartbeats at a third)"
+    )
     metrics_port: int | None = _opt(
         "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
     )
@@ -379,6 +388,10 @@ class CacheConfig:
                 p.append(f"local_disk={self.local_disk!r} must be a path or a file:///path/ URL")
         if self.local_disk is not None and self.max_local_disk_size == 0:
             p.append("local_disk is set but max_local_disk_size is 0; give it a size, e.g. 20GiB")
+        if self.enable_p2p and not self.p2p_index_url:
+            p.append("enable_p2p is set but p2p_index_url is not; e.g. redis://index-host:6379")
+        if self.p2p_peer_ttl <= 0:
+            p.append(f"p2p_peer_ttl={self.p2p_peer_ttl} must be > 0 seconds")
         if self.remote_url is not None and "://" not in self.remote_url:
             p.append(
                 f"remote_url={self.remote_url!r} must be a URL such as redis://host:6379 "

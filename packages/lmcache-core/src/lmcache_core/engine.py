@@ -97,6 +97,7 @@ class CacheEngine:
         self.context = BackendContext(layout=layout, pool=self.pool, metrics=self.metrics)
         self.cpu: LocalCPUBackend | None = None
         self._demote_to: StorageBackend | None = None
+        self._evict_listeners: list[Any] = []
         if tiers is not None:
             self.tiers = list(tiers)
             for t in self.tiers:
@@ -124,6 +125,8 @@ class CacheEngine:
         lower: list[StorageBackend] = []
         if config.local_disk:
             lower.append(load_plugin(BACKENDS, "disk").from_config(config, self.context))
+        if config.enable_p2p:  # another instance's DRAM beats a remote store
+            lower.append(load_plugin(BACKENDS, "p2p").from_config(config, self.context))
         if config.remote_url:
             scheme = urlparse(config.remote_url).scheme.lower()
             lower.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
@@ -141,8 +144,20 @@ class CacheEngine:
             local = [t for t in tiers[1:] if not t.capabilities.shared]
             if local:
                 self._demote_to = local[0]
-                self.cpu.on_evict = self._demote
+        self._evict_listeners = [
+            t.backend
+            for t in tiers
+            if isinstance(t, ManagedTier) and hasattr(t.backend, "evicted_upstream")
+        ]
+        if self.cpu is not None and (self._demote_to is not None or self._evict_listeners):
+            self.cpu.on_evict = self._on_cpu_evict
         return tiers
+
+    def _on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
+        for listener in self._evict_listeners:  # e.g. the p2p tier unpublishes it
+            listener.evicted_upstream(chunk.key)
+        if may_demote:
+            self._demote(chunk)
 
     def _demote(self, chunk: Chunk) -> None:
         """Called by the CPU tier as it evicts ``chunk``: keep it on local disk if it is not there.

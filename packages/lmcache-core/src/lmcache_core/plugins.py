@@ -32,7 +32,6 @@ GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS, TRANSFERS)
 KNOWN_PLUGINS: dict[str, dict[str, str]] = {
     BACKENDS: {
         "nixl": "pip install 'lmcache[nixl]' (NIXL storage and peer-to-peer tiers)",
-        "p2p": "pip install 'lmcache[nixl]' (NIXL storage and peer-to-peer tiers)",
     },
     SERDES: {
         "zstd": "pip install 'lmcache[compression]' (zstd serde for remote tiers)",

@@ -61,9 +61,10 @@ class LocalCPUBackend(StorageBackend):
         self._used = 0
         self._pins: dict[str, tuple[float, list[CacheKey]]] = {}
         self._pin_counts: dict[CacheKey, int] = {}
-        #: Called with each chunk as it is evicted, before its slot is freed
-        #: (the engine demotes it to disk); it may retain the chunk.
-        self.on_evict: Callable[[Chunk], None] | None = None
+        #: Called as ``on_evict(chunk, may_demote)`` with each chunk as it is evicted,
+        #: before its slot is freed (the engine demotes it to disk, and tells the
+        #: p2p tier); it may retain the chunk only when ``may_demote``.
+        self.on_evict: Callable[[Chunk, bool], None] | None = None
         self.metrics.set("lmcache:capacity_bytes", pool.capacity_bytes, tier=self.name)
 
     @classmethod
@@ -107,9 +108,9 @@ class LocalCPUBackend(StorageBackend):
         if self._checksums is not None:
             self._checksums.pop(victim, None)  # type: ignore[call-overload]
         self._used -= chunk.nbytes
-        if demote and self.on_evict is not None:
+        if self.on_evict is not None:
             try:
-                self.on_evict(chunk)
+                self.on_evict(chunk, demote)
             except Exception:
                 logger.warning("demoting an evicted chunk failed", exc_info=True)
         chunk.release()

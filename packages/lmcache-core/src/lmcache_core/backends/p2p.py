@@ -1,0 +1,335 @@
+"""The peer-to-peer tier: on a local miss, pull the chunk from the instance that holds it.
+
+Nothing is copied when storing: ``put`` *advertises* chunks that live in this
+process's DRAM tier, in a cluster-wide index, with their address in the
+registered arena and an xxh3 checksum. ``get`` looks keys up in the index,
+reads the bytes straight from the owner's arena over a
+:class:`~lmcache_core.transport.Transport` (NIXL), one batch per peer, and
+checks every chunk against its checksum: the owner may have evicted the chunk
+and reused the slot since, which is then a miss, never wrong KV.
+
+The index is an existing store, Redis/Valkey (``p2p_index_url``), not a
+home-made controller; the :class:`PeerIndex` interface keeps it open for
+etcd. Entries expire: each peer keeps a record with a short TTL alive by
+heartbeat; an entry whose owner's record is gone is deleted on first touch,
+so a dead peer costs a miss, not a hang. A chunk evicted from the owner's DRAM
+has its entry removed (batched, from the heartbeat thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from lmcache_core.backends.base import (
+    BackendCapabilities,
+    BackendContext,
+    ChunkAllocator,
+    StorageBackend,
+)
+from lmcache_core.errors import ConfigError
+from lmcache_core.keys import CacheKey
+from lmcache_core.metrics import Metrics
+from lmcache_core.plugins import TRANSPORTS, load_plugin
+from lmcache_core.transport import Region, Transport, TransportError
+
+if TYPE_CHECKING:
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.pool import Chunk, SlotPool
+
+logger = logging.getLogger(__name__)
+
+
+class Entry:
+    """Where a chunk lives: owner, address in its arena, sizes, checksum."""
+
+    __slots__ = ("address", "checksum", "nbytes", "num_tokens", "peer")
+
+    def __init__(self, peer: str, address: int, nbytes: int, num_tokens: int, checksum: str):
+        self.peer, self.address, self.nbytes = peer, address, nbytes
+        self.num_tokens, self.checksum = num_tokens, checksum
+
+    def encode(self) -> bytes:
+        return (
+            f"{self.peer}|{self.address}|{self.nbytes}|{self.num_tokens}|{self.checksum}".encode()
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry | None:
+        try:
+            peer, addr, nbytes, ntok, checksum = raw.decode().split("|")
+            return cls(peer, int(addr), int(nbytes), int(ntok), checksum)
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+class PeerIndex:
+    """The cluster-wide index, on Redis/Valkey."""
+
+    def __init__(self, url: str, *, prefix: str = "lmcache:p2p:", peer_ttl_s: float = 10.0):
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError(
+                ["p2p_index_url needs the redis client: pip install 'lmcache[redis]'"]
+            ) from None
+        from lmcache_core.backends.redis import client_url
+
+        real, cluster = client_url(url)
+        if cluster:
+            raise ConfigError(["p2p_index_url: use one Redis/Valkey server, not a cluster"])
+        self.client = redis.Redis.from_url(real, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.prefix = prefix
+        self.peer_ttl_ms = int(peer_ttl_s * 1000)
+
+    def _chunk(self, key: CacheKey) -> str:
+        return f"{self.prefix}chunk:{key.hex()}"
+
+    def _peer(self, peer: str) -> str:
+        return f"{self.prefix}peer:{peer}"
+
+    def announce(self, peer: str, metadata: bytes) -> None:
+        self.client.set(self._peer(peer), metadata, px=self.peer_ttl_ms)
+
+    def retire(self, peer: str) -> None:
+        self.client.delete(self._peer(peer))
+
+    def peers(self, peers: Sequence[str]) -> dict[str, bytes | None]:
+        names = list(dict.fromkeys(peers))
+        if not names:
+            return {}
+        return dict(zip(names, self.client.mget([self._peer(p) for p in names])))
+
+    def lookup(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
+        raw = self.client.mget([self._chunk(k) for k in keys])
+        return [Entry.decode(r) if r is not None else None for r in raw]
+
+    def publish(self, items: Sequence[tuple[CacheKey, Entry]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, entry in items:
+            pipe.set(self._chunk(key), entry.encode())
+        pipe.execute()
+
+    def unpublish(self, keys: Sequence[CacheKey], owner: str) -> int:
+        """Delete entries of ``keys`` that ``owner`` still holds (not newer owners')."""
+        entries = self.lookup(keys)
+        mine = [self._chunk(k) for k, e in zip(keys, entries) if e is not None and e.peer == owner]
+        return int(self.client.delete(*mine)) if mine else 0
+
+    def drop(self, keys: Sequence[CacheKey]) -> None:
+        if keys:
+            self.client.delete(*[self._chunk(k) for k in keys])
+
+
+class P2PBackend(StorageBackend):
+    name = "p2p"
+    capabilities = BackendCapabilities(shared=True, exact_usage=False, listing=False)
+
+    def __init__(
+        self,
+        transport: Transport,
+        index: PeerIndex,
+        pool: SlotPool,
+        *,
+        metrics: Metrics | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.transport = transport
+        self.index = index
+        self.pool = pool
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.timeout_s = timeout_s
+        self._lo = pool.arena.address
+        self._hi = self._lo + pool.arena.size
+        transport.register(pool.arena)
+        self._metadata = transport.metadata()
+        self._published: set[CacheKey] = set()
+        self._evicted: list[CacheKey] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.index.announce(transport.peer_id, self._metadata)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="lmcache-p2p-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, context: BackendContext) -> P2PBackend:
+        if not config.p2p_index_url:
+            raise ConfigError(["enable_p2p needs p2p_index_url, e.g. redis://index-host:6379"])
+        transport = load_plugin(TRANSPORTS, config.p2p_transport)()
+        index = PeerIndex(config.p2p_index_url, peer_ttl_s=config.p2p_peer_ttl)
+        return cls(
+            transport,
+            index,
+            context.pool,
+            metrics=context.metrics,
+            timeout_s=config.blocking_timeout_secs,
+        )
+
+    # ------------------------------------------------------------------ liveness
+
+    def _beat(self) -> None:
+        period = max(0.05, self.index.peer_ttl_ms / 3000)
+        while not self._stop.wait(period):
+            try:
+                self.index.announce(self.transport.peer_id, self._metadata)
+                self._flush_evicted()
+            except Exception:
+                logger.warning("p2p heartbeat failed (index unreachable?)", exc_info=True)
+
+    def evicted_upstream(self, key: CacheKey) -> None:
+        """The DRAM tier dropped ``key``: its entry must go (done by the heartbeat)."""
+        if key in self._published:
+            with self._lock:
+                self._evicted.append(key)
+
+    def _flush_evicted(self) -> None:
+        with self._lock:
+            keys, self._evicted = self._evicted, []
+            for k in keys:
+                self._published.discard(k)
+        if keys:
+            self.index.unpublish(keys, self.transport.peer_id)
+
+    # ------------------------------------------------------------------ the protocol
+
+    def _live_entries(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
+        entries = self.index.lookup(keys)
+        me = self.transport.peer_id
+        peers = self.index.peers([e.peer for e in entries if e is not None and e.peer != me])
+        dead = []
+        out: list[Entry | None] = []
+        for key, e in zip(keys, entries):
+            if e is None or e.peer == me:
+                out.append(None)  # our own chunks are in our DRAM tier, or gone
+            elif peers.get(e.peer) is None:
+                dead.append(key)  # the owner's record expired: it is gone
+                out.append(None)
+            else:
+                out.append(e)
+        if dead:
+            self.index.drop(dead)
+            self.metrics.inc("lmcache:num_failures", len(dead), tier=self.name, op="dead_peer")
+        return out
+
+    def contains(self, keys: Sequence[CacheKey]) -> list[bool]:
+        if not keys:
+            return []
+        return [e is not None for e in self._live_entries(keys)]
+
+    def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
+        out: list[Chunk | None] = [None] * len(keys)
+        if not keys:
+            return out
+        entries = self._live_entries(keys)
+        by_peer: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            if e is not None and e.nbytes <= self.pool.slot_bytes:
+                by_peer.setdefault(e.peer, []).append(i)
+        if not by_peer:
+            return out
+        metadata = self.index.peers(list(by_peer))
+        for peer, idx in by_peer.items():
+            md = metadata.get(peer)
+            if md is None:
+                continue
+            chunks: list[tuple[int, Chunk]] = []
+            for i in idx:
+                e = entries[i]
+                assert e is not None
+                c = allocator(keys[i], e.num_tokens, e.nbytes)
+                if c is None:
+                    break  # no memory: the rest are misses
+                chunks.append((i, c))
+            if not chunks:
+                continue
+            try:
+                self.transport.connect(md)
+                pairs = []
+                for i, c in chunks:
+                    e = entries[i]
+                    assert e is not None
+                    pairs.append((Region(c.address, c.nbytes), Region(e.address, e.nbytes)))
+                self.transport.read(peer, pairs, timeout=self.timeout_s)
+            except TransportError as err:
+                logger.warning("p2p: reading %d chunks from %s failed: %s", len(chunks), peer, err)
+                self.metrics.inc("lmcache:num_failures", tier=self.name, op="read")
+                self.transport.disconnect(peer)
+                for _, c in chunks:
+                    c.release()
+                continue
+            stale = []
+            nbytes = 0
+            for i, c in chunks:
+                e = entries[i]
+                assert e is not None
+                if xxhash.xxh3_64_hexdigest(c.view) != e.checksum:
+                    # The owner reused the slot since it published: stale, not corrupt data.
+                    stale.append(keys[i])
+                    c.release()
+                    continue
+                out[i] = c
+                nbytes += c.nbytes
+            if stale:
+                self.metrics.inc("lmcache:num_corrupt_chunks", len(stale), tier=self.name)
+                self.index.unpublish(stale, peer)
+            if nbytes:
+                self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
+        return out
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        items = []
+        ok = []
+        for c in chunks:
+            inside = self._lo <= c.address and c.address + c.nbytes <= self._hi
+            ok.append(inside)
+            if inside:
+                entry = Entry(
+                    self.transport.peer_id,
+                    c.address,
+                    c.nbytes,
+                    c.num_tokens,
+                    xxhash.xxh3_64_hexdigest(c.view),
+                )
+                items.append((c.key, entry))
+        if items:
+            self.index.publish(items)
+            with self._lock:
+                self._published.update(k for k, _ in items)
+        return ok
+
+    def remove(self, keys: Sequence[CacheKey]) -> int:
+        with self._lock:
+            for k in keys:
+                self._published.discard(k)
+        return self.index.unpublish(list(keys), self.transport.peer_id)
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sys.maxsize
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._heartbeat.join(5)
+        try:
+            self.index.retire(self.transport.peer_id)  # peers see us gone at once
+            with self._lock:
+                mine = list(self._published)
+                self._published.clear()
+            for i in range(0, len(mine), 1000):
+                self.index.unpublish(mine[i : i + 1000], self.transport.peer_id)
+        except Exception:
+            logger.warning("p2p: cleaning the index at close failed", exc_info=True)
+        self.transport.close()

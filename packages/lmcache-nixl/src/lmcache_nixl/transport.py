@@ -1,0 +1,121 @@
+"""``NixlTransport``: lmcache-core's transport protocol over a NIXL agent.
+
+One agent per cache engine (process, TP rank), named uniquely; the cache
+arena is registered once as DRAM (or VRAM for a GPU arena). A read is one
+NIXL READ request for a whole batch of chunks, polled to completion with a
+deadline, so a dead peer costs a timeout and a miss, never a hang.
+UCX picks the data path: shared memory between processes on one host, RDMA
+or TCP across hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+from lmcache_core.arena import Arena
+from lmcache_core.transport import Region, Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+
+def _import_nixl():  # type: ignore[no-untyped-def]
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as e:
+        raise TransportError(
+            f"the NIXL transport needs the nixl package ({e}): pip install 'lmcache[nixl]'"
+        ) from None
+    return nixl_agent, nixl_agent_config
+
+
+class NixlTransport(Transport):
+    name = "nixl"
+
+    def __init__(self, name: str | None = None, *, backends: Sequence[str] = ("UCX",)) -> None:
+        nixl_agent, nixl_agent_config = _import_nixl()
+        self._name = name or f"lmcache-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.agent = nixl_agent(self._name, nixl_agent_config(backends=list(backends)))
+        self._lock = threading.Lock()
+        self._peers: dict[str, bytes] = {}
+        self._registered: list[object] = []
+        self.mem_type = "DRAM"
+
+    @property
+    def peer_id(self) -> str:
+        return self._name
+
+    def register(self, arena: Arena) -> None:
+        descs = self.agent.register_memory([(arena.address, arena.size, 0, "")], self.mem_type)
+        self._registered.append(descs)
+
+    def metadata(self) -> bytes:
+        return bytes(self.agent.get_agent_metadata())
+
+    def connect(self, metadata: bytes) -> str:
+        with self._lock:
+            for peer, md in self._peers.items():
+                if md == metadata:
+                    return peer
+            try:
+                peer = self.agent.add_remote_agent(metadata)
+            except Exception as e:
+                raise TransportError(f"peer metadata rejected by NIXL: {e}") from None
+            if isinstance(peer, bytes):
+                peer = peer.decode()
+            self._peers[peer] = metadata
+            return peer
+
+    def read(self, peer: str, pairs: Sequence[tuple[Region, Region]], *, timeout: float) -> None:
+        if not pairs:
+            return
+        if peer not in self._peers:
+            raise TransportError(f"unknown peer {peer!r}: connect() to it first")
+        local = self.agent.get_xfer_descs(
+            [(r.address, r.nbytes, 0) for r, _ in pairs], self.mem_type
+        )
+        remote = self.agent.get_xfer_descs(
+            [(r.address, r.nbytes, 0) for _, r in pairs], self.mem_type
+        )
+        try:
+            handle = self.agent.initialize_xfer("READ", local, remote, peer)
+        except Exception as e:
+            raise TransportError(f"NIXL could not start a read from {peer}: {e}") from None
+        try:
+            state = self.agent.transfer(handle)
+            deadline = time.monotonic() + timeout
+            while state not in ("DONE", "ERR"):
+                if time.monotonic() > deadline:
+                    raise TransportError(f"read from {peer} timed out after {timeout} s")
+                time.sleep(0)  # let UCX's progress thread run
+                state = self.agent.check_xfer_state(handle)
+            if state == "ERR":
+                raise TransportError(f"NIXL read from {peer} failed")
+        finally:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception:  # a handle of a dead peer may not release cleanly
+                logger.debug("releasing a NIXL handle failed", exc_info=True)
+
+    def disconnect(self, peer: str) -> None:
+        with self._lock:
+            if self._peers.pop(peer, None) is not None:
+                try:
+                    self.agent.remove_remote_agent(peer)
+                except Exception:
+                    logger.debug("removing NIXL peer %s failed", peer, exc_info=True)
+
+    def close(self) -> None:
+        for peer in list(self._peers):
+            self.disconnect(peer)
+        for descs in self._registered:
+            try:
+                self.agent.deregister_memory(descs)
+            except Exception:
+                logger.debug("deregistering memory failed", exc_info=True)
+        self._registered.clear()

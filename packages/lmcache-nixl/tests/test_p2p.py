@@ -1,0 +1,124 @@
+"""The p2p tier with real NIXL agents in separate processes and a real redis-server index."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nixl")
+
+from lmcache_core import CacheEngine
+from lmcache_core.testing.paged_memory import PagedKVMemory
+from lmcache_core.testing.servers import RedisServer
+from lmcache_core.transport import Region, TransportError
+from lmcache_nixl.transport import NixlTransport
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from p2p_peer import LAYOUT, config, prompt  # noqa: E402
+
+SRC = PagedKVMemory(LAYOUT, num_blocks=64, seed=7)  # what the peer stored
+
+
+@pytest.fixture
+def redis_server():
+    with RedisServer() as s:
+        yield s
+
+
+def start_peer(url: str, n: int = 3) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "p2p_peer.py"), url, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return wait_for(proc, "READY")
+
+
+def wait_for(proc: subprocess.Popen, word: str) -> subprocess.Popen:
+    seen = []
+    for line in proc.stdout:  # NIXL logs to stdout too
+        seen.append(line)
+        if line.strip() == word:
+            return proc
+    raise AssertionError(f"peer never printed {word}: {''.join(seen)[-2000:]}")
+
+
+def retrieve(engine: CacheEngine, i: int) -> tuple[int, bytes, bytes]:
+    toks = prompt(i)
+    dst = PagedKVMemory(LAYOUT, num_blocks=64, seed=99)
+    t = dst.table(len(toks), 3)
+    got = engine.retrieve(toks, dst.kv(t))
+    want = SRC.tokens_kv(SRC.table(len(toks), i), 0, got) if got else b""
+    return got, dst.tokens_kv(t, 0, got) if got else b"", want
+
+
+def test_chunks_stored_in_one_process_are_retrieved_in_another_byte_for_byte(redis_server):
+    peer = start_peer(redis_server.url)
+    try:
+        with CacheEngine(config(redis_server.url), model="test/p2p", layout=LAYOUT) as b:
+            assert [t.name for t in b.tiers] == ["cpu", "p2p"]
+            assert b.lookup(prompt(0)) == 256
+            got, have, want = retrieve(b, 0)
+            assert got == 256 and have == want
+            assert b.metrics.get("lmcache:num_promotions", tier="p2p") == 4
+            # Now it is in B's DRAM: a second retrieve needs no peer.
+            assert b.cpu.contains(b.keys(b.spans(prompt(0)))) == [True] * 4
+            assert b.lookup(prompt(9)) == 0  # never stored anywhere
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_a_peer_killed_costs_misses_and_its_entries_disappear(redis_server):
+    peer = start_peer(redis_server.url)
+    with CacheEngine(config(redis_server.url), model="test/p2p", layout=LAYOUT) as b:
+        assert b.lookup(prompt(1)) == 256
+        peer.kill()  # kill -9, mid-run
+        peer.wait()
+        t0 = time.monotonic()
+        got, have, want = retrieve(b, 1)  # its record is still in the index: a read is tried
+        assert have == want  # whatever came back is right (nothing, here)
+        assert time.monotonic() - t0 < 10
+        time.sleep(1.2)  # past the peer TTL: its record expired
+        assert b.lookup(prompt(2)) == 0
+        p2p = b.tiers[1].backend
+        assert p2p.index.lookup(b.keys(b.spans(prompt(2)))) == [None] * 4, "dead entries dropped"
+
+
+def test_evicted_chunks_are_unpublished_and_a_clean_exit_retires_the_peer(redis_server):
+    peer = start_peer(redis_server.url, n=2)
+    with CacheEngine(config(redis_server.url), model="test/p2p", layout=LAYOUT) as b:
+        assert b.lookup(prompt(0)) == 256
+        peer.stdin.write("evict\n")
+        peer.stdin.flush()
+        wait_for(peer, "EVICTED")
+        time.sleep(0.6)  # the heartbeat flushes unpublishing
+        assert b.lookup(prompt(0)) == 0
+        peer.stdin.write("exit\n")
+        peer.stdin.flush()
+        peer.wait(10)
+        p2p = b.tiers[1].backend
+        assert p2p.index.peers([k for k in ["x"]]) == {"x": None}
+
+
+def test_transport_errors_are_clear():
+    t = NixlTransport()
+    with pytest.raises(TransportError, match="unknown peer"):
+        t.read("nobody", [(Region(0, 8), Region(0, 8))], timeout=1)
+    with pytest.raises(TransportError, match="metadata"):
+        t.connect(b"not nixl metadata")
+    t.close()
+
+
+def test_bad_p2p_config_says_what_to_fix():
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="p2p_index_url"):
+        CacheConfig.from_dict({"enable_p2p": True})
