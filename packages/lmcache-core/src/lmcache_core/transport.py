@@ -20,7 +20,15 @@ from lmcache_core.errors import LMCacheError
 
 
 class TransportError(LMCacheError):
-    """A transfer failed or timed out; the caller treats its chunks as misses."""
+    """A transfer failed or timed out; the caller treats its chunks as misses.
+
+    ``in_flight`` says the transfer may still be writing into the local
+    regions (a timeout): their memory must not be reused.
+    """
+
+    def __init__(self, message: str, *, in_flight: bool = False) -> None:
+        super().__init__(message)
+        self.in_flight = in_flight
 
 
 @dataclass(frozen=True)

@@ -72,35 +72,54 @@ class NixlTransport(Transport):
             return peer
 
     def read(self, peer: str, pairs: Sequence[tuple[Region, Region]], *, timeout: float) -> None:
+        self.finish_read(self.start_read(peer, pairs), timeout=timeout)
+
+    def start_read(self, peer: str, pairs: Sequence[tuple[Region, Region]]) -> object:
         if not pairs:
-            return
+            return None
         if peer not in self._peers:
             raise TransportError(f"unknown peer {peer!r}: connect() to it first")
-        local = self.agent.get_xfer_descs(
-            [(r.address, r.nbytes, 0) for r, _ in pairs], self.mem_type
-        )
-        remote = self.agent.get_xfer_descs(
-            [(r.address, r.nbytes, 0) for _, r in pairs], self.mem_type
-        )
+        mem = self.mem_type
+        local = self.agent.get_xfer_descs([(r.address, r.nbytes, 0) for r, _ in pairs], mem)
+        remote = self.agent.get_xfer_descs([(r.address, r.nbytes, 0) for _, r in pairs], mem)
         try:
             handle = self.agent.initialize_xfer("READ", local, remote, peer)
         except Exception as e:
             raise TransportError(f"NIXL could not start a read from {peer}: {e}") from None
         try:
             state = self.agent.transfer(handle)
+        except Exception as e:
+            self._release(handle)
+            raise TransportError(f"NIXL read from {peer} failed to post: {e}") from None
+        if state == "ERR":
+            self._release(handle)
+            raise TransportError(f"NIXL read from {peer} failed")
+        return (peer, handle)
+
+    def finish_read(self, handle: object, *, timeout: float) -> None:
+        if handle is None:
+            return
+        peer, h = handle  # type: ignore[misc]
+        try:
             deadline = time.monotonic() + timeout
+            state = self.agent.check_xfer_state(h)
             while state not in ("DONE", "ERR"):
                 if time.monotonic() > deadline:
-                    raise TransportError(f"read from {peer} timed out after {timeout} s")
-                time.sleep(0)  # let UCX's progress thread run
-                state = self.agent.check_xfer_state(handle)
+                    raise TransportError(
+                        f"read from {peer} timed out after {timeout} s", in_flight=True
+                    )
+                time.sleep(0)  # UCX's progress thread moves the bytes
+                state = self.agent.check_xfer_state(h)
             if state == "ERR":
                 raise TransportError(f"NIXL read from {peer} failed")
         finally:
-            try:
-                self.agent.release_xfer_handle(handle)
-            except Exception:  # a handle of a dead peer may not release cleanly
-                logger.debug("releasing a NIXL handle failed", exc_info=True)
+            self._release(h)
+
+    def _release(self, handle: object) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception:  # a handle of a dead peer may not release cleanly
+            logger.debug("releasing a NIXL handle failed", exc_info=True)
 
     def disconnect(self, peer: str) -> None:
         with self._lock:

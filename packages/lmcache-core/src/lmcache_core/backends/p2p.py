@@ -22,6 +22,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -128,6 +129,9 @@ class PeerIndex:
 
 class P2PBackend(StorageBackend):
     name = "p2p"
+    #: Chunks per transfer request: small enough to check one batch while the
+    #: next is in flight, large enough to keep the link busy.
+    BATCH = 4
     capabilities = BackendCapabilities(shared=True, exact_usage=False, listing=False)
 
     def __init__(
@@ -150,6 +154,10 @@ class P2PBackend(StorageBackend):
         self._metadata = transport.metadata()
         self._published: set[CacheKey] = set()
         self._evicted: list[CacheKey] = []
+        #: Chunks a timed-out read may still write into: held forever (a leak
+        #: of a few slots beats wrong KV in a reused one).
+        self._quarantine: list[Chunk] = []
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="lmcache-p2p-verify")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.index.announce(transport.peer_id, self._metadata)
@@ -249,39 +257,81 @@ class P2PBackend(StorageBackend):
                 chunks.append((i, c))
             if not chunks:
                 continue
+            stale: list[CacheKey] = []
+            nbytes = 0
             try:
                 self.transport.connect(md)
-                pairs = []
-                for i, c in chunks:
-                    e = entries[i]
-                    assert e is not None
-                    pairs.append((Region(c.address, c.nbytes), Region(e.address, e.nbytes)))
-                self.transport.read(peer, pairs, timeout=self.timeout_s)
+                nbytes = self._pull(peer, chunks, entries, keys, out, stale)
             except TransportError as err:
                 logger.warning("p2p: reading %d chunks from %s failed: %s", len(chunks), peer, err)
                 self.metrics.inc("lmcache:num_failures", tier=self.name, op="read")
                 self.transport.disconnect(peer)
-                for _, c in chunks:
-                    c.release()
+                for i, c in chunks:
+                    if out[i] is c:
+                        out[i] = None
+                    if err.in_flight:
+                        # Bytes may still land in these slots: never reuse them.
+                        self._quarantine.append(c)
+                    else:
+                        c.release()
                 continue
-            stale = []
-            nbytes = 0
-            for i, c in chunks:
-                e = entries[i]
-                assert e is not None
-                if xxhash.xxh3_64_hexdigest(c.view) != e.checksum:
-                    # The owner reused the slot since it published: stale, not corrupt data.
-                    stale.append(keys[i])
-                    c.release()
-                    continue
-                out[i] = c
-                nbytes += c.nbytes
             if stale:
                 self.metrics.inc("lmcache:num_corrupt_chunks", len(stale), tier=self.name)
                 self.index.unpublish(stale, peer)
             if nbytes:
                 self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
         return out
+
+    def _pull(
+        self,
+        peer: str,
+        chunks: list[tuple[int, Chunk]],
+        entries: list[Entry | None],
+        keys: Sequence[CacheKey],
+        out: list[Chunk | None],
+        stale: list[CacheKey],
+    ) -> int:
+        """Read ``chunks`` from ``peer`` in batches; batch k is checked while k+1 moves.
+
+        The transport releases the GIL while it copies, so checksums on the
+        verifier thread overlap the next transfer (measured: the checks cost
+        ~30% of a 2-core machine's time when run after the reads).
+        """
+        batches = [chunks[i : i + self.BATCH] for i in range(0, len(chunks), self.BATCH)]
+
+        def verify(batch: list[tuple[int, Chunk]]) -> list[bool]:
+            oks = []
+            for i, c in batch:
+                e = entries[i]
+                assert e is not None
+                oks.append(xxhash.xxh3_64_hexdigest(c.view) == e.checksum)
+            return oks
+
+        futures = []
+        try:
+            for batch in batches:
+                pairs = []
+                for i, c in batch:
+                    e = entries[i]
+                    assert e is not None
+                    pairs.append((Region(c.address, c.nbytes), Region(e.address, e.nbytes)))
+                self.transport.read(peer, pairs, timeout=self.timeout_s)
+                futures.append((batch, self._verifier.submit(verify, batch)))
+        finally:
+            results = [(batch, f.result()) for batch, f in futures]  # no check outlives a slot
+        nbytes = 0
+        for batch, oks in results:
+            for (i, c), ok in zip(batch, oks):
+                if not ok:
+                    # The owner reused the slot since it published: stale, not corrupt data.
+                    stale.append(keys[i])
+                    continue
+                out[i] = c
+                nbytes += c.nbytes
+        for i, c in chunks:
+            if out[i] is not c:
+                c.release()
+        return nbytes
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         items = []
@@ -332,4 +382,5 @@ class P2PBackend(StorageBackend):
                 self.index.unpublish(mine[i : i + 1000], self.transport.peer_id)
         except Exception:
             logger.warning("p2p: cleaning the index at close failed", exc_info=True)
+        self._verifier.shutdown(wait=True)
         self.transport.close()
