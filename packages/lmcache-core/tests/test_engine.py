@@ -203,7 +203,7 @@ def test_configuration_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="cannot be reserved"):
         make_engine(max_local_cpu_size=10**9)  # a bare number is GB: 1 EB
     with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[nixl\]'"):
-        make_engine(remote_url="p2p://peer:5555")
+        make_engine(remote_url="nixl://peer:5555")
     with pytest.raises(PluginNotFoundError, match="installed: cpu"):
         make_engine(remote_url="weird://x")
 
