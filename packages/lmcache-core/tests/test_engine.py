@@ -202,8 +202,14 @@ def test_configuration_errors_say_what_to_change():
         make_engine(layout=big, chunk_size=256, max_local_cpu_size="16MiB")
     with pytest.raises(ConfigError, match="cannot be reserved"):
         make_engine(max_local_cpu_size=10**9)  # a bare number is GB: 1 EB
-    with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[nixl\]'"):
-        make_engine(remote_url="nixl://peer:5555")
+    with pytest.raises(PluginNotFoundError, match=r"pip install 'lmcache\[tape\]'"):
+        from lmcache_core import plugins
+
+        plugins.KNOWN_PLUGINS[plugins.BACKENDS]["tape"] = "pip install 'lmcache[tape]'"
+        try:
+            make_engine(remote_url="tape://drive0")
+        finally:
+            del plugins.KNOWN_PLUGINS[plugins.BACKENDS]["tape"]
     with pytest.raises(PluginNotFoundError, match="installed: cpu"):
         make_engine(remote_url="weird://x")
 

@@ -1,0 +1,57 @@
+"""The NIXL storage tier (POSIX plugin, real files): the shipped storage contract and faults."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+pytest.importorskip("nixl")
+
+from lmcache_core.errors import ConfigError
+from lmcache_core.testing import (
+    ChunkFactory,
+    StorageBackendTests,
+    backend_state_machine,
+    chunk_payload,
+    test_key,
+)
+from lmcache_nixl.storage import NixlStorageBackend
+
+
+def make(capacity_bytes: int, slot_bytes: int) -> NixlStorageBackend:
+    return NixlStorageBackend(tempfile.mktemp(prefix="lmcache-nixl-", suffix=".bin"),
+                              capacity_bytes, slot_bytes)  # fmt: skip
+
+
+class TestNixlStorageBackend(StorageBackendTests):
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make(capacity_bytes, slot_bytes)
+
+
+TestNixlStorageStateful = backend_state_machine(make, max_examples=15).TestCase
+
+
+def test_bytes_changed_in_the_file_are_a_miss(tmp_path):
+    f = ChunkFactory(8192)
+    b = NixlStorageBackend(tmp_path / "kv.bin", 8 * 8192, 8192)
+    c = f.make(test_key(1))
+    assert b.put([c]) == [True]
+    c.release()
+    with open(tmp_path / "kv.bin", "r+b") as fh:
+        fh.seek(b._index[test_key(1)].index * b.slot_stride + 100)
+        fh.write(b"\xff\xfe\xfd")
+    assert b.get([test_key(1)], f.allocate) == [None]
+    assert b.metrics.get("lmcache:num_corrupt_chunks") == 1
+    assert b.contains([test_key(1)]) == [False]
+    c = f.make(test_key(2))
+    b.put([c])
+    c.release()
+    (g,) = b.get([test_key(2)], f.allocate)
+    assert bytes(g.view) == chunk_payload(test_key(2), 8192)
+    g.release()
+
+
+def test_a_size_that_cannot_hold_a_chunk_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="cannot hold one"):
+        NixlStorageBackend(tmp_path / "kv.bin", 100, 8192)
