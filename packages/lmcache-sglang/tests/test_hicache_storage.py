@@ -228,3 +228,42 @@ def test_layout_description_matches_the_pool():
     assert layout.kind.value == "sglang_token" and layout.block_size == 4
     assert planes.row_stride == 3 * planes.row_bytes  # tokens interleave the layers
     assert len(planes.bases) == 6
+
+
+# --------------------------------------------------------------------------- the shipped contract
+
+from lmcache_core.testing import StorageBackendTests  # noqa: E402
+from lmcache_core.tier import ManagedTier  # noqa: E402
+
+
+class _Flushed(ManagedTier):
+    """The backend's disk tier as SGLang's backend builds it; each put waits for its write."""
+
+    def __init__(self, tier: ManagedTier, owner: LMCacheHiCacheStorage) -> None:
+        self.__dict__.update(tier.__dict__)
+        self._owner = owner
+
+    def put(self, chunks):
+        ok = super().put(chunks)
+        assert self.flush(10)
+        return ok
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._owner.close()
+
+
+class TestSGLangBackendStorageContract(StorageBackendTests):
+    """lmcache-core's storage contract on the tiers LMCacheHiCacheStorage stores into."""
+
+    def make_backend(self, capacity_bytes, slot_bytes):
+        import tempfile
+
+        extra = {
+            "max_local_cpu_size": "64MiB",
+            "local_disk": tempfile.mkdtemp(prefix="lmcache-sglang-disk-"),
+            "max_local_disk_size": f"{capacity_bytes}B",
+        }
+        b = backend(HostPool(), extra_config=extra)
+        disk = b.engine.tiers[1]
+        assert disk.name == "disk"
+        return _Flushed(disk, b)

@@ -131,7 +131,7 @@ class P2PBackend(StorageBackend):
     name = "p2p"
     #: Chunks per transfer request: small enough to check one batch while the
     #: next is in flight, large enough to keep the link busy.
-    BATCH = 4
+    BATCH = 2
     capabilities = BackendCapabilities(shared=True, exact_usage=False, listing=False)
 
     def __init__(
