@@ -34,23 +34,13 @@ from lmcache_core.keys import CacheKey, ChunkSpan
 from lmcache_core.layout import KVLayout
 from lmcache_core.transfer import ChunkIO
 from lmcache_cuda.paged import CPagedMemory, Planes
+from lmcache_cuda.torch_dtypes import TORCH_DTYPES
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 logger = logging.getLogger(__name__)
 
 #: Keys of SGLang's ``--hicache-storage-backend-extra-config`` that are not cache config keys.
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "model_id"})
-
-_DTYPES = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-}
-for _name in ("float8_e4m3fn", "float8_e5m2"):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _name
 
 
 def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
@@ -62,7 +52,7 @@ def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
 def host_pool_layout(pool: Any, *, is_mla: bool) -> tuple[KVLayout, Planes]:
     """lmcache's description of an SGLang host KV pool (``MHATokenToKVPoolHost`` or MLA)."""
     buf = pool.kv_buffer
-    dtype = _DTYPES.get(buf.dtype)
+    dtype = TORCH_DTYPES.get(buf.dtype)
     if dtype is None:
         raise LayoutError(f"SGLang host pool dtype {buf.dtype} is not supported")
     es = buf.element_size()

@@ -8,17 +8,7 @@ from typing import Any
 import torch
 from lmcache_core.errors import LayoutError
 from lmcache_core.layout import KVLayout, LayoutKind
-
-TORCH_DTYPES = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-}
-for _name in ("float8_e4m3fn", "float8_e5m2"):
-    if hasattr(torch, _name):
-        TORCH_DTYPES[getattr(torch, _name)] = _name
+from lmcache_cuda.torch_dtypes import TORCH_DTYPES
 
 #: Integer dtype of each element size: KV is moved as opaque integers.
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}

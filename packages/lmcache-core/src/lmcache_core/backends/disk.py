@@ -62,6 +62,16 @@ def path_from_url(url: str) -> Path:
     return Path(url)
 
 
+def ensure_writable_dir(path: Path, key: str, fix: str) -> None:
+    """Create ``path`` if needed; a clear config error naming ``key`` if it is not writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError([f"{key}: cannot create {path} ({e.strerror}); {fix}"]) from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError([f"{key}: {path} is not writable by this process; {fix}"])
+
+
 class LocalDiskBackend(StorageBackend):
     name = "disk"
     capabilities = BackendCapabilities(persistent=True, evicts=True)
@@ -79,14 +89,7 @@ class LocalDiskBackend(StorageBackend):
         self.root = Path(root)
         self.io_threads = io_threads
         self._io: ThreadPoolExecutor | None = None
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(
-                [f"local_disk: cannot create {self.root} ({e.strerror}); choose a writable path"]
-            ) from None
-        if not os.access(self.root, os.W_OK):
-            raise ConfigError([f"local_disk: {self.root} is not writable; choose a writable path"])
+        ensure_writable_dir(self.root, "local_disk", "choose a writable path")
         self.capacity = capacity_bytes
         self.serde = serde if serde is not None else NaiveSerde()
         self.policy = policy if policy is not None else LRUPolicy()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
+from lmcache_core.backends.disk import ensure_writable_dir
 from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
@@ -57,14 +58,7 @@ class SharedFSBackend(FrameStore):
     ) -> None:
         super().__init__(serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes)
         self.root = Path(root)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(
-                [f"remote_url: cannot create {self.root} ({e.strerror}); is the share mounted?"]
-            ) from None
-        if not os.access(self.root, os.W_OK):
-            raise ConfigError([f"remote_url: {self.root} is not writable by this process"])
+        ensure_writable_dir(self.root, "remote_url", "is the share mounted and writable?")
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
 
     @classmethod

@@ -77,6 +77,30 @@ class ChunkHeader:
     def pack(self) -> bytes:
         return self._fields() + self.checksum + self.key
 
+    @classmethod
+    def for_reader(
+        cls, frame: bytes | memoryview, serde: Serde, key: bytes, out_nbytes: int
+    ) -> tuple[ChunkHeader, memoryview]:
+        """The header and payload of ``frame``, checked for a reader of ``key`` into
+        ``out_nbytes`` bytes with ``serde`` (every serde's shared checks, checksum included)."""
+        view = memoryview(frame).cast("B")
+        header = cls.unpack(view, max_raw_nbytes=out_nbytes)
+        if header.serde_id != serde.serde_id:
+            raise SerdeError(f"frame was written by serde id {header.serde_id}, not {serde.name}")
+        if header.key != key:
+            raise SerdeError("frame was stored under another key")
+        if header.raw_nbytes != out_nbytes:
+            raise SerdeError(
+                f"frame holds {header.raw_nbytes} bytes, the reader expects {out_nbytes}"
+            )
+        payload = view[header.size :]
+        if payload.nbytes != header.payload_nbytes:
+            raise SerdeError(
+                f"frame is truncated: {payload.nbytes} of {header.payload_nbytes} payload bytes"
+            )
+        header.verify(payload)
+        return header, payload
+
     @property
     def size(self) -> int:
         return HEADER_SIZE + len(self.key)

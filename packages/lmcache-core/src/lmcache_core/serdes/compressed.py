@@ -39,22 +39,7 @@ class _CompressedSerde(Serde):
         return [header.sealed(payload).pack(), payload]
 
     def decode(self, frame: bytes | memoryview, key: bytes, out: memoryview) -> int:
-        frame = memoryview(frame).cast("B")
-        header = ChunkHeader.unpack(frame, max_raw_nbytes=out.nbytes)
-        if header.serde_id != self.serde_id:
-            raise SerdeError(f"frame was written by serde id {header.serde_id}, not {self.name}")
-        if header.key != key:
-            raise SerdeError("frame was stored under another key")
-        if header.raw_nbytes != out.nbytes:
-            raise SerdeError(
-                f"frame holds {header.raw_nbytes} bytes, the reader expects {out.nbytes}"
-            )
-        payload = frame[header.size :]
-        if payload.nbytes != header.payload_nbytes:
-            raise SerdeError(
-                f"frame is truncated: {payload.nbytes} of {header.payload_nbytes} payload bytes"
-            )
-        header.verify(payload)
+        header, payload = ChunkHeader.for_reader(frame, self, key, out.nbytes)
         try:
             raw = self._decompress(payload, header.raw_nbytes)
         except SerdeError:

@@ -14,21 +14,8 @@ class NaiveSerde(Serde):
         return [header.sealed(data).pack(), data]
 
     def decode(self, frame: bytes | memoryview, key: bytes, out: memoryview) -> int:
-        frame = memoryview(frame).cast("B")
-        header = ChunkHeader.unpack(frame, max_raw_nbytes=out.nbytes)
-        if header.serde_id != self.serde_id:
-            raise SerdeError(f"frame was written by serde id {header.serde_id}, not {self.name}")
-        if header.key != key:
-            raise SerdeError("frame was stored under another key")
-        if header.raw_nbytes != out.nbytes or header.payload_nbytes != header.raw_nbytes:
-            raise SerdeError(
-                f"frame holds {header.raw_nbytes} bytes, the reader expects {out.nbytes}"
-            )
-        payload = frame[header.size :]
-        if payload.nbytes != header.payload_nbytes:
-            raise SerdeError(
-                f"frame is truncated: {payload.nbytes} of {header.payload_nbytes} payload bytes"
-            )
-        header.verify(payload)
+        header, payload = ChunkHeader.for_reader(frame, self, key, out.nbytes)
+        if header.payload_nbytes != header.raw_nbytes:
+            raise SerdeError("a raw frame's payload must be its raw bytes")
         out[:] = payload
         return header.num_tokens
