@@ -194,6 +194,33 @@ def scenario_restart(model: str) -> dict:
     }
 
 
+P2P_PROMPT = (11, 700)
+
+
+def scenario_p2p_owner(model: str) -> dict:
+    """Prefill a prompt, publish its chunks for peers, then serve them until told to stop."""
+    h = Harness(make_llm(model))
+    out = h.gen(tokens(*P2P_PROMPT))
+    assert h.engine.flush(30)
+    tiers = [t.name for t in h.engine.tiers]
+    print("OWNER " + json.dumps({"out": out, "tiers": tiers}), flush=True)
+    sys.stdin.readline()  # the reader is done
+    return {"out": out}
+
+
+def scenario_p2p_reader(model: str) -> dict:
+    """Another instance: the same prompt must load from the owner's DRAM over NIXL."""
+    h = Harness(make_llm(model))
+    before = h.retrieved()
+    out = h.gen(tokens(*P2P_PROMPT))
+    return {
+        "out": out,
+        "loaded": h.retrieved() - before,
+        "from_peer": h.m.get("lmcache:num_promotions", tier="p2p"),
+        "tiers": [t.name for t in h.engine.tiers],
+    }
+
+
 def scenario_bad_chunk_size(model: str) -> dict:
     try:
         make_llm(model, kv_connector_extra_config={"chunk_size": 200})

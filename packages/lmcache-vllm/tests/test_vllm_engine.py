@@ -81,3 +81,45 @@ def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
     second = run_scenario("restart", peaked_model, **env)
     assert second["loaded"] == 640  # 699 computable tokens -> 5 whole blocks come from disk
     assert second["out"] == first["out"]
+
+
+def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peaked_model):
+    """Two vLLM instances sharing KV through the p2p tier (NIXL, Redis index)."""
+    pytest.importorskip("nixl")
+    from lmcache_core.testing.servers import RedisServer
+
+    with RedisServer() as redis:
+        env = {
+            **os.environ,
+            "LMCACHE_ENABLE_P2P": "true",
+            "LMCACHE_P2P_INDEX_URL": redis.url,
+        }
+        owner = subprocess.Popen(
+            [sys.executable, str(SCENARIOS), "p2p_owner", str(peaked_model)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        try:
+            first = None
+            for line in owner.stdout:
+                if line.startswith("OWNER "):
+                    first = json.loads(line[len("OWNER ") :])
+                    break
+            assert first is not None, "the owner instance did not start"
+            assert first["tiers"] == ["cpu", "p2p"]
+            second = run_scenario(
+                "p2p_reader",
+                peaked_model,
+                LMCACHE_ENABLE_P2P="true",
+                LMCACHE_P2P_INDEX_URL=redis.url,
+            )
+        finally:
+            owner.stdin.close()
+            owner.wait(60)
+    # 699 computable tokens -> 5 whole 128-token blocks come from the other instance.
+    assert second["from_peer"] >= 3
+    assert second["loaded"] == 640
+    assert second["out"] == first["out"], "a p2p hit must give the output of computing it"
