@@ -135,7 +135,7 @@ class CacheEngine:
                 ManagedTier(
                     backend,
                     metrics=self.metrics,
-                    write_behind_bytes=config.write_behind_bytes,
+                    write_behind_bytes=config.write_behind_bytes if backend.write_behind else None,
                     base_backoff_s=config.tier_retry_backoff,
                     max_backoff_s=config.tier_retry_max_backoff,
                 )

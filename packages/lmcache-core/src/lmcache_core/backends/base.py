@@ -74,6 +74,9 @@ class StorageBackend(ABC):
 
     #: The name this backend is registered under in ``lmcache.backends``.
     name: ClassVar[str]
+    #: Below DRAM, the engine writes this tier behind, through a bounded queue.
+    #: A tier whose writes are cheap and must be visible at once says False.
+    write_behind: ClassVar[bool] = True
     capabilities: ClassVar[BackendCapabilities]
 
     @classmethod

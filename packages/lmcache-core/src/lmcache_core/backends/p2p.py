@@ -129,6 +129,10 @@ class PeerIndex:
 
 class P2PBackend(StorageBackend):
     name = "p2p"
+    #: Publishing copies nothing (an index entry and a checksum per chunk), and a
+    #: peer must see a chunk as soon as the request that stored it finishes
+    #: (disaggregated prefill hands the request over right then).
+    write_behind = False
     #: Chunks per transfer request: small enough to check one batch while the
     #: next is in flight, large enough to keep the link busy.
     BATCH = 2

@@ -1,0 +1,137 @@
+"""Disaggregated prefill: 1 prefill + 1 decode vLLM server behind lmcache_vllm.pd_router.
+
+Real OpenAI servers on the CPU, the p2p tier over NIXL with a real Redis
+index, and a plain single vLLM as the reference for the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("nixl")
+pytestmark = pytest.mark.slow
+
+from lmcache_core.testing.servers import RedisServer  # noqa: E402
+from lmcache_core.workload import scrape_metrics  # noqa: E402
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(1)
+
+
+@contextmanager
+def vllm_server(model: Path, role: str | None, env: dict[str, str], log: Path):
+    port = _port()
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16", "--enforce-eager",
+        "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0",
+    ]  # fmt: skip
+    if role is not None:
+        args += [
+            "--kv-transfer-config",
+            json.dumps(
+                {
+                    "kv_connector": "LMCacheKVConnector",
+                    "kv_connector_module_path": "lmcache_vllm",
+                    "kv_role": role,
+                }
+            ),
+        ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", proc, log)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def complete(port: int, prompt: list[int]) -> str:
+    body = {"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
+    body["model"] = models["data"][0]["id"]
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=600).read())["choices"][0]["text"]
+
+
+def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_path):
+    rnd = random.Random(5)
+    prompt = [rnd.randrange(2, 4000) for _ in range(700)]
+    base_env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": "512MiB",
+    }
+    with vllm_server(peaked_model, None, base_env, tmp_path / "single.log") as single:
+        expected = complete(single, prompt)
+    with RedisServer() as redis:
+        p2p = {"LMCACHE_ENABLE_P2P": "true", "LMCACHE_P2P_INDEX_URL": redis.url}
+        prefill_env = {**base_env, **p2p, "LMCACHE_SOCKET_DIR": tempfile.mkdtemp(prefix="p-")}
+        decode_metrics = _port()
+        decode_env = {
+            **base_env,
+            **p2p,
+            "LMCACHE_SOCKET_DIR": tempfile.mkdtemp(prefix="d-"),
+            "LMCACHE_METRICS_PORT": str(decode_metrics),
+        }
+        with (
+            vllm_server(peaked_model, "kv_producer", prefill_env, tmp_path / "p.log") as p_port,
+            vllm_server(peaked_model, "kv_consumer", decode_env, tmp_path / "d.log") as d_port,
+        ):
+            router_port = _port()
+            router = subprocess.Popen(
+                [sys.executable, "-m", "lmcache_vllm.pd_router",
+                 "--prefill", f"http://127.0.0.1:{p_port}",
+                 "--decode", f"http://127.0.0.1:{d_port}", "--port", str(router_port)],
+            )  # fmt: skip
+            try:
+                _wait(f"http://127.0.0.1:{router_port}/v1/models", router, tmp_path / "d.log")
+                got = complete(router_port, prompt)
+                m = scrape_metrics(f"http://127.0.0.1:{decode_metrics}/metrics")
+            finally:
+                router.terminate()
+                router.wait(10)
+    assert got == expected, "1P1D must answer exactly as one instance computing it"
+    # 699 computable tokens: 5 whole 128-token blocks came from the prefill instance.
+    assert m.get("lmcache:num_retrieved_tokens", 0) == 640
+    assert m.get("lmcache:num_stored_tokens", 0) == 0, "a kv_consumer never stores"
