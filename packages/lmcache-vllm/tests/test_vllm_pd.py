@@ -48,11 +48,13 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> 
 
 
 @contextmanager
-def vllm_server(model: Path, role: str | None, env: dict[str, str], log: Path):
+def vllm_server(
+    model: Path, role: str | None, env: dict[str, str], log: Path, dtype: str = "bfloat16"
+):
     port = _port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16", "--enforce-eager",
+        "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager",
         "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0",
     ]  # fmt: skip
     if role is not None:
