@@ -16,6 +16,7 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
+from lmcache_core.testing.settled import SettledWrites
 from lmcache_core.tier import ManagedTier
 
 
@@ -23,18 +24,9 @@ def _disk(capacity_bytes: int) -> LocalDiskBackend:
     return LocalDiskBackend(tempfile.mkdtemp(prefix="lmcache-tier-test-"), capacity_bytes)
 
 
-class FlushingTier(ManagedTier):
-    """Write-behind, but each put waits for its write: the suites check final states."""
-
-    def put(self, chunks):
-        ok = super().put(chunks)
-        if not self.flush(10):
-            import faulthandler
-            import sys
-
-            faulthandler.dump_traceback(sys.stderr)
-            raise AssertionError("write-behind did not drain in 10 s")
-        return ok
+def settled(cap: int) -> SettledWrites:
+    """Write-behind, each put waiting for its write: the suites check final states."""
+    return SettledWrites(ManagedTier(_disk(cap), write_behind_bytes=1 << 20))
 
 
 class TestManagedTierSync(StorageBackendTests):
@@ -44,11 +36,11 @@ class TestManagedTierSync(StorageBackendTests):
 
 class TestManagedTierWriteBehind(StorageBackendTests):
     def make_backend(self, capacity_bytes, slot_bytes):
-        return FlushingTier(_disk(capacity_bytes), write_behind_bytes=1 << 20)
+        return settled(capacity_bytes)
 
 
 TestManagedTierStateful = backend_state_machine(
-    lambda cap, slot: FlushingTier(_disk(cap), write_behind_bytes=1 << 20), max_examples=20
+    lambda cap, slot: settled(cap), max_examples=20
 ).TestCase
 
 

@@ -233,23 +233,7 @@ def test_layout_description_matches_the_pool():
 # --------------------------------------------------------------------------- the shipped contract
 
 from lmcache_core.testing import StorageBackendTests  # noqa: E402
-from lmcache_core.tier import ManagedTier  # noqa: E402
-
-
-class _Flushed(ManagedTier):
-    """The backend's disk tier as SGLang's backend builds it; each put waits for its write."""
-
-    def __init__(self, tier: ManagedTier, owner: LMCacheHiCacheStorage) -> None:
-        self.__dict__.update(tier.__dict__)
-        self._owner = owner
-
-    def put(self, chunks):
-        ok = super().put(chunks)
-        assert self.flush(10)
-        return ok
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._owner.close()
+from lmcache_core.testing.settled import SettledWrites  # noqa: E402
 
 
 class TestSGLangBackendStorageContract(StorageBackendTests):
@@ -266,4 +250,4 @@ class TestSGLangBackendStorageContract(StorageBackendTests):
         b = backend(HostPool(), extra_config=extra)
         disk = b.engine.tiers[1]
         assert disk.name == "disk"
-        return _Flushed(disk, b)
+        return SettledWrites(disk, on_close=b.close)

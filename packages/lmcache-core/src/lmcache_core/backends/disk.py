@@ -62,6 +62,42 @@ def path_from_url(url: str) -> Path:
     return Path(url)
 
 
+def write_atomically(
+    final: Path,
+    tag: str,
+    parts: Sequence[bytes | memoryview],
+    *,
+    durable: bool = False,
+    mode: int = 0o600,
+) -> None:
+    """Write ``parts`` (header and payload views: no join, no copy) under ``final``.
+
+    They go to a temporary name unique to ``tag`` and are renamed into place, so
+    no reader ever sees a torn file under ``final``. ``durable`` fsyncs before the
+    rename (a shared filesystem: other hosts must never see an empty file).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{tag}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= views[0].nbytes:  # drop what was written (short writes)
+                n -= views[0].nbytes
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+
+
 def ensure_writable_dir(path: Path, key: str, fix: str) -> None:
     """Create ``path`` if needed; a clear config error naming ``key`` if it is not writable."""
     try:
@@ -255,23 +291,8 @@ class LocalDiskBackend(StorageBackend):
 
     def _write(self, chunk: Chunk) -> None:
         final = self._path(chunk.key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp{os.getpid()}-{next(_counter)}"
         parts = self.serde.encode(chunk.key.to_bytes(), chunk.num_tokens, chunk.view)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            total = sum(memoryview(p).nbytes for p in parts)
-            written = os.writev(fd, parts)
-            if written < total:  # a short write (rare): finish from one joined buffer
-                rest = memoryview(b"".join(parts))
-                while written < total:
-                    written += os.write(fd, rest[written:])
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
+        write_atomically(final, f"{os.getpid()}-{next(_counter)}", parts)
 
     def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
         out: list[Chunk | None] = [None] * len(keys)

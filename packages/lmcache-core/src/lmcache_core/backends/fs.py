@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.disk import ensure_writable_dir
+from lmcache_core.backends.disk import ensure_writable_dir, write_atomically
 from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
@@ -96,23 +96,10 @@ class SharedFSBackend(FrameStore):
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
         for name, parts in items:
             final = self.root / name
-            if final.exists():
-                continue
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.parent / f".{final.name}.tmp-{self._tag}-{next(_counter)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(b"".join(parts))
-                done = 0
-                while done < view.nbytes:
-                    done += os.write(fd, view[done:])
-                os.fsync(fd)  # other hosts must never see a renamed but empty file
-            except BaseException:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise
-            os.close(fd)
-            os.replace(tmp, final)
+            if not final.exists():
+                tag = f"{self._tag}-{next(_counter)}"
+                # Readable by the other hosts' processes; synced before it is visible.
+                write_atomically(final, tag, parts, durable=True, mode=0o644)
         return [True] * len(items)
 
     def _exists(self, names: list[str]) -> list[bool]:
