@@ -79,3 +79,26 @@ def test_arena_close_with_views_alive_does_not_crash():
     arena.close()  # idempotent
     with pytest.raises(ValueError):
         AnonymousArena(0)
+
+
+def test_a_slot_generation_changes_before_the_slot_can_be_written_again():
+    """Peers validate pulled bytes by the slot's generation: it must move on every reuse."""
+    import ctypes
+
+    pool = SlotPool.anonymous(2 * 4096, 4096)
+    a = pool.allocate(test_key(1), 1, 4096)
+    g0 = pool.generation(a.slot)
+    word = ctypes.c_uint64.from_address(pool.generation_address(a.slot))
+    assert word.value == g0  # what a peer reads at that address
+    b = a.retain()
+    a.release()
+    assert pool.generation(b.slot) == g0, "still referenced: same bytes, same generation"
+    b.release()
+    assert word.value == g0 + 1
+    again = pool.allocate(test_key(2), 1, 4096)
+    assert again.slot == a.slot and pool.generation(again.slot) == g0 + 1
+    other = pool.allocate(test_key(3), 1, 4096)
+    assert pool.generation(other.slot) == 0
+    del word
+    pool.close()
+    again.release()  # a late release after close must not crash

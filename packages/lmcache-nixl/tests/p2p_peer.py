@@ -1,9 +1,12 @@
 """A cache process for the p2p tests: stores prompts, then serves them to peers until killed.
 
-    python p2p_peer.py REDIS_URL N_PROMPTS
+    python p2p_peer.py REDIS_URL N_PROMPTS [checksums]
 
 Prints READY once its chunks are stored and published. Commands on stdin:
 ``evict`` drops every chunk from its DRAM tier (so its index entries must go),
+``reuse`` drops every chunk, stores other prompts into the freed slots and
+puts the old index entries back (what a reader sees when an eviction races
+its lookup), ``corrupt`` flips a byte of prompt 0's first chunk in place,
 ``exit`` closes cleanly.
 """
 
@@ -35,7 +38,8 @@ def prompt(i: int, n: int = 256) -> list[int]:
 
 def main() -> None:
     url, n = sys.argv[1], int(sys.argv[2])
-    engine = CacheEngine(config(url), model="test/p2p", layout=LAYOUT)
+    extra = {"p2p_verify_checksums": True} if "checksums" in sys.argv[3:] else {}
+    engine = CacheEngine(config(url, **extra), model="test/p2p", layout=LAYOUT)
     src = PagedKVMemory(LAYOUT, num_blocks=64, seed=7)
     for i in range(n):
         toks = prompt(i)
@@ -49,6 +53,24 @@ def main() -> None:
             while engine.cpu._evict_one():
                 pass
             print("EVICTED", flush=True)
+        elif cmd == "reuse":
+            assert engine.cpu is not None
+            p2p = engine.tiers[1].backend
+            keys = [k for i in range(n) for k in engine.keys(engine.spans(prompt(i)))]
+            old = [(k, e) for k, e in zip(keys, p2p.index.lookup(keys)) if e is not None]
+            while engine.cpu._evict_one():
+                pass
+            p2p._flush_evicted()  # as the heartbeat would
+            for i in range(n):  # other bytes into the freed slots
+                toks = prompt(100 + i)
+                engine.store(toks, src.kv(src.table(len(toks), (i + 1) % n)))
+            p2p.index.publish(old)  # a reader that looked up before the eviction
+            print("REUSED", flush=True)
+        elif cmd == "corrupt":
+            assert engine.cpu is not None
+            chunk = engine.cpu._index[engine.keys(engine.spans(prompt(0)))[0]]
+            chunk.view[100] ^= 0xFF
+            print("CORRUPTED", flush=True)
         elif cmd == "exit":
             break
     engine.close()

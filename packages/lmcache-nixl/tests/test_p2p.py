@@ -30,9 +30,9 @@ def redis_server():
         yield s
 
 
-def start_peer(url: str, n: int = 3) -> subprocess.Popen:
+def start_peer(url: str, n: int = 3, *flags: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "p2p_peer.py"), url, str(n)],
+        [sys.executable, str(HERE / "p2p_peer.py"), url, str(n), *flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -70,6 +70,55 @@ def test_chunks_stored_in_one_process_are_retrieved_in_another_byte_for_byte(red
             # Now it is in B's DRAM: a second retrieve needs no peer.
             assert b.cpu.contains(b.keys(b.spans(prompt(0)))) == [True] * 4
             assert b.lookup(prompt(9)) == 0  # never stored anywhere
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_a_slot_reused_by_its_owner_after_the_lookup_is_a_miss_not_wrong_kv(redis_server):
+    """The race an eviction makes: the entry still says where the chunk was, the bytes moved.
+
+    The reader copies the slot, then reads its generation word: moved, so the
+    copy is dropped. Without that check it would return another prompt's KV.
+    """
+    peer = start_peer(redis_server.url)
+    try:
+        with CacheEngine(config(redis_server.url), model="test/p2p", layout=LAYOUT) as b:
+            peer.stdin.write("reuse\n")
+            peer.stdin.flush()
+            wait_for(peer, "REUSED")
+            assert b.lookup(prompt(0)) == 256, "the old entries are back in the index"
+            got, _, _ = retrieve(b, 0)
+            assert got == 0, "bytes of a reused slot must never be returned"
+            assert b.metrics.get("lmcache:num_stale_chunks", tier="p2p") >= 1
+            assert b.lookup(prompt(0)) == 0, "stale entries are unpublished"
+            # The prompts now in those slots are pulled intact.
+            toks = prompt(100)
+            dst = PagedKVMemory(LAYOUT, num_blocks=64, seed=99)
+            t = dst.table(len(toks), 3)
+            assert b.retrieve(toks, dst.kv(t)) == 256
+            assert dst.tokens_kv(t, 0, 256) == SRC.tokens_kv(SRC.table(256, 1), 0, 256)
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_with_checksums_on_every_pulled_chunk_is_hashed_and_matches(redis_server):
+    peer = start_peer(redis_server.url, 3, "checksums")
+    try:
+        cfg = config(redis_server.url, p2p_verify_checksums=True)
+        with CacheEngine(cfg, model="test/p2p", layout=LAYOUT) as b:
+            p2p = b.tiers[1].backend
+            entries = p2p.index.lookup(b.keys(b.spans(prompt(2))))
+            assert all(e is not None and len(e.checksum) == 16 for e in entries)
+            got, have, want = retrieve(b, 2)
+            assert got == 256 and have == want
+            assert b.metrics.get("lmcache:num_corrupt_chunks", tier="p2p") == 0
+            peer.stdin.write("corrupt\n")  # damage the owner's copy in place
+            peer.stdin.flush()
+            wait_for(peer, "CORRUPTED")
+            assert retrieve(b, 0)[0] == 0, "a damaged first chunk: nothing of the prompt"
+            assert b.metrics.get("lmcache:num_corrupt_chunks", tier="p2p") == 1
     finally:
         peer.kill()
         peer.wait()

@@ -261,6 +261,12 @@ class CacheConfig:
     p2p_peer_ttl: float = _opt(
         "float", 10.0, "seconds a silent peer stays in the index (it heartbeats at a third)"
     )
+    p2p_verify_checksums: bool = _opt(
+        "bool",
+        False,
+        "also hash every chunk pulled from a peer (xxh3; costs both sides a pass over the "
+        "bytes); slot reuse is caught without it by the slot's generation",
+    )
     metrics_port: int | None = _opt(
         "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
     )

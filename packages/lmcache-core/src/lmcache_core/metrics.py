@@ -27,6 +27,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "lmcache:num_failures": ("counter", "Operations that failed and became misses"),
     "lmcache:num_expired_pins": ("counter", "Pins dropped because their owner left them behind"),
     "lmcache:num_corrupt_chunks": ("counter", "Chunks whose checksum failed on read (dropped)"),
+    "lmcache:num_stale_chunks": (
+        "counter",
+        "Chunks a peer had reused the slot of by the time they were pulled (misses)",
+    ),
     "lmcache:num_dropped_writes": (
         "counter",
         "Chunks not written to a lower tier: its write-behind queue was full or the tier down",
