@@ -102,3 +102,30 @@ def test_a_slot_generation_changes_before_the_slot_can_be_written_again():
     del word
     pool.close()
     again.release()  # a late release after close must not crash
+
+
+@pytest.mark.parametrize("madvise_works", [True, False])
+def test_prefault_keeps_the_arena_contents(monkeypatch, madvise_works):
+    arena = AnonymousArena(3 * 4096 + 100)
+    view = arena.view()
+    view[0:5] = b"hello"
+    view[-3:] = b"end"
+    if not madvise_works:  # the fallback of kernels without MADV_POPULATE_WRITE
+
+        def refuse(*a):
+            raise OSError("EINVAL")
+
+        monkeypatch.setattr(arena, "_mmap", _NoMadvise(arena._mmap, refuse))
+    arena.prefault()
+    assert bytes(view[0:5]) == b"hello" and bytes(view[-3:]) == b"end"
+    assert bytes(view[5:-3]) == bytes(len(view) - 8)
+    del view
+    arena.close()
+
+
+class _NoMadvise:
+    def __init__(self, mm, madvise):
+        self._mm, self.madvise = mm, madvise
+
+    def __getattr__(self, name):
+        return getattr(self._mm, name)

@@ -39,6 +39,26 @@ class Arena(ABC):
     def close(self) -> None:
         """Release the memory. Views taken earlier must no longer be used."""
 
+    def prefault(self) -> None:
+        """Make every page resident now, keeping the contents.
+
+        Why: memory that another process or a NIC writes into (a transport's
+        reads into this arena) must not fault page by page under the copy.
+        Measured with NIXL over UCX shared memory: reads into never-touched
+        pages ran at 0.08-1.8 GB/s, into resident ones at 2.3-3.3 GB/s; inside
+        vLLM a 250 MB pull took 1.9 s. Pinned arenas are resident already.
+        """
+        if self.pinned:
+            return
+        view = self.view()
+        for off in range(0, self.size, PAGE):  # read and write back one byte per page
+            view[off] = view[off]
+
+
+PAGE = 4096
+#: Linux 5.14+: fault pages in writable without touching their contents.
+MADV_POPULATE_WRITE = 23
+
 
 class AnonymousArena(Arena):
     """Anonymous private memory from ``mmap``; huge pages advised where available."""
@@ -63,6 +83,14 @@ class AnonymousArena(Arena):
     @property
     def size(self) -> int:
         return self._size
+
+    def prefault(self) -> None:
+        if self._mmap is None:
+            raise ValueError("arena is closed")
+        try:
+            self._mmap.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # older kernels: touch each page instead
+            super().prefault()
 
     @property
     def address(self) -> int:

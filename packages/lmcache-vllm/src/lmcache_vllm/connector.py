@@ -26,6 +26,7 @@ the request would be wrong); a store that fails is logged and skipped.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -299,6 +300,7 @@ class WorkerSide:
             return
         bs = self.block_size
         for spec in meta.loads:
+            t0 = time.perf_counter()
             got = self.engine.retrieve(
                 spec.prompt.prompt(),
                 self.kv(spec.block_ids),
@@ -307,6 +309,14 @@ class WorkerSide:
                 pin_owner=spec.req_id,
             )
             self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
+            if got > spec.load_from:
+                logger.info(
+                    "lmcache: loaded tokens [%d, %d) of %s in %.1f ms",
+                    spec.load_from,
+                    got,
+                    spec.req_id,
+                    (time.perf_counter() - t0) * 1e3,
+                )
             if got < spec.load_until:
                 first_bad = max(spec.load_from, got) // bs
                 last = -(-spec.load_until // bs)

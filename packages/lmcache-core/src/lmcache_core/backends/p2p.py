@@ -190,6 +190,7 @@ class P2PBackend(StorageBackend):
         self.verify_checksums = verify_checksums
         self._lo = pool.arena.address
         self._hi = self._lo + pool.arena.size
+        pool.arena.prefault()  # peers' reads into unfaulted pages crawl (see Arena.prefault)
         transport.register(pool.arena)
         transport.register(pool.generation_arena)  # peers read our words after our bytes
         # Where the words we read from peers land; replaced if a read of them times out.
