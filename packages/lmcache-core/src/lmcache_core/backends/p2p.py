@@ -29,7 +29,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
@@ -117,6 +117,8 @@ class PeerIndex:
         if cluster:
             raise ConfigError(["p2p_index_url: use one Redis/Valkey server, not a cluster"])
         self.client = redis.Redis.from_url(real, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._redis = redis
+        self._script: Any = None  # the registered lookup script; False: the server refuses them
         self.prefix = prefix
         self.peer_ttl_ms = int(peer_ttl_s * 1000)
 
@@ -141,6 +143,45 @@ class PeerIndex:
     def lookup(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
         raw = self.client.mget([self._chunk(k) for k in keys])
         return [Entry.decode(r) if r is not None else None for r in raw]
+
+    #: Entries of KEYS and the records of their owners, in one round trip.
+    _LOOKUP_WITH_PEERS = """
+    local entries = redis.call('MGET', unpack(KEYS))
+    local names, seen = {}, {}
+    for _, v in ipairs(entries) do
+      if v then
+        local p = string.match(v, '^([^|]*)|')
+        if p and p ~= ARGV[2] and not seen[p] then seen[p] = true; table.insert(names, p) end
+      end
+    end
+    local records = {}
+    for i, p in ipairs(names) do records[i] = redis.call('GET', ARGV[1] .. p) end
+    return {entries, names, records}
+    """
+
+    def lookup_with_peers(
+        self, keys: Sequence[CacheKey], *, exclude: str = ""
+    ) -> tuple[list[Entry | None], dict[str, bytes | None]]:
+        """``lookup``, and ``peers`` of the owners found but ``exclude``, in one round trip.
+
+        A server that refuses scripts (some managed offerings) gets two round trips.
+        """
+        if not keys:
+            return [], {}
+        if self._script is not False:
+            try:
+                if self._script is None:
+                    self._script = self.client.register_script(self._LOOKUP_WITH_PEERS)
+                raw, names, records = self._script(
+                    keys=[self._chunk(k) for k in keys], args=[f"{self.prefix}peer:", exclude]
+                )
+                entries = [Entry.decode(r) if r is not None else None for r in raw]
+                return entries, {n.decode(): r for n, r in zip(names, records)}
+            except self._redis.exceptions.ResponseError as e:
+                logger.warning("p2p index: scripts refused (%s); using two round trips", e)
+                self._script = False
+        entries = self.lookup(keys)
+        return entries, self.peers([e.peer for e in entries if e is not None and e.peer != exclude])
 
     def publish(self, items: Sequence[tuple[CacheKey, Entry]]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -262,9 +303,8 @@ class P2PBackend(StorageBackend):
         self, keys: Sequence[CacheKey]
     ) -> tuple[list[Entry | None], dict[str, bytes | None]]:
         """Entries of ``keys`` whose owner is alive (else None), and the owners' metadata."""
-        entries = self.index.lookup(keys)
         me = self.transport.peer_id
-        peers = self.index.peers([e.peer for e in entries if e is not None and e.peer != me])
+        entries, peers = self.index.lookup_with_peers(keys, exclude=me)
         dead = []
         out: list[Entry | None] = []
         for key, e in zip(keys, entries):
