@@ -406,7 +406,12 @@ class P2PBackend(StorageBackend):
         else:
             self.transport.read(peer, pairs, timeout=self.timeout_s)
             hashed = [True] * len(chunks)
-        current = self._read_generations(peer, [entries[i] for i, _ in chunks])
+        try:
+            current = self._read_generations(peer, [entries[i] for i, _ in chunks])
+        except TransportError as err:
+            # Only the word buffer (already set aside) can still be written: the
+            # chunks' own reads completed, so their slots may be reused.
+            raise TransportError(str(err), in_flight=False) from None
         nbytes = 0
         for (i, c), ok, gen in zip(chunks, hashed, current):
             e = entries[i]
