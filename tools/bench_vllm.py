@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lmcache_core.testing.servers import free_port
 from lmcache_core.workload import OpenAIClient, long_doc_qa, scrape_metrics
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,12 +37,6 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("nixl")
 pytestmark = pytest.mark.slow
 
-from lmcache_core.testing.servers import RedisServer  # noqa: E402
+from lmcache_core.testing.servers import RedisServer, free_port  # noqa: E402
 from lmcache_core.workload import scrape_metrics  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -51,7 +44,7 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> 
 def vllm_server(
     model: Path, role: str | None, env: dict[str, str], log: Path, dtype: str = "bfloat16"
 ):
-    port = _port()
+    port = free_port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager",
@@ -109,7 +102,7 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
     with RedisServer() as redis:
         p2p = {"LMCACHE_ENABLE_P2P": "true", "LMCACHE_P2P_INDEX_URL": redis.url}
         prefill_env = {**base_env, **p2p, "LMCACHE_SOCKET_DIR": tempfile.mkdtemp(prefix="p-")}
-        decode_metrics = _port()
+        decode_metrics = free_port()
         decode_env = {
             **base_env,
             **p2p,
@@ -120,7 +113,7 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
             vllm_server(peaked_model, "kv_producer", prefill_env, tmp_path / "p.log") as p_port,
             vllm_server(peaked_model, "kv_consumer", decode_env, tmp_path / "d.log") as d_port,
         ):
-            router_port = _port()
+            router_port = free_port()
             router = subprocess.Popen(
                 [sys.executable, "-m", "lmcache_vllm.pd_router",
                  "--prefill", f"http://127.0.0.1:{p_port}",

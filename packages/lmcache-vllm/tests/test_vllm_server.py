@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,7 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lmcache_core.testing.servers import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def server(tiny_model, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("vllm-server")
     import tempfile
 
-    port, metrics_port = _port(), _port()
+    port, metrics_port = free_port(), free_port()
     sockets = tempfile.mkdtemp(prefix="lmc-")  # short: Unix socket paths are limited
     env = {
         **os.environ,
