@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmcache_core.errors import TokenError
-from lmcache_core.keys import CacheKey, KeyNamespace, TokenChunker
+from lmcache_core.keys import CacheKey, KeyNamespace, MultimodalItem, TokenChunker
 from lmcache_core.layout import KVLayout
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_keys.json").read_text())
@@ -39,7 +39,11 @@ def _keys(case):
         case["hash_algorithm"],
     )
     prompt = TokenChunker(case["chunk_size"], case["hash_algorithm"]).chunk(
-        _tokens(case), cache_salt=case["cache_salt"], partial_multiple=case["partial_multiple"]
+        _tokens(case),
+        cache_salt=case["cache_salt"],
+        adapter=case.get("adapter"),
+        mm_items=[MultimodalItem(**m) for m in case.get("mm_items", [])],
+        partial_multiple=case["partial_multiple"],
     )
     return ns, prompt
 
@@ -55,14 +59,102 @@ def test_golden_key_vectors(case):
     assert got == case["expected"]
 
 
-def test_scheme_v1_is_what_the_docs_say():
-    """Recompute the first golden key from the written definition, with hashlib alone."""
-    case = GOLDEN["cases"][0]
+def _field(text):
+    raw = (text or "").encode()
+    return len(raw).to_bytes(4, "little") + raw
+
+
+def _spec_keys(case):
+    """The keys of a golden case from the written definition of scheme v2, with hashlib alone."""
     tokens = _tokens(case)
-    seed = b"lmcache-key\x00v1\x00" + b"sha256" + b"\x00" + (0).to_bytes(4, "little")
-    body = b"".join(t.to_bytes(4, "little") for t in tokens[:256])
-    prefix = hashlib.sha256(seed + body).hexdigest()
-    assert case["expected"][0]["key"] == f"v1-{case['namespace_digest']}-{prefix}"
+    c = case["chunk_size"]
+    seed = (
+        b"lmcache-key\x00v2\x00sha256\x00"
+        + _field(case["cache_salt"])
+        + _field(case.get("adapter"))
+    )
+    stream, keys = seed, []
+    for start in range(0, len(tokens), c):
+        chunk = tokens[start : start + c]
+        items = sorted(
+            (m for m in case.get("mm_items", []) if start <= m["offset"] < start + c),
+            key=lambda m: m["offset"],
+        )
+        stream += len(chunk).to_bytes(4, "little") + len(items).to_bytes(4, "little")
+        for m in items:
+            ident = m["identifier"].encode()
+            stream += m["offset"].to_bytes(8, "little") + m["length"].to_bytes(8, "little")
+            stream += len(ident).to_bytes(4, "little") + ident
+        stream += b"".join(t.to_bytes(4, "little") for t in chunk)
+        keys.append(f"v2-{case['namespace_digest']}-{hashlib.sha256(stream).hexdigest()}")
+    return keys
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama8b-flash-sha256", "salted", "lora-adapter", "multimodal", "salt-adapter-multimodal"],
+)
+def test_scheme_v2_is_what_the_docs_say(name):
+    case = next(c for c in GOLDEN["cases"] if c["name"] == name)
+    assert [e["key"] for e in case["expected"]] == _spec_keys(case)
+
+
+def test_adapter_and_multimodal_items_change_the_keys_they_reach():
+    chunker = TokenChunker(256)
+    toks = list(range(1000))
+    plain = chunker.chunk(toks).digests
+    # Another adapter: every key differs (the KV of every token depends on it).
+    lora_a = chunker.chunk(toks, adapter="a").digests
+    lora_b = chunker.chunk(toks, adapter="b").digests
+    assert len(set(plain) | set(lora_a) | set(lora_b)) == 3 * len(plain)
+    # Salt and adapter are separate fields: salt "a" is not adapter "a".
+    assert chunker.chunk(toks, cache_salt="a").digests != lora_a
+    # The same placeholder tokens with another image: keys differ from the
+    # chunk the image starts in, and text before it is still shared.
+    img1 = chunker.chunk(toks, mm_items=[MultimodalItem("hash-1", 600, 100)]).digests
+    img2 = chunker.chunk(toks, mm_items=[MultimodalItem("hash-2", 600, 100)]).digests
+    assert img1[:2] == img2[:2] == plain[:2]
+    assert img1[2] != img2[2] and img1[3] != img2[3] and img1[2] != plain[2]
+    # The same image at another place is other KV (positions are in the key).
+    moved = chunker.chunk(toks, mm_items=[MultimodalItem("hash-1", 610, 100)]).digests
+    assert moved[2] != img1[2]
+    # Items past the prompt (cut by max_tokens) do not change it.
+    cut = chunker.chunk(toks, max_tokens=512, mm_items=[MultimodalItem("h", 700, 10)])
+    assert cut.digests == plain[:2]
+    # The order items are given in does not matter.
+    two = [MultimodalItem("x", 10, 5), MultimodalItem("y", 20, 5)]
+    assert (
+        chunker.chunk(toks, mm_items=two).digests == chunker.chunk(toks, mm_items=two[::-1]).digests
+    )
+    with pytest.raises(TokenError, match="negative"):
+        chunker.chunk(toks, mm_items=[MultimodalItem("z", -1, 5)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a=st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    b=st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    items_a=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 5)), max_size=3),
+    items_b=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 5)), max_size=3),
+)
+def test_different_inputs_never_share_a_key(a, b, items_a, items_b):
+    """Token streams and item records can never be confused (every block is self-delimiting)."""
+    chunker = TokenChunker(8)
+
+    def digests(toks, items):
+        mm = [MultimodalItem(f"i{ln}", off, ln) for off, ln in items]
+        return chunker.chunk(toks, mm_items=mm).digests
+
+    def canon(toks, items):
+        return toks, sorted((o, ln) for o, ln in items if o < len(toks))
+
+    da, db = digests(a, items_a), digests(b, items_b)
+    for i, (x, y) in enumerate(zip(da, db)):
+        end = (i + 1) * 8
+        same = canon(a[:end], [m for m in items_a if m[0] < end]) == canon(
+            b[:end], [m for m in items_b if m[0] < end]
+        )
+        assert (x == y) == same
 
 
 def test_keys_are_stable_across_processes_and_hash_seeds(tmp_path):

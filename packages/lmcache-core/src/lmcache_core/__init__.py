@@ -20,7 +20,7 @@ from lmcache_core.errors import (
     UnsupportedCapabilityError,
 )
 from lmcache_core.eviction import EvictionPolicy
-from lmcache_core.keys import CacheKey, ChunkSpan, KeyNamespace, TokenChunker
+from lmcache_core.keys import CacheKey, ChunkSpan, KeyNamespace, MultimodalItem, TokenChunker
 from lmcache_core.layout import KVLayout, LayoutKind
 from lmcache_core.metrics import Metrics
 from lmcache_core.pool import Chunk, SlotPool
@@ -49,6 +49,7 @@ __all__ = [
     "LayoutKind",
     "LocalCPUBackend",
     "Metrics",
+    "MultimodalItem",
     "PluginNotFoundError",
     "SlotPool",
     "StorageBackend",

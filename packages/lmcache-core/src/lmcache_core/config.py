@@ -104,8 +104,13 @@ _NON_KEY_ENV = frozenset(
         "LMCACHE_USE_EXPERIMENTAL",
         "LMCACHE_REDIS_PASSWORD",
         "LMCACHE_REDIS_USERNAME",
+        "LMCACHE_AUTH_SECRET",
     }
 )
+
+
+#: Keys someone might write the deployment secret under; refused with the fix.
+_SECRET_KEYS = frozenset({"auth_secret", "secret", "lmcache_auth_secret"})
 
 
 # --------------------------------------------------------------------------- coercion
@@ -267,6 +272,18 @@ class CacheConfig:
         "also hash every chunk pulled from a peer (xxh3; costs both sides a pass over the "
         "bytes); slot reuse is caught without it by the slot's generation",
     )
+    auth_secret_file: str | None = _opt(
+        "opt_str",
+        None,
+        "file holding the deployment secret that authenticates shared tiers and the p2p index "
+        "(or set LMCACHE_AUTH_SECRET; never the secret itself in the config)",
+    )
+    remote_encryption: bool = _opt(
+        "bool",
+        False,
+        "encrypt frames on shared tiers (AES-256-GCM) so a reader of the store sees no KV; "
+        "needs the secret",
+    )
     metrics_port: int | None = _opt(
         "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
     )
@@ -309,6 +326,11 @@ class CacheConfig:
                     problems.append(str(e))
             elif key in LMCACHE_COMPAT_KEYS:
                 ignored.append(key)
+            elif key in _SECRET_KEYS:
+                problems.append(
+                    f"{key}: never put the secret in the cache config; set LMCACHE_AUTH_SECRET "
+                    "or auth_secret_file (a file only this service can read)"
+                )
             else:
                 problems.append(_unknown_key_message(key, list(fields)))
         if ignored:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmcache_core.arena import AnonymousArena, Arena
+from lmcache_core.auth import load_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
 from lmcache_core.backends.cpu import LocalCPUBackend
 from lmcache_core.config import CacheConfig
@@ -30,6 +31,7 @@ from lmcache_core.keys import (
     ChunkedPrompt,
     ChunkSpan,
     KeyNamespace,
+    MultimodalItem,
     TokenChunker,
     keys_for,
 )
@@ -94,7 +96,13 @@ class CacheEngine:
                     ]
                 ) from None
         self.pool = SlotPool(arena, slot_bytes)
-        self.context = BackendContext(layout=layout, pool=self.pool, metrics=self.metrics)
+        self.context = BackendContext(
+            layout=layout,
+            pool=self.pool,
+            metrics=self.metrics,
+            secret=load_secret(config),
+            namespace=self.namespace.digest,
+        )
         self.cpu: LocalCPUBackend | None = None
         self._demote_to: StorageBackend | None = None
         self._evict_listeners: list[Any] = []
@@ -138,6 +146,7 @@ class CacheEngine:
                     write_behind_bytes=config.write_behind_bytes if backend.write_behind else None,
                     base_backoff_s=config.tier_retry_backoff,
                     max_backoff_s=config.tier_retry_max_backoff,
+                    timeout_s=config.blocking_timeout_secs,
                 )
             )
         if self.cpu is not None and config.demote_on_evict:
@@ -184,12 +193,21 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ keys
 
-    def chunk(self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None) -> ChunkedPrompt:
+    def chunk(
+        self,
+        tokens: Sequence[int] | Any,
+        *,
+        cache_salt: str | None = None,
+        adapter: str | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
+    ) -> ChunkedPrompt:
         """The chunks of a prompt that the cache stores or looks up.
 
         The trailing partial chunk is included when ``save_unfull_chunk`` is
         set; for layouts that move whole blocks only it is cut to whole blocks.
-        A :class:`ChunkedPrompt` (hashed once, e.g. by a scheduler) is used as is.
+        A :class:`ChunkedPrompt` (hashed once, e.g. by a scheduler, with its
+        adapter and multimodal items) is used as is: every other method takes
+        one in place of ``tokens``.
         """
         if isinstance(tokens, ChunkedPrompt):
             if tokens.chunk_size != self.config.chunk_size:
@@ -201,6 +219,8 @@ class CacheEngine:
         return self.chunker.chunk(
             tokens,
             cache_salt=cache_salt,
+            adapter=adapter,
+            mm_items=mm_items,
             include_partial=self.config.save_unfull_chunk,
             partial_multiple=1 if self.layout.engine_neutral else self.layout.block_size,
         )
@@ -375,7 +395,7 @@ class CacheEngine:
                 spans = [s for s in spans if s.start < max_tokens]
             if not spans:
                 return 0
-            chunks = self._get_prefix(self.keys(spans))
+            chunks = self._get_prefix(self.keys(spans), spans)
             if not chunks:
                 return 0
             ios = [
@@ -414,7 +434,7 @@ class CacheEngine:
         how many leading chunks were written (0 on any failure: recompute).
         """
         self.metrics.inc("lmcache:num_retrieve_requests")
-        chunks = self._get_prefix(list(keys))
+        chunks = self._get_prefix(list(keys), spans)
         try:
             if not chunks:
                 return 0
@@ -433,8 +453,16 @@ class CacheEngine:
             for c in chunks:
                 c.release()
 
-    def _get_prefix(self, keys: list[CacheKey]) -> list[Chunk]:
-        """Chunks of the longest prefix of ``keys`` found in any tier (owned by the caller)."""
+    def _get_prefix(
+        self, keys: list[CacheKey], spans: Sequence[ChunkSpan] | None = None
+    ) -> list[Chunk]:
+        """Chunks of the longest prefix of ``keys`` found in any tier (owned by the caller).
+
+        With ``spans``, a chunk that does not hold exactly its span's tokens (a
+        short frame with a valid checksum, a peer's entry with another size) is
+        a miss: it is removed from the tier that gave it, so a fresh store can
+        replace it, and never promoted.
+        """
         n = len(keys)
         found: list[Chunk | None] = [None] * n
         m = 0
@@ -448,11 +476,18 @@ class CacheEngine:
                 self._tier_failed(tier, "get")
                 continue
             promote = []
+            misfits: list[CacheKey] = []
             for i, c in zip(idx, got):
+                if c is not None and spans is not None and not self._fits(c, spans[i]):
+                    misfits.append(keys[i])
+                    c.release()
+                    c = None
                 if c is not None:
                     found[i] = c
                     if tier is not self.cpu:
                         promote.append(c)
+            if misfits:
+                self._drop_misfits(tier, misfits)
             if promote and self.cpu is not None:
                 promoted = sum(self.cpu.put(promote))
                 self.metrics.inc("lmcache:num_promotions", promoted, tier=tier.name)
@@ -463,6 +498,23 @@ class CacheEngine:
             if c is not None:
                 c.release()
         return [c for c in found[:m] if c is not None]
+
+    def _fits(self, chunk: Chunk, span: ChunkSpan) -> bool:
+        return chunk.num_tokens == span.num_tokens and chunk.nbytes == self.layout.chunk_bytes(
+            span.num_tokens
+        )
+
+    def _drop_misfits(self, tier: StorageBackend, keys: list[CacheKey]) -> None:
+        logger.warning(
+            "tier %s returned %d chunks of the wrong size for their keys; removed",
+            tier.name,
+            len(keys),
+        )
+        self.metrics.inc("lmcache:num_corrupt_chunks", len(keys), tier=tier.name)
+        try:
+            tier.remove(keys)
+        except Exception:
+            self._tier_failed(tier, "remove")
 
     # ------------------------------------------------------------------ admin
 

@@ -1,16 +1,26 @@
 """Chunk keys: prefix-chained hashes of token ids inside a namespace.
 
-Key scheme v1 (pinned by golden vectors in the tests; changing it is a new
-scheme version, never an edit):
+Key scheme v2 (pinned by golden vectors in the tests; changing it is a new
+scheme version, never an edit). v1 keyed tokens and the salt only, so the
+same text under two LoRA adapters, or with two images behind identical
+placeholder tokens, shared KV; v2 keys everything that changes the KV:
 
 * token ids become little-endian uint32 bytes, once per request;
-* a running hash is seeded with ``b"lmcache-key\\x00v1\\x00" + algorithm + b"\\x00"``
-  followed by the 4-byte little-endian length of the UTF-8 ``cache_salt`` and
-  the salt itself (empty when there is none);
-* the prefix hash of a chunk ending at token ``end`` is the digest of the seed
-  followed by the bytes of tokens ``[0, end)``. It thus depends on every token
-  before it: a lookup walks chunks in order and stops at the first miss,
-  which yields the longest cached prefix;
+* a running hash is seeded with ``b"lmcache-key\\x00v2\\x00" + algorithm + b"\\x00"``
+  followed by two length-prefixed fields (4-byte little-endian length, then
+  UTF-8 bytes; empty when absent): the ``cache_salt`` and the ``adapter``
+  (the LoRA adapter's name, as vLLM's own block hashes use it);
+* chunk ``i`` adds a *block* to the running hash: ``u32 num_tokens``,
+  ``u32 num_items``, the multimodal items whose placeholder range starts in
+  this chunk (each ``u64 offset, u64 length, u32 len(identifier),
+  identifier``: the engine's content hash of the image/audio and where it
+  stands), then the chunk's token bytes. Every block is self-delimiting, so
+  two different inputs never give the same byte stream;
+* the prefix hash of chunk ``i`` is the digest after its block. It thus
+  depends on every token and item before it (an item is covered by every
+  chunk from the one it starts in): a lookup walks chunks in order and stops
+  at the first miss, which yields the longest cached prefix, and text before
+  an image is shared by prompts with other images;
 * a :class:`CacheKey` pairs that prefix hash with the 16-byte digest of a
   :class:`KeyNamespace` (model, KV layout fingerprint, chunk size,
   tensor-parallel world size and rank, scheme and algorithm), so KV of another
@@ -24,6 +34,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +44,10 @@ from typing import Any, NamedTuple
 from lmcache_core.errors import TokenError
 from lmcache_core.layout import KVLayout
 
-KEY_SCHEME_VERSION = 1
-_SEED_PREFIX = b"lmcache-key\x00v1\x00"
+KEY_SCHEME_VERSION = 2
+_SEED_PREFIX = b"lmcache-key\x00v2\x00"
+_BLOCK = struct.Struct("<II")  # tokens in the chunk, multimodal items starting in it
+_ITEM = struct.Struct("<QQI")  # offset, length, identifier length
 NAMESPACE_DIGEST_SIZE = 16
 
 
@@ -231,11 +244,47 @@ class ChunkedPrompt:
         return [CacheKey(ns + d) for d in self.digests]
 
 
-def _seed(algorithm: str, cache_salt: str | None) -> Any:
+class MultimodalItem(NamedTuple):
+    """A multimodal input of a prompt: the engine's hash of its content, and where it stands.
+
+    ``offset`` and ``length`` are the token range of its placeholder tokens
+    (vLLM's ``PlaceholderRange``); ``identifier`` is the content hash the
+    engine computed (vLLM's ``mm_hash``/``identifier``). Identical placeholder
+    tokens with another image give another identifier, so other keys.
+    """
+
+    identifier: str
+    offset: int
+    length: int
+
+
+def _field(text: str | None) -> bytes:
+    raw = (text or "").encode()
+    return len(raw).to_bytes(4, "little") + raw
+
+
+def _seed(algorithm: str, cache_salt: str | None, adapter: str | None = None) -> Any:
     h = _hasher(algorithm)
-    salt = (cache_salt or "").encode()
-    h.update(_SEED_PREFIX + algorithm.encode() + b"\x00" + len(salt).to_bytes(4, "little") + salt)
+    h.update(_SEED_PREFIX + algorithm.encode() + b"\x00" + _field(cache_salt) + _field(adapter))
     return h
+
+
+def _items_by_chunk(
+    items: Sequence[MultimodalItem], chunk_size: int, num_tokens: int
+) -> dict[int, bytes]:
+    """The encoded items of each chunk that one starts in (items past the prompt dropped)."""
+    out: dict[int, list[bytes]] = {}
+    for item in sorted(items, key=lambda m: (m.offset, m.length, m.identifier)):
+        offset, length = int(item.offset), int(item.length)
+        if offset < 0 or length < 0:
+            raise TokenError(f"multimodal item {item.identifier!r} has a negative offset or length")
+        if offset >= num_tokens:
+            continue
+        ident = str(item.identifier).encode()
+        out.setdefault(offset // chunk_size, []).append(
+            _ITEM.pack(offset, length, len(ident)) + ident
+        )
+    return {i: _BLOCK.pack(0, len(recs))[4:] + b"".join(recs) for i, recs in out.items()}
 
 
 class TokenChunker:
@@ -250,21 +299,26 @@ class TokenChunker:
             raise ValueError(f"chunk_size={chunk_size} must be positive")
         self.chunk_size = chunk_size
         self.hash_algorithm = hash_algorithm
-        self._unsalted = _seed(hash_algorithm, None)
+        self._plain = _seed(hash_algorithm, None)
+        self._full_header = struct.pack("<II", chunk_size, 0)
 
     def chunk(
         self,
         tokens: Sequence[int] | bytes | memoryview | Any,
         *,
         cache_salt: str | None = None,
+        adapter: str | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
         include_partial: bool = True,
         partial_multiple: int = 1,
         max_tokens: int | None = None,
     ) -> ChunkedPrompt:
         """Prefix hashes of the chunks of ``tokens`` (at most ``max_tokens`` of them).
 
-        The trailing partial chunk, if included, is cut to a multiple of
-        ``partial_multiple`` tokens (engines that move whole blocks only).
+        ``cache_salt`` (a tenant), ``adapter`` (a LoRA adapter's name) and
+        ``mm_items`` (multimodal inputs) change the KV, so they change every
+        key they reach. The trailing partial chunk, if included, is cut to a
+        multiple of ``partial_multiple`` tokens (engines that move whole blocks only).
         """
         data = token_bytes(tokens)
         n = data.nbytes // 4
@@ -273,15 +327,27 @@ class TokenChunker:
         if partial_multiple > 1:
             full = (n // self.chunk_size) * self.chunk_size
             n = full + ((n - full) // partial_multiple) * partial_multiple
-        h = self._unsalted.copy() if not cache_salt else _seed(self.hash_algorithm, cache_salt)
+        if cache_salt or adapter:
+            h = _seed(self.hash_algorithm, cache_salt, adapter)
+        else:
+            h = self._plain.copy()
+        items = _items_by_chunk(mm_items, self.chunk_size, n) if mm_items else {}
         step = self.chunk_size * 4
         full_bytes = (n // self.chunk_size) * step
         digests: list[bytes] = []
         append, update, digest = digests.append, h.update, h.digest
-        for off in range(0, full_bytes, step):
+        header = self._full_header
+        for i, off in enumerate(range(0, full_bytes, step)):
+            if items and i in items:
+                update(header[:4] + items[i])
+            else:
+                update(header)
             update(data[off : off + step])
             append(digest())
         if include_partial and n * 4 > full_bytes:
+            i = full_bytes // step
+            rest = n - full_bytes // 4
+            update(rest.to_bytes(4, "little") + items.get(i, b"\x00\x00\x00\x00"))
             update(data[full_bytes : n * 4])
             append(digest())
         else:
@@ -293,12 +359,19 @@ class TokenChunker:
         tokens: Sequence[int] | bytes | memoryview | Any,
         *,
         cache_salt: str | None = None,
+        adapter: str | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
         include_partial: bool = True,
         max_tokens: int | None = None,
     ) -> list[ChunkSpan]:
         """Chunk spans of ``tokens`` (at most ``max_tokens`` of them), in order."""
         return self.chunk(
-            tokens, cache_salt=cache_salt, include_partial=include_partial, max_tokens=max_tokens
+            tokens,
+            cache_salt=cache_salt,
+            adapter=adapter,
+            mm_items=mm_items,
+            include_partial=include_partial,
+            max_tokens=max_tokens,
         ).spans()
 
 

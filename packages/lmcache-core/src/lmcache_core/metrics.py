@@ -27,6 +27,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "lmcache:num_failures": ("counter", "Operations that failed and became misses"),
     "lmcache:num_expired_pins": ("counter", "Pins dropped because their owner left them behind"),
     "lmcache:num_corrupt_chunks": ("counter", "Chunks whose checksum failed on read (dropped)"),
+    "lmcache:num_forged_chunks": (
+        "counter",
+        "Values on a shared tier without a valid tag under this deployment's secret (dropped)",
+    ),
+    "lmcache:tier_authenticated": (
+        "gauge",
+        "1 when a shared tier authenticates what it reads, 0 when it runs without a secret",
+    ),
     "lmcache:num_stale_chunks": (
         "counter",
         "Chunks a peer had reused the slot of by the time they were pulled (misses)",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,8 +45,14 @@ class ManagedTier(StorageBackend):
         write_behind_bytes: int | None = None,
         base_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        timeout_s: float = 10.0,
     ) -> None:
         self.backend = backend
+        self.timeout_s = timeout_s
+        #: Keys removed while a write of theirs may still be in flight (the write
+        #: lock was not free in time): removed again once the write is done.
+        self._remove_after_write: set[CacheKey] = set()
+        self._remove_lock = threading.Lock()
         self.name = backend.name  # type: ignore[misc]
         self.metrics = metrics if metrics is not None else Metrics()
         self.read_health = TierHealth(
@@ -125,6 +132,12 @@ class ManagedTier(StorageBackend):
 
     def _write_batch(self, chunks: list[Chunk]) -> None:
         self._put_now(chunks)
+        if self._remove_after_write:
+            with self._remove_lock:
+                late = [c.key for c in chunks if c.key in self._remove_after_write]
+                self._remove_after_write.difference_update(late)
+            if late:
+                self._remove_now(late)
 
     def _put_now(self, chunks: Sequence[Chunk]) -> list[bool]:
         if not self.write_health.available("put"):
@@ -140,21 +153,42 @@ class ManagedTier(StorageBackend):
         return ok
 
     def remove(self, keys: Sequence[CacheKey]) -> int:
+        """Remove ``keys``, waiting at most ``timeout_s`` for a write in flight.
+
+        A chunk being written lands first, then goes. If the write hangs (a
+        hung server), the keys are removed now and again once it finishes, so
+        ``remove`` never blocks the engine longer than ``blocking_timeout_secs``.
+        """
         n = 0
+        locked = False
         if self.queue is not None:
             n += self.queue.cancel(keys)
-            self.queue.write_lock.acquire()  # a chunk being written lands first, then goes
+            locked = self.queue.write_lock.acquire(timeout=self.timeout_s)
+            if not locked:
+                logger.warning(
+                    "%s tier: a write is still in flight after %.1f s; removing now and again "
+                    "after it",
+                    self.name,
+                    self.timeout_s,
+                )
+                with self._remove_lock:
+                    self._remove_after_write.update(keys)
         try:
-            if self.write_health.available("remove"):
-                try:
-                    n += self.backend.remove(keys)
-                except Exception as e:
-                    self.write_health.failed("remove", e)
-                else:
-                    self.write_health.succeeded()
+            n += self._remove_now(keys)
         finally:
-            if self.queue is not None:
-                self.queue.write_lock.release()
+            if locked:
+                self.queue.write_lock.release()  # type: ignore[union-attr]
+        return n
+
+    def _remove_now(self, keys: Sequence[CacheKey]) -> int:
+        if not self.write_health.available("remove"):
+            return 0
+        try:
+            n = self.backend.remove(keys)
+        except Exception as e:
+            self.write_health.failed("remove", e)
+            return 0
+        self.write_health.succeeded()
         return n
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -67,6 +67,12 @@ class BackendContext:
     pool: SlotPool
     metrics: Metrics
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The deployment secret (``LMCACHE_AUTH_SECRET`` / ``auth_secret_file``), or None:
+    #: tiers others can write to authenticate what they read with it.
+    secret: bytes | None = None
+    #: The engine's key namespace digest: a tier shared by several namespaces
+    #: (one local disk for every tensor-parallel rank) keeps to its own.
+    namespace: bytes | None = None
 
 
 class StorageBackend(ABC):

@@ -20,6 +20,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from lmcache_core.backends.base import (
     ChunkAllocator,
     StorageBackend,
 )
-from lmcache_core.errors import ConfigError
+from lmcache_core.errors import ConfigError, LMCacheError
 from lmcache_core.eviction.base import EvictionPolicy
 from lmcache_core.eviction.lru import LRUPolicy
 from lmcache_core.keys import CacheKey
@@ -98,6 +99,50 @@ def write_atomically(
     os.replace(tmp, final)
 
 
+def _subdirs(path: Path) -> Iterator[Path]:
+    """Sub-folders of ``path``, never through a symlink."""
+    try:
+        with os.scandir(path) as it:
+            entries = [e for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for e in entries:
+        yield Path(e.path)
+
+
+def _files(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _writer_gone(tmp_name: str, me: int) -> bool:
+    """Whether the process that wrote ``.<name>.tmp-<pid>-<n>`` is gone (or was this one)."""
+    try:
+        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return True
+    if pid == me:
+        return True  # a crashed earlier life of a pid we reuse, or ours from before a fork
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, someone else's
+    return False
+
+
+def _unlink(path: Path) -> None:
+    """Delete a chunk file; something else in its place (a folder) is left and logged."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        logger.warning("disk tier: cannot delete %s (%s)", path, e.strerror)
+
+
 def ensure_writable_dir(path: Path, key: str, fix: str) -> None:
     """Create ``path`` if needed; a clear config error naming ``key`` if it is not writable."""
     try:
@@ -121,8 +166,15 @@ class LocalDiskBackend(StorageBackend):
         policy: EvictionPolicy | None = None,
         metrics: Metrics | None = None,
         io_threads: int = 4,
+        namespace: bytes | None = None,
+        max_chunk_bytes: int = 1 << 40,
     ) -> None:
         self.root = Path(root)
+        #: Only this namespace's folder is indexed and cleaned: tensor-parallel
+        #: ranks (and other models) sharing one ``local_disk`` never touch each
+        #: other's files. None: every namespace (tools that inspect a cache).
+        self.namespace = namespace
+        self.max_chunk_bytes = max_chunk_bytes
         self.io_threads = io_threads
         self._io: ThreadPoolExecutor | None = None
         ensure_writable_dir(self.root, "local_disk", "choose a writable path")
@@ -144,6 +196,8 @@ class LocalDiskBackend(StorageBackend):
             config.max_local_disk_size,
             serde=serde,
             metrics=context.metrics,
+            namespace=context.namespace,
+            max_chunk_bytes=context.pool.slot_bytes,
         )
 
     # ------------------------------------------------------------------ files
@@ -152,17 +206,47 @@ class LocalDiskBackend(StorageBackend):
         prefix = key.prefix.hex()
         return self.root / key.namespace.hex() / prefix[:2] / f"{key.hex()}{SUFFIX}"
 
+    def _namespace_dirs(self) -> Iterator[Path]:
+        if self.namespace is not None:
+            yield self.root / self.namespace.hex()
+            return
+        yield from _subdirs(self.root)
+
     def _rebuild_index(self) -> None:
+        """Index this namespace's chunk files, oldest first, and clear dead writers' temp files.
+
+        Nothing is followed through a symlink, a file too large to be a chunk
+        (a sparse 1 TiB file, another program's data) is deleted rather than
+        counted, and a temp file is deleted only when the process that wrote
+        it is gone (another process may be writing it now).
+        """
         found = []
-        for path in self.root.glob(f"*/*/*{SUFFIX}"):
-            try:
-                key = CacheKey.from_hex(path.name[: -len(SUFFIX)])
-                st = path.stat()
-            except (ValueError, OSError):
-                continue
-            found.append((st.st_mtime, key, max(0, st.st_size - HEADER_SIZE - len(key))))
-        for tmp in self.root.glob("*/*/.*.tmp*"):  # writes a crash cut short
-            tmp.unlink(missing_ok=True)
+        me = os.getpid()
+        for ns_dir in self._namespace_dirs():
+            for sub in _subdirs(ns_dir):
+                for entry in _files(sub):
+                    name = entry.name
+                    if name.startswith(".") and ".tmp" in name:
+                        if _writer_gone(name, me):
+                            _unlink(Path(entry.path))
+                        continue
+                    if not name.endswith(SUFFIX):
+                        continue
+                    try:
+                        key = CacheKey.from_hex(name[: -len(SUFFIX)])
+                        st = entry.stat(follow_symlinks=False)
+                    except (ValueError, OSError):
+                        continue
+                    nbytes = st.st_size - HEADER_SIZE - len(key)
+                    if nbytes > self.max_chunk_bytes or nbytes < 0:
+                        logger.warning(
+                            "disk tier: %s is %d bytes, not a chunk of this cache; deleted",
+                            entry.path,
+                            st.st_size,
+                        )
+                        _unlink(Path(entry.path))
+                        continue
+                    found.append((st.st_mtime, key, nbytes))
         for _, key, nbytes in sorted(found, key=lambda f: f[0]):
             self._index[key] = nbytes
             self.policy.on_insert(key)
@@ -183,7 +267,7 @@ class LocalDiskBackend(StorageBackend):
             return
         self.policy.on_remove(key)
         self._used -= nbytes
-        self._path(key).unlink(missing_ok=True)
+        _unlink(self._path(key))
 
     def _make_room(self, nbytes: int) -> bool:
         while self._used + nbytes > self.capacity:
@@ -192,7 +276,7 @@ class LocalDiskBackend(StorageBackend):
                 return False
             size = self._index.pop(victim)  # type: ignore[call-overload]
             self._used -= size
-            self._path(victim).unlink(missing_ok=True)  # type: ignore[arg-type]
+            _unlink(self._path(victim))  # type: ignore[arg-type]
             self.metrics.inc("lmcache:num_evictions", tier=self.name)
         return True
 
@@ -311,8 +395,10 @@ class LocalDiskBackend(StorageBackend):
     def _read(self, key: CacheKey, nbytes: int, allocator: ChunkAllocator) -> Chunk | None:
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:  # gone, or a symlink in a chunk's place
+            if not isinstance(e, FileNotFoundError):
+                self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
             with self._lock:
                 self._drop(key)
             return None
@@ -320,8 +406,13 @@ class LocalDiskBackend(StorageBackend):
         try:
             kb = key.to_bytes()
             hsize = HEADER_SIZE + len(kb)
-            if os.fstat(fd).st_size != hsize + nbytes and isinstance(self.serde, NaiveSerde):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SerdeError("not a regular file")
+            if st.st_size != hsize + nbytes and isinstance(self.serde, NaiveSerde):
                 raise SerdeError("file length does not match its index entry")
+            if nbytes > self.max_chunk_bytes:
+                raise SerdeError(f"{nbytes} bytes do not fit a chunk of {self.max_chunk_bytes}")
             # The payload goes straight into the chunk that will serve the engine.
             # (Header and payload in one preadv would save a syscall, but measured
             # at half the speed: the kernel copies to the misaligned destination slowly.)
@@ -338,11 +429,13 @@ class LocalDiskBackend(StorageBackend):
                 header.verify(chunk.view)
                 chunk.num_tokens = header.num_tokens
             else:
-                frame = Path(path).read_bytes()
+                if st.st_size > hsize + nbytes + nbytes // 64 + 4096:
+                    raise SerdeError("file is larger than any frame of its chunk")
+                frame = os.pread(fd, st.st_size, 0)
                 chunk.num_tokens = self.serde.decode(frame, kb, chunk.view)
             self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
             return chunk
-        except (SerdeError, OSError) as e:
+        except (LMCacheError, OSError) as e:  # SerdeError, ChunkTooLargeError, I/O
             logger.warning("disk tier: chunk %s unreadable (%s); dropped", path.name, e)
             self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
             if chunk is not None:

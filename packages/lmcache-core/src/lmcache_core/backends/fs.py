@@ -13,14 +13,22 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
 from lmcache_core.backends.disk import ensure_writable_dir, write_atomically
-from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name
+from lmcache_core.backends.frame_store import (
+    FrameParts,
+    FrameStore,
+    Oversized,
+    check_serde_name,
+    sealer_for,
+)
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
 from lmcache_core.metrics import Metrics
@@ -55,8 +63,11 @@ class SharedFSBackend(FrameStore):
         serde: Serde | None = None,
         metrics: Metrics | None = None,
         max_chunk_bytes: int = 1 << 31,
+        sealer: FrameSealer | None = None,
     ) -> None:
-        super().__init__(serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes)
+        super().__init__(
+            serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes, sealer=sealer
+        )
         self.root = Path(root)
         ensure_writable_dir(self.root, "remote_url", "is the share mounted and writable?")
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
@@ -69,6 +80,7 @@ class SharedFSBackend(FrameStore):
             serde=check_serde_name(config.remote_serde),
             metrics=context.metrics,
             max_chunk_bytes=context.pool.slot_bytes,
+            sealer=sealer_for(config, context, cls.name),
         )
 
     def name_of(self, key: CacheKey) -> str:
@@ -84,14 +96,34 @@ class SharedFSBackend(FrameStore):
         except ValueError:
             return None
 
-    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
-        out: list[bytes | memoryview | None] = []
-        for name in names:
-            try:
-                out.append((self.root / name).read_bytes())
-            except FileNotFoundError:
-                out.append(None)
-        return out
+    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
+        return [self._read_one(self.root / name, limit) for name in names]
+
+    @staticmethod
+    def _read_one(path: Path, limit: int) -> bytes | Oversized | None:
+        """The file's bytes, its size checked before one is read; never through a symlink."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return b""  # a symlink or worse in a chunk's place: unusable, and deleted
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return b""
+            if st.st_size > limit:
+                return Oversized(st.st_size)
+            buf = bytearray(st.st_size)
+            view, got = memoryview(buf), 0
+            while got < st.st_size:
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    break  # truncated meanwhile: the frame check will refuse it
+                got += n
+            return bytes(buf[:got]) if got < st.st_size else bytes(buf)
+        finally:
+            os.close(fd)
 
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
         for name, parts in items:

@@ -30,8 +30,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse, urlunparse
 
+from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name, frame_bytes
+from lmcache_core.backends.frame_store import (
+    FrameParts,
+    FrameStore,
+    Oversized,
+    check_serde_name,
+    frame_bytes,
+    sealer_for,
+)
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -98,13 +106,18 @@ class RedisBackend(FrameStore):
         serde: Serde | None = None,
         metrics: Metrics | None = None,
         max_chunk_bytes: int = 1 << 31,
+        sealer: FrameSealer | None = None,
         key_prefix: str = "lmcache:",
         ttl_s: float | None = None,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 2.0,
     ) -> None:
         super().__init__(
-            serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes, name_prefix=key_prefix
+            serde=serde,
+            metrics=metrics,
+            max_chunk_bytes=max_chunk_bytes,
+            name_prefix=key_prefix,
+            sealer=sealer,
         )
         redis = self._redis = _import_redis()
         real_url, self.cluster = client_url(url)
@@ -136,6 +149,7 @@ class RedisBackend(FrameStore):
             serde=check_serde_name(config.remote_serde),
             metrics=context.metrics,
             max_chunk_bytes=context.pool.slot_bytes,
+            sealer=sealer_for(config, context, cls.name),
             key_prefix=str(extra.get("redis_key_prefix", "lmcache:")),
             ttl_s=float(extra["redis_ttl"]) if extra.get("redis_ttl") else None,
             timeout_s=config.blocking_timeout_secs,
@@ -144,10 +158,21 @@ class RedisBackend(FrameStore):
 
     # ------------------------------------------------------------------ moving frames
 
-    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
-        if self.cluster:
-            return self.client.mget_nonatomic(names)
-        return self.client.mget(names)
+    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
+        # GETRANGE 0..limit reads at most limit + 1 bytes of any value: one more
+        # than a frame can be tells an oversized value without reading it all.
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.getrange(name, 0, limit)
+        out: list[bytes | memoryview | Oversized | None] = []
+        for value in pipe.execute():
+            if not value:
+                out.append(None)  # GETRANGE answers "" for a missing name
+            elif len(value) > limit:
+                out.append(Oversized(len(value)))
+            else:
+                out.append(value)
+        return out
 
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
         # SET NX answers None when the name existed: the value there is the same content.

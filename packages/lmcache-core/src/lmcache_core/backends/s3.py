@@ -17,8 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.frame_store import FrameParts, FrameStore, check_serde_name, frame_bytes
+from lmcache_core.backends.frame_store import (
+    FrameParts,
+    FrameStore,
+    Oversized,
+    check_serde_name,
+    frame_bytes,
+    sealer_for,
+)
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -46,6 +54,7 @@ class S3Backend(FrameStore):
         serde: Serde | None = None,
         metrics: Metrics | None = None,
         max_chunk_bytes: int = 1 << 31,
+        sealer: FrameSealer | None = None,
         endpoint_url: str | None = None,
         max_concurrency: int = 16,
         timeout_s: float = 10.0,
@@ -53,7 +62,11 @@ class S3Backend(FrameStore):
     ) -> None:
         bucket, prefix = parse_s3_url(url)
         super().__init__(
-            serde=serde, metrics=metrics, max_chunk_bytes=max_chunk_bytes, name_prefix=prefix
+            serde=serde,
+            metrics=metrics,
+            max_chunk_bytes=max_chunk_bytes,
+            name_prefix=prefix,
+            sealer=sealer,
         )
         self.bucket = bucket
         if client is None:
@@ -87,6 +100,7 @@ class S3Backend(FrameStore):
             serde=check_serde_name(config.remote_serde),
             metrics=context.metrics,
             max_chunk_bytes=context.pool.slot_bytes,
+            sealer=sealer_for(config, context, cls.name),
             endpoint_url=extra.get("s3_endpoint_url"),
             max_concurrency=int(extra.get("s3_max_concurrency", 16)),
             timeout_s=config.blocking_timeout_secs,
@@ -96,7 +110,7 @@ class S3Backend(FrameStore):
         code = getattr(e, "response", {}).get("Error", {}).get("Code")
         return code in ("NoSuchKey", "404", "NotFound")
 
-    def _get_one(self, name: str) -> bytes | None:
+    def _get_one(self, name: str, limit: int) -> bytes | Oversized | None:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=name)
         except Exception as e:
@@ -105,14 +119,17 @@ class S3Backend(FrameStore):
             raise
         body = obj["Body"]
         try:
-            # Never trust the length: read at most one chunk and its header.
-            data = body.read(self.max_chunk_bytes + 4096)
+            size = int(obj.get("ContentLength") or 0)
+            if size > limit:
+                return Oversized(size)
+            # Never trust the length: read at most one byte more than a frame can be.
+            data = body.read(limit + 1)
         finally:
             body.close()
-        return data
+        return Oversized(len(data)) if len(data) > limit else data
 
-    def _read(self, names: list[str]) -> list[bytes | memoryview | None]:
-        return list(self._pool.map(self._get_one, names))
+    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
+        return list(self._pool.map(lambda n: self._get_one(n, limit), names))
 
     def _put_one(self, item: tuple[str, FrameParts]) -> bool:
         name, parts = item
