@@ -28,6 +28,13 @@ class TestLocalDiskBackend(StorageBackendTests):
     def make_backend(self, capacity_bytes, slot_bytes):
         return make_disk(capacity_bytes, slot_bytes)
 
+    def raw_get(self, backend, key):
+        path = backend._path(key)
+        return path.read_bytes() if path.exists() else None
+
+    def raw_set(self, backend, key, value):
+        backend._path(key).write_bytes(value)
+
 
 TestLocalDiskBackendStateful = backend_state_machine(make_disk, max_examples=30).TestCase
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 import redis as redis_py
+from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.redis import RedisBackend, client_url
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
@@ -54,6 +55,31 @@ class TestRedisBackend(StorageBackendTests):
 
     def make_backend(self, capacity_bytes, slot_bytes):
         return _unique_backend(self.url, max_chunk_bytes=slot_bytes)
+
+    def raw_get(self, backend, key):
+        return backend.client.get(backend.name_of(key))
+
+    def raw_set(self, backend, key, value):
+        backend.client.set(backend.name_of(key), value)
+
+
+SECRET = b"0123456789abcdef-test-secret"
+
+
+class TestRedisBackendAuthenticated(TestRedisBackend):
+    authenticated = True
+
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return _unique_backend(self.url, max_chunk_bytes=slot_bytes, sealer=FrameSealer(SECRET))
+
+
+class TestRedisBackendEncrypted(TestRedisBackend):
+    authenticated = True
+
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return _unique_backend(
+            self.url, max_chunk_bytes=slot_bytes, sealer=FrameSealer(SECRET, encrypt=True)
+        )
 
 
 TestRedisBackendStateful = backend_state_machine(

@@ -6,6 +6,7 @@ import tempfile
 import uuid
 
 import pytest
+from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.fs import SharedFSBackend, fs_path
 from lmcache_core.backends.s3 import S3Backend, parse_s3_url
 from lmcache_core.errors import ConfigError
@@ -51,14 +52,50 @@ def make_fs(capacity_bytes=0, slot_bytes=1 << 20, **kw) -> SharedFSBackend:
     return SharedFSBackend(tempfile.mkdtemp(prefix="lmcache-fs-"), max_chunk_bytes=slot_bytes, **kw)
 
 
+SECRET = b"0123456789abcdef-test-secret"
+
+
 class TestS3Backend(StorageBackendTests):
     def make_backend(self, capacity_bytes, slot_bytes):
         return make_s3(capacity_bytes, slot_bytes)
+
+    def raw_get(self, backend, key):
+        try:
+            obj = backend.client.get_object(Bucket=backend.bucket, Key=backend.name_of(key))
+        except Exception:
+            return None
+        return obj["Body"].read()
+
+    def raw_set(self, backend, key, value):
+        backend.client.put_object(Bucket=backend.bucket, Key=backend.name_of(key), Body=value)
+
+
+class TestS3BackendAuthenticated(TestS3Backend):
+    authenticated = True
+
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make_s3(capacity_bytes, slot_bytes, sealer=FrameSealer(SECRET))
 
 
 class TestSharedFSBackend(StorageBackendTests):
     def make_backend(self, capacity_bytes, slot_bytes):
         return make_fs(capacity_bytes, slot_bytes)
+
+    def raw_get(self, backend, key):
+        path = backend.root / backend.name_of(key)
+        return path.read_bytes() if path.exists() else None
+
+    def raw_set(self, backend, key, value):
+        path = backend.root / backend.name_of(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(value)
+
+
+class TestSharedFSBackendAuthenticated(TestSharedFSBackend):
+    authenticated = True
+
+    def make_backend(self, capacity_bytes, slot_bytes):
+        return make_fs(capacity_bytes, slot_bytes, sealer=FrameSealer(SECRET, encrypt=True))
 
 
 TestS3Stateful = backend_state_machine(make_s3, max_examples=10).TestCase

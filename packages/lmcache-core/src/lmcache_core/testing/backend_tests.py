@@ -10,13 +10,15 @@ import pytest
 
 from lmcache_core.backends.base import StorageBackend
 from lmcache_core.testing.chunks import ChunkFactory, chunk_payload, test_key
+from lmcache_core.testing.hostile_tests import HostileValueTests
 
 
-class StorageBackendTests:
+class StorageBackendTests(HostileValueTests):
     """Subclass as ``TestX(StorageBackendTests)`` and implement :meth:`make_backend`.
 
     Tests of optional capabilities skip themselves when the backend's
-    ``capabilities`` say it lacks them.
+    ``capabilities`` say it lacks them. Implement ``raw_get``/``raw_set`` too
+    and the hostile-value cases (:mod:`lmcache_core.testing.hostile_tests`) run.
     """
 
     #: Size of a full chunk in the tests.
