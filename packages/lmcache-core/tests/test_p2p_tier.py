@@ -11,11 +11,19 @@ import pytest
 
 pytest.importorskip("redis")
 
+from lmcache_core.auth import IndexSigner
 from lmcache_core.backends.p2p import Entry, P2PBackend, PeerIndex
+from lmcache_core.layout import KVLayout
 from lmcache_core.pool import SlotPool
 from lmcache_core.testing import test_key
 from lmcache_core.testing.servers import RedisServer
 from lmcache_core.transport import Transport, TransportError
+
+SECRET = b"p2p-test-secret-0123456789abcdef"
+#: 256 bytes a token: a chunk of 16 tokens is one 4096-byte slot.
+LAYOUT = KVLayout(
+    kind="vllm_flash", dtype="bfloat16", num_layers=1, num_kv_heads=2, head_size=32, block_size=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +45,21 @@ def entry(peer: str, n: int) -> Entry:
 
 def test_entries_round_trip_and_foreign_bytes_are_not_entries():
     e = Entry("a", 1, 2, 3, 4, 5, "ff")
-    d = Entry.decode(e.encode())
+    k = test_key(0)
+    d = Entry.decode(e.encode(k), k)
     assert d is not None and (d.peer, d.address, d.nbytes, d.num_tokens) == ("a", 1, 2, 3)
     assert (d.generation_address, d.generation, d.checksum) == (4, 5, "ff")
-    assert Entry.decode(b"a|1|2|3|ff") is None  # an older format: a miss, not a crash
-    assert Entry.decode(b"\xff\xfe") is None
+    assert Entry.decode(b"a|1|2|3|ff", k) is None  # an older format: a miss, not a crash
+    assert Entry.decode(b"\xff\xfe", k) is None
+    for bad in (b"a|-1|2|3|4|5|", b"|1|2|3|4|5|", b"a|1|0|3|4|5|", b"a|1|2|3|4|%d|" % (1 << 64)):
+        assert Entry.decode(bad, k) is None, bad
+    assert Entry.decode(b"\xff\xfe|1|2|3|4|5|", k) is None  # a non-UTF-8 owner
+    signer = IndexSigner(SECRET)
+    signed = e.encode(k, signer)
+    assert Entry.decode(signed, k, signer) is not None
+    assert Entry.decode(signed, test_key(1), signer) is None  # copied under another key
+    assert Entry.decode(e.encode(k), k, signer) is None  # unsigned
+    assert Entry.decode(signed.replace(b"a|1|", b"a|9|"), k, signer) is None
 
 
 @pytest.mark.parametrize("scripted", [True, False])
@@ -109,10 +127,15 @@ def tiers(server):
     prefix = f"tier{id(object())}:"
     made = []
 
-    def make(name):
+    def make(name, secret=None, transport=None):
         pool = SlotPool.anonymous(4 * 4096, 4096)
+        signer = IndexSigner(secret) if secret else None
         backend = P2PBackend(
-            LoopbackTransport(name), PeerIndex(server.url, prefix=prefix), pool, timeout_s=1
+            transport or LoopbackTransport(name),
+            PeerIndex(server.url, prefix=prefix, signer=signer),
+            pool,
+            timeout_s=1,
+            layout=LAYOUT,
         )
         made.append((backend, pool))
         return backend, pool
@@ -161,3 +184,118 @@ def test_a_reused_slot_is_stale_and_a_word_read_timeout_frees_the_pulled_slots(t
     assert got[0] is not None and bytes(got[0].view) == bytes([0xB2]) * 4096
     got[0].release()
     b.release()
+
+
+# --------------------------------------------------------------------------- hostile index values
+
+
+def _raw_entry(index: PeerIndex, key) -> bytes:
+    return index.client.get(index._chunk(key))
+
+
+def _set_raw(index: PeerIndex, key, value: bytes) -> None:
+    index.client.set(index._chunk(key), value)
+
+
+def _pull(reader, pool, key):
+    (c,) = reader.get([key], pool.allocate)
+    if c is None:
+        return None
+    data = bytes(c.view)
+    c.release()
+    return data
+
+
+def test_copied_entries_serve_another_tenants_kv_only_without_the_secret(tiers):
+    """Tenant B's key pointing at tenant A's chunk: a hit without the secret, a miss with it."""
+    for secret in (None, SECRET):
+        owner, opool = tiers(f"owner-{bool(secret)}", secret)
+        reader, rpool = tiers(f"reader-{bool(secret)}", secret)
+        a = _stored(opool, test_key(10), 0xAA)
+        owner.put([a])
+        _set_raw(owner.index, test_key(11), _raw_entry(owner.index, test_key(10)))
+        got = _pull(reader, rpool, test_key(11))
+        if secret is None:
+            assert got == bytes([0xAA]) * 4096  # what an unauthenticated index allows
+        else:
+            assert got is None
+            assert reader.metrics.get("lmcache:num_forged_chunks", tier="p2p") == 1
+            assert _pull(reader, rpool, test_key(10)) == bytes([0xAA]) * 4096
+        assert rpool.free_slots == rpool.num_slots
+        a.release()
+
+
+def test_entry_pointed_at_other_memory_is_refused_with_the_secret(tiers):
+    owner, opool = tiers("owner", SECRET)
+    reader, rpool = tiers("reader", SECRET)
+    a, b = _stored(opool, test_key(1), 0x11), _stored(opool, test_key(2), 0x22)
+    owner.put([a, b])
+    raw = _raw_entry(owner.index, test_key(1)).split(b"|")
+    raw[1] = str(b.address).encode()  # same checksum field, other chunk's address
+    _set_raw(owner.index, test_key(1), b"|".join(raw))
+    assert _pull(reader, rpool, test_key(1)) is None
+    assert reader.metrics.get("lmcache:num_forged_chunks", tier="p2p") == 1
+    a.release()
+    b.release()
+
+
+class RaisingTransport(LoopbackTransport):
+    """What NIXL does with an address outside the peer's registration: a RuntimeError."""
+
+    def read(self, peer, pairs, *, timeout):
+        if any(r.address >= 1 << 62 for _, r in pairs):
+            raise RuntimeError("NIXL_ERR_INVALID_PARAM")
+        super().read(peer, pairs, timeout=timeout)
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["plain", "authenticated"])
+def test_malformed_entries_are_misses_never_errors_or_leaks(tiers, secret):
+    owner, opool = tiers("owner", secret)
+    reader, rpool = tiers("reader", secret, RaisingTransport("reader"))
+    good = _stored(opool, test_key(1), 0x33)
+    owner.put([good])
+    ok_raw = _raw_entry(owner.index, test_key(1))
+    fields = ok_raw.split(b"|")
+    cases = {
+        2: b"owner|-4096|4096|16|0|0|",  # a negative address
+        3: b"\xff\xfeowner|4096|4096|16|0|0|",  # a non-UTF-8 owner
+        4: b"|".join([fields[0], fields[1], b"2048", b"16", *fields[4:]]),  # short for its tokens
+        5: b"|".join([fields[0], str(1 << 62).encode(), *fields[2:]]),  # far outside the arena
+    }
+    for k, v in cases.items():
+        _set_raw(owner.index, test_key(k), v)
+    keys = [test_key(i) for i in (2, 3, 1, 4)]
+    for _ in range(3):  # repeated: nothing leaks, the tier stays usable
+        got = reader.get(keys, rpool.allocate)
+        assert [c is not None for c in got] == [False, False, True, False]
+        assert bytes(got[2].view) == bytes([0x33]) * 4096
+        got[2].release()
+        assert rpool.free_slots == rpool.num_slots
+    assert reader.contains(keys) == [False, False, True, False]
+    # An address the transport refuses fails its whole batch (without the secret
+    # the reader cannot tell it from a good one before reading): misses, no leak.
+    got = reader.get([test_key(5), test_key(1)], rpool.allocate)
+    hit = got[1] is not None
+    assert got[0] is None and hit == (secret is not None)
+    if hit:
+        got[1].release()
+    assert rpool.free_slots == rpool.num_slots
+    assert _pull(reader, rpool, test_key(1)) == bytes([0x33]) * 4096
+    good.release()
+
+
+def test_forged_peer_record_is_never_read_from(tiers):
+    """A record of "owner" carrying "evil"'s metadata: with the secret its tag fails; without
+    it, the transport names another peer than the entry, and nothing is read."""
+    for secret in (None, SECRET):
+        owner, opool = tiers(f"o-{bool(secret)}", secret)
+        reader, rpool = tiers(f"r-{bool(secret)}", secret)
+        c = _stored(opool, test_key(1), 0x44)
+        owner.put([c])
+        owner._stop.set()  # no heartbeat restores the record meanwhile
+        owner._heartbeat.join(5)
+        reader.index.client.set(reader.index._peer(f"o-{bool(secret)}"), b"evil")
+        assert _pull(reader, rpool, test_key(1)) is None
+        assert reader.metrics.get("lmcache:num_forged_chunks", tier="p2p") >= 1
+        assert rpool.free_slots == rpool.num_slots
+        c.release()

@@ -29,17 +29,21 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from lmcache_core.arena import AnonymousArena
+from lmcache_core.auth import IndexSigner, warn_unauthenticated
 from lmcache_core.backends.base import (
     BackendCapabilities,
     BackendContext,
     ChunkAllocator,
     StorageBackend,
 )
+from lmcache_core.backends.p2p_index import Entry, PeerIndex
+
+__all__ = ["Entry", "P2PBackend", "PeerIndex"]
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
 from lmcache_core.metrics import Metrics
@@ -48,156 +52,14 @@ from lmcache_core.transport import Region, Transport, TransportError
 
 if TYPE_CHECKING:
     from lmcache_core.config import CacheConfig
+    from lmcache_core.layout import KVLayout
     from lmcache_core.pool import Chunk, SlotPool
 
 logger = logging.getLogger(__name__)
 
 
-class Entry:
-    """Where a chunk lives: owner, address in its arena, sizes, its slot's generation word.
-
-    ``checksum`` is the xxh3 of the bytes when the owner runs with
-    ``p2p_verify_checksums``, else empty.
-    """
-
-    __slots__ = (
-        "address",
-        "checksum",
-        "generation",
-        "generation_address",
-        "nbytes",
-        "num_tokens",
-        "peer",
-    )
-
-    def __init__(
-        self,
-        peer: str,
-        address: int,
-        nbytes: int,
-        num_tokens: int,
-        generation_address: int,
-        generation: int,
-        checksum: str = "",
-    ):
-        self.peer, self.address, self.nbytes = peer, address, nbytes
-        self.num_tokens = num_tokens
-        self.generation_address, self.generation = generation_address, generation
-        self.checksum = checksum
-
-    def encode(self) -> bytes:
-        return (
-            f"{self.peer}|{self.address}|{self.nbytes}|{self.num_tokens}|"
-            f"{self.generation_address}|{self.generation}|{self.checksum}"
-        ).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Entry | None:
-        """The entry, or None for bytes that are not one (another version's, garbage)."""
-        try:
-            peer, addr, nbytes, ntok, gaddr, gen, checksum = raw.decode().split("|")
-            return cls(peer, int(addr), int(nbytes), int(ntok), int(gaddr), int(gen), checksum)
-        except (ValueError, UnicodeDecodeError):
-            return None
-
-
-class PeerIndex:
-    """The cluster-wide index, on Redis/Valkey."""
-
-    def __init__(self, url: str, *, prefix: str = "lmcache:p2p:", peer_ttl_s: float = 10.0):
-        try:
-            import redis
-        except ImportError:
-            raise ConfigError(
-                ["p2p_index_url needs the redis client: pip install 'lmcache[redis]'"]
-            ) from None
-        from lmcache_core.backends.redis import client_url
-
-        real, cluster = client_url(url)
-        if cluster:
-            raise ConfigError(["p2p_index_url: use one Redis/Valkey server, not a cluster"])
-        self.client = redis.Redis.from_url(real, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self._redis = redis
-        self._script: Any = None  # the registered lookup script; False: the server refuses them
-        self.prefix = prefix
-        self.peer_ttl_ms = int(peer_ttl_s * 1000)
-
-    def _chunk(self, key: CacheKey) -> str:
-        return f"{self.prefix}chunk:{key.hex()}"
-
-    def _peer(self, peer: str) -> str:
-        return f"{self.prefix}peer:{peer}"
-
-    def announce(self, peer: str, metadata: bytes) -> None:
-        self.client.set(self._peer(peer), metadata, px=self.peer_ttl_ms)
-
-    def retire(self, peer: str) -> None:
-        self.client.delete(self._peer(peer))
-
-    def peers(self, peers: Sequence[str]) -> dict[str, bytes | None]:
-        names = list(dict.fromkeys(peers))
-        if not names:
-            return {}
-        return dict(zip(names, self.client.mget([self._peer(p) for p in names])))
-
-    def lookup(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
-        raw = self.client.mget([self._chunk(k) for k in keys])
-        return [Entry.decode(r) if r is not None else None for r in raw]
-
-    #: Entries of KEYS and the records of their owners, in one round trip.
-    _LOOKUP_WITH_PEERS = """
-    local entries = redis.call('MGET', unpack(KEYS))
-    local names, seen = {}, {}
-    for _, v in ipairs(entries) do
-      if v then
-        local p = string.match(v, '^([^|]*)|')
-        if p and p ~= ARGV[2] and not seen[p] then seen[p] = true; table.insert(names, p) end
-      end
-    end
-    local records = {}
-    for i, p in ipairs(names) do records[i] = redis.call('GET', ARGV[1] .. p) end
-    return {entries, names, records}
-    """
-
-    def lookup_with_peers(
-        self, keys: Sequence[CacheKey], *, exclude: str = ""
-    ) -> tuple[list[Entry | None], dict[str, bytes | None]]:
-        """``lookup``, and ``peers`` of the owners found but ``exclude``, in one round trip.
-
-        A server that refuses scripts (some managed offerings) gets two round trips.
-        """
-        if not keys:
-            return [], {}
-        if self._script is not False:
-            try:
-                if self._script is None:
-                    self._script = self.client.register_script(self._LOOKUP_WITH_PEERS)
-                raw, names, records = self._script(
-                    keys=[self._chunk(k) for k in keys], args=[f"{self.prefix}peer:", exclude]
-                )
-                entries = [Entry.decode(r) if r is not None else None for r in raw]
-                return entries, {n.decode(): r for n, r in zip(names, records)}
-            except self._redis.exceptions.ResponseError as e:
-                logger.warning("p2p index: scripts refused (%s); using two round trips", e)
-                self._script = False
-        entries = self.lookup(keys)
-        return entries, self.peers([e.peer for e in entries if e is not None and e.peer != exclude])
-
-    def publish(self, items: Sequence[tuple[CacheKey, Entry]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for key, entry in items:
-            pipe.set(self._chunk(key), entry.encode())
-        pipe.execute()
-
-    def unpublish(self, keys: Sequence[CacheKey], owner: str) -> int:
-        """Delete entries of ``keys`` that ``owner`` still holds (not newer owners')."""
-        entries = self.lookup(keys)
-        mine = [self._chunk(k) for k, e in zip(keys, entries) if e is not None and e.peer == owner]
-        return int(self.client.delete(*mine)) if mine else 0
-
-    def drop(self, keys: Sequence[CacheKey]) -> None:
-        if keys:
-            self.client.delete(*[self._chunk(k) for k in keys])
+class _WrongPeer(Exception):
+    """A peer record whose metadata connects to another process."""
 
 
 class P2PBackend(StorageBackend):
@@ -222,7 +84,9 @@ class P2PBackend(StorageBackend):
         metrics: Metrics | None = None,
         timeout_s: float = 5.0,
         verify_checksums: bool = False,
+        layout: KVLayout | None = None,
     ) -> None:
+        self.layout = layout
         self.transport = transport
         self.index = index
         self.pool = pool
@@ -256,8 +120,12 @@ class P2PBackend(StorageBackend):
     def from_config(cls, config: CacheConfig, context: BackendContext) -> P2PBackend:
         if not config.p2p_index_url:
             raise ConfigError(["enable_p2p needs p2p_index_url, e.g. redis://index-host:6379"])
+        signer = IndexSigner(context.secret) if context.secret is not None else None
+        if signer is None:
+            warn_unauthenticated("p2p index")
+        context.metrics.set("lmcache:tier_authenticated", int(signer is not None), tier=cls.name)
         transport = load_plugin(TRANSPORTS, config.p2p_transport)()
-        index = PeerIndex(config.p2p_index_url, peer_ttl_s=config.p2p_peer_ttl)
+        index = PeerIndex(config.p2p_index_url, peer_ttl_s=config.p2p_peer_ttl, signer=signer)
         return cls(
             transport,
             index,
@@ -265,6 +133,7 @@ class P2PBackend(StorageBackend):
             metrics=context.metrics,
             timeout_s=config.blocking_timeout_secs,
             verify_checksums=config.p2p_verify_checksums,
+            layout=context.layout,
         )
 
     def _new_words_buffer(self) -> tuple[AnonymousArena, memoryview]:
@@ -305,6 +174,7 @@ class P2PBackend(StorageBackend):
         """Entries of ``keys`` whose owner is alive (else None), and the owners' metadata."""
         me = self.transport.peer_id
         entries, peers = self.index.lookup_with_peers(keys, exclude=me)
+        self._count_rejected()
         dead = []
         out: list[Entry | None] = []
         for key, e in zip(keys, entries):
@@ -320,10 +190,24 @@ class P2PBackend(StorageBackend):
             self.metrics.inc("lmcache:num_failures", len(dead), tier=self.name, op="dead_peer")
         return out, peers
 
+    def _count_rejected(self) -> None:
+        n, self.index.rejected = self.index.rejected, 0
+        if n:
+            logger.warning("p2p: %d index values failed their checks (forged or malformed)", n)
+            self.metrics.inc("lmcache:num_forged_chunks", n, tier=self.name)
+
+    def _usable(self, e: Entry) -> bool:
+        """An entry this reader can pull: its size is a chunk's, for its tokens, in this layout."""
+        if e.nbytes > self.pool.slot_bytes:
+            return False
+        if self.layout is not None and e.nbytes != self.layout.chunk_bytes(e.num_tokens):
+            return False
+        return not (self.verify_checksums and not e.checksum)
+
     def contains(self, keys: Sequence[CacheKey]) -> list[bool]:
         if not keys:
             return []
-        return [e is not None for e in self._live_entries(keys)[0]]
+        return [e is not None and self._usable(e) for e in self._live_entries(keys)[0]]
 
     def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
         out: list[Chunk | None] = [None] * len(keys)
@@ -331,11 +215,16 @@ class P2PBackend(StorageBackend):
             return out
         entries, metadata = self._live_entries(keys)
         by_peer: dict[str, list[int]] = {}
+        misfits = []
         for i, e in enumerate(entries):
-            if e is not None and e.nbytes <= self.pool.slot_bytes:
-                if self.verify_checksums and not e.checksum:
-                    continue  # the owner published no checksum: we cannot check what we pull
-                by_peer.setdefault(e.peer, []).append(i)
+            if e is None:
+                continue
+            if not self._usable(e):  # also: the owner published no checksum we could check
+                misfits.append(keys[i])
+                continue
+            by_peer.setdefault(e.peer, []).append(i)
+        if misfits:
+            self.metrics.inc("lmcache:num_corrupt_chunks", len(misfits), tier=self.name)
         for peer, idx in by_peer.items():
             md = metadata.get(peer)
             if md is None:
@@ -354,16 +243,24 @@ class P2PBackend(StorageBackend):
             corrupt: list[CacheKey] = []
             nbytes = 0
             try:
-                self.transport.connect(md)
+                named = self.transport.connect(md)
+                if named != peer:  # a record with another process's metadata
+                    raise _WrongPeer(f"record of {peer!r} names {named!r}")
                 nbytes = self._pull(peer, chunks, entries, keys, out, stale, corrupt)
-            except TransportError as err:
+            except Exception as err:  # any failure is a miss; nothing escapes to the engine
+                in_flight = isinstance(err, TransportError) and err.in_flight
                 logger.warning("p2p: reading %d chunks from %s failed: %s", len(chunks), peer, err)
                 self.metrics.inc("lmcache:num_failures", tier=self.name, op="read")
-                self.transport.disconnect(peer)
+                if isinstance(err, _WrongPeer):
+                    self.metrics.inc("lmcache:num_forged_chunks", len(chunks), tier=self.name)
+                try:
+                    self.transport.disconnect(peer)
+                except Exception:
+                    pass
                 for i, c in chunks:
                     if out[i] is c:
                         out[i] = None
-                    if err.in_flight:
+                    if in_flight:
                         # Bytes may still land in these slots: never reuse them.
                         self._quarantine.append(c)
                     else:
