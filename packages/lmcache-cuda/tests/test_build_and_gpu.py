@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lmcache_core.layout import KVLayout, LayoutKind
+from lmcache_core.layout import KVLayout
 from lmcache_core.pool import SLOT_OFFSET, SlotPool
 from lmcache_core.transfer import ChunkIO
 from lmcache_cuda import _ffi, build
@@ -28,13 +28,26 @@ def test_c_kernels_compile_with_warnings_as_errors(tmp_path):
     assert opened.lmc_abi_version() == opened.LMC_ABI_VERSION
 
 
+def _visible_gpus() -> int:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
 @pytest.mark.skipif(build.nvcc() is None, reason="nvcc is not installed")
 def test_cuda_kernels_compile_with_warnings_as_errors(tmp_path):
     lib = build.build_cuda(tmp_path, werror=True)
     opened = _ffi.ffi().dlopen(str(lib))
     assert opened.lmc_abi_version() == opened.LMC_ABI_VERSION
-    # Loading needs no GPU; asking for devices answers 0 without one, never crashes.
-    assert opened.lmc_cuda_device_count() >= 0
+    # Loading needs no GPU; asking for devices answers as many as the driver shows
+    # (0 without one), never crashes.
+    assert opened.lmc_cuda_device_count() == _visible_gpus()
 
 
 def test_wheel_build_hook_ships_the_libraries_with_a_platform_tag(tmp_path):
@@ -100,4 +113,4 @@ def test_cuda_kernels_agree_with_the_torch_reference(layout):
     TorchPagedKV(layout, ref, table).write_chunks([ChunkIO(0, ntok, b.view, 37)])
     torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(dst, ref))
-    assert layout.kind is not LayoutKind.VLLM_CPU
+    assert any(bool(x.any()) for x in dst), "the scatter wrote nothing"

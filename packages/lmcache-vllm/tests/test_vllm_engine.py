@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -38,7 +37,8 @@ def test_lmcache_hit_equals_vllm_prefix_hit_and_kv_is_byte_exact(tiny_model):
     # The chunks lmcache stored are, byte for byte, the KV vLLM computed ...
     assert r["stored_equals_computed"] == [True, True]
     # ... and what it loads into other blocks later is the same bytes again.
-    assert r["different_blocks"], "the second request should use other blocks"
+    assert r["zeroed_before_load"]
+    assert r["different_blocks"], "the hit must load into blocks other than the cold run's"
     assert r["load_range"] == [0, 512]
     assert r["loaded_equals_computed"] == [True, True]
     # Same number of cached tokens (512), same split: token-for-token the same output.
@@ -64,7 +64,7 @@ def test_hit_matches_a_full_recompute_and_corruption_recomputes(peaked_model):
     assert r["corruption_logprob_gap"] < 0.2
     # The oracle is sensitive: wrong-but-plausible KV changes the logprobs a lot.
     gap = r["wrong_kv_logprob_gap"]
-    assert math.isnan(gap) or gap > 0.5 or r["wrong_kv"] != r["cold"]
+    assert r["wrong_kv"] != r["cold"] or gap > 0.5, (gap, r["wrong_kv"], r["cold"])
 
 
 def test_chunk_size_that_splits_blocks_is_refused_at_start(tiny_model):

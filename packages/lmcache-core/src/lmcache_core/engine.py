@@ -60,7 +60,10 @@ class CacheEngine:
         arena: Arena | None = None,
         metrics: Metrics | None = None,
         tiers: Sequence[StorageBackend] | None = None,
+        key_extra: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """``key_extra``: what else makes this engine's KV its own (the KV cache dtype,
+        the weights' quantization), as (name, value) pairs in the key namespace."""
         layout.check_chunk_size(config.chunk_size)
         self.config = config
         self.layout = layout
@@ -71,6 +74,7 @@ class CacheEngine:
             world_size=world_size,
             rank=rank,
             hash_algorithm=config.hash_algorithm,
+            extra=tuple(sorted((str(k), str(v)) for k, v in key_extra)),
         )
         self.chunker = TokenChunker(config.chunk_size, config.hash_algorithm)
         self.metrics = metrics if metrics is not None else Metrics()

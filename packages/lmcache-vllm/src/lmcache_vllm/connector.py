@@ -46,6 +46,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache_vllm.layouts import detect_layout, ordered_layers
 from lmcache_vllm.lookup import LookupClient, LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
+from lmcache_vllm.request_keys import namespace_extra, request_identity
 from lmcache_vllm.settings import check_chunk_size, load_cache_config, model_id
 
 if TYPE_CHECKING:
@@ -111,11 +112,14 @@ class SchedulerSide:
     def _state(self, request: Request) -> _RequestState | None:
         st = self.requests.get(request.request_id)
         if st is None:
-            if request.prompt_token_ids is None:  # prompt embeddings: nothing to key on
+            identity = request_identity(request)
+            if identity is None:
                 return None
             prompt = self.chunker.chunk(
                 request.prompt_token_ids,
-                cache_salt=getattr(request, "cache_salt", None),
+                cache_salt=identity.cache_salt,
+                adapter=identity.adapter,
+                mm_items=identity.mm_items,
                 include_partial=self.config.save_unfull_chunk,
                 partial_multiple=self.block_size,
             )
@@ -262,6 +266,7 @@ class WorkerSide:
         self.engine = CacheEngine(
             self.config,
             model=model_id(self.vllm_config, self.config, self.extra),
+            key_extra=namespace_extra(self.vllm_config),
             layout=layout,
             world_size=world,
             rank=rank,

@@ -1,0 +1,62 @@
+"""What, besides its tokens, makes a vLLM request's KV its own: keyed, or not cached at all.
+
+Mirrors what vLLM's own block hashes include (``generate_block_hash_extra_keys``
+in ``vllm/v1/core/kv_cache_utils.py``), so a hit is never another request's
+KV where vLLM's prefix cache would not share either:
+
+* the ``cache_salt`` (a tenant);
+* the LoRA adapter: its name *and* path, as vLLM keys it, so re-pointing a
+  name at another adapter never reuses KV computed with the old one;
+* multimodal inputs: each item's content hash (``identifier``) with its
+  placeholder range, so the same placeholder tokens with another image give
+  other keys from the chunk the image starts in;
+* prompt embeddings: not cached. Their token ids are placeholders, and keying
+  on the embedding bytes would hash megabytes per request for a feature few
+  deployments combine with a KV cache; such requests are computed as usual.
+
+Per engine, not per request (:func:`namespace_extra`): the KV cache dtype and
+the weights' dtype and quantization, which change every KV byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache_core.keys import MultimodalItem
+
+
+@dataclass(frozen=True)
+class RequestIdentity:
+    cache_salt: str | None
+    adapter: str | None
+    mm_items: tuple[MultimodalItem, ...]
+
+
+def request_identity(request: Any) -> RequestIdentity | None:
+    """The key inputs of ``request`` (a ``vllm.v1.request.Request``); None: do not cache it."""
+    if request.prompt_token_ids is None or getattr(request, "prompt_embeds", None) is not None:
+        return None
+    lora = getattr(request, "lora_request", None)
+    adapter = None
+    if lora is not None:
+        adapter = f"{lora.lora_name}\x00{getattr(lora, 'lora_path', '') or ''}"
+    items = []
+    for feature in getattr(request, "mm_features", None) or ():
+        ident = getattr(feature, "identifier", None) or getattr(feature, "mm_hash", None)
+        pos = feature.mm_position
+        if ident is None:
+            return None  # an item without a content hash cannot be keyed: compute it
+        items.append(MultimodalItem(str(ident), int(pos.offset), int(pos.length)))
+    return RequestIdentity(getattr(request, "cache_salt", None) or None, adapter, tuple(items))
+
+
+def namespace_extra(vllm_config: Any) -> tuple[tuple[str, str], ...]:
+    """Engine-wide inputs of the KV beyond the model and the layout, for the key namespace."""
+    mc = vllm_config.model_config
+    cc = vllm_config.cache_config
+    return (
+        ("kv_cache_dtype", str(getattr(cc, "cache_dtype", "auto"))),
+        ("model_dtype", str(getattr(mc, "dtype", ""))),
+        ("quantization", str(getattr(mc, "quantization", None))),
+    )

@@ -1,0 +1,127 @@
+"""Keys of vLLM's real ``Request`` objects: adapters, multimodal items, salts, prompt embeddings.
+
+The same tokens under two adapters, or with two images behind identical
+placeholder tokens, must give different lmcache keys (vLLM's own prefix cache
+separates them too); the same inputs must give the same keys.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from lmcache_vllm import lookup  # noqa: E402
+from lmcache_vllm.connector import SchedulerSide  # noqa: E402
+from lmcache_vllm.request_keys import namespace_extra, request_identity  # noqa: E402
+from vllm.lora.request import LoRARequest  # noqa: E402
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+
+PLACEHOLDER = 151655  # an image token id; identical for every image
+TOKENS = list(range(100)) + [PLACEHOLDER] * 300 + list(range(200, 300))
+
+
+def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKENS):
+    mm = None
+    if image is not None:
+        mm = [
+            MultiModalFeatureSpec(
+                data=None,
+                modality="image",
+                identifier=image,
+                mm_position=PlaceholderRange(offset=100, length=300),
+                mm_hash=image,
+            )
+        ]
+    return Request(
+        rid,
+        tokens,
+        SamplingParams(max_tokens=1),
+        None,
+        mm_features=mm,
+        lora_request=lora,
+        cache_salt=salt,
+        prompt_embeds=embeds,
+    )
+
+
+@pytest.fixture
+def scheduler():
+    seen: list[list[bytes]] = []
+
+    def fake_rank(chunk_size, num_tokens, digests, owner):
+        seen.append(list(digests))
+        return 0
+
+    lookup._LOCAL[("keys-test", 0)] = (fake_rank, lambda o: None)
+    cfg = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(
+            kv_connector_extra_config={"chunk_size": 64}, kv_role="kv_both", engine_id="keys-test"
+        ),
+        cache_config=SimpleNamespace(block_size=16),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+    )
+    side = SchedulerSide(cfg, None)
+    yield side, seen
+    lookup._LOCAL.pop(("keys-test", 0), None)
+
+
+def _digests(side, seen, request):
+    side.get_num_new_matched_tokens(request, 0)
+    return seen[-1]
+
+
+def test_images_behind_identical_placeholders_get_different_keys(scheduler):
+    side, seen = scheduler
+    a = _digests(side, seen, _request("a", image="sha-image-a"))
+    b = _digests(side, seen, _request("b", image="sha-image-b"))
+    a2 = _digests(side, seen, _request("a2", image="sha-image-a"))
+    text = _digests(side, seen, _request("t"))
+    assert a == a2, "the same image gives the same keys"
+    # Chunk 0 (tokens 0-63) holds no image token: shared. From chunk 1 (where the image
+    # starts, token 100) on, every key differs.
+    assert a[0] == b[0] == text[0]
+    assert all(x != y for x, y in zip(a[1:], b[1:])) and len(a) == len(b) > 2
+    assert all(x != y for x, y in zip(a[1:], text[1:]))
+
+
+def test_adapters_and_salts_get_keys_of_their_own(scheduler):
+    side, seen = scheduler
+    lora_a = LoRARequest("sql", 1, "/adapters/sql")
+    lora_b = LoRARequest("chat", 2, "/adapters/chat")
+    repointed = LoRARequest("sql", 1, "/adapters/sql-v2")
+    keys = {
+        "none": _digests(side, seen, _request("n")),
+        "a": _digests(side, seen, _request("la", lora=lora_a)),
+        "b": _digests(side, seen, _request("lb", lora=lora_b)),
+        "a-new-path": _digests(side, seen, _request("lr", lora=repointed)),
+        "salt": _digests(side, seen, _request("s", salt="tenant-1")),
+    }
+    flat = [d for ds in keys.values() for d in ds]
+    assert len(set(flat)) == len(flat), "no key is shared between adapters, paths or salts"
+    assert _digests(side, seen, _request("la2", lora=lora_a)) == keys["a"]
+
+
+def test_prompt_embeddings_are_not_cached(scheduler):
+    side, seen = scheduler
+    req = _request("e", embeds=torch.zeros(len(TOKENS), 8))
+    assert request_identity(req) is None
+    before = len(seen)
+    assert side.get_num_new_matched_tokens(req, 0) == 0
+    assert len(seen) == before, "no lookup is made for it"
+
+
+def test_engine_wide_inputs_of_the_kv_are_in_the_namespace():
+    def cfg(cache_dtype, quant):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(dtype="bfloat16", quantization=quant),
+            cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+        )
+
+    assert namespace_extra(cfg("auto", None)) != namespace_extra(cfg("fp8", None))
+    assert namespace_extra(cfg("auto", None)) != namespace_extra(cfg("auto", "awq"))
