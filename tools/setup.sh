@@ -35,7 +35,7 @@ if [ "$HAVE_GPU" = 0 ]; then
 fi
 
 "${PIP[@]}" install \
-    -e "packages/lmcache-core[testing,redis,s3,compression]" \
+    -e "packages/lmcache-core[testing,redis,s3,compression,auth]" \
     -e packages/lmcache-cuda \
     -e packages/lmcache-vllm \
     -e packages/lmcache-sglang \

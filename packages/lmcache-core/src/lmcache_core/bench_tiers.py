@@ -14,7 +14,10 @@ tier...), median of the rounds, because these machines drift in speed.
   (``fsync`` + ``POSIX_FADV_DONTNEED``), so reads come from the disk.
 * redis: the same values. Raw: redis-py pipelined ``SET`` and ``GET``.
   Tier: :class:`~lmcache_core.backends.redis.RedisBackend` ``put``/``get``
-  (framing, checksum, ``SET NX`` pipeline, ``MGET``, decode into pool slots).
+  (framing, checksum, ``SET NX`` pipeline, bounded ``GETRANGE`` reads, decode
+  into pool slots); ``redis+auth`` the same with a deployment secret (a
+  Poly1305 MAC over every frame instead of the xxh3), ``redis+encrypt`` with
+  AES-256-GCM. Authentication's cost is ``redis+auth`` against ``redis``.
 """
 
 from __future__ import annotations
@@ -152,20 +155,39 @@ def bench_disk(
 
 
 def bench_redis(
-    result: TierBenchResult, chunks: list[Chunk], pool: SlotPool, url: str, rounds: int
+    result: TierBenchResult,
+    chunks: list[Chunk],
+    pool: SlotPool,
+    url: str,
+    rounds: int,
+    *,
+    authenticated: bool = True,
 ) -> None:
+    """Raw redis-py against the tier, and (``authenticated``) the tier with a
+    deployment secret (MAC) and with encryption, all interleaved in each round."""
     import redis
 
+    from lmcache_core.auth import FrameSealer
     from lmcache_core.backends.redis import RedisBackend
 
     client = redis.Redis.from_url(url)
-    w_raw, w_tier, r_raw, r_tier = [], [], [], []
+    secret = b"bench-secret-0123456789abcdef!!"
+    variants: dict[str, FrameSealer | None] = {"redis": None}
+    if authenticated:
+        variants["redis+auth"] = FrameSealer(secret)
+        variants["redis+encrypt"] = FrameSealer(secret, encrypt=True)
+    times: dict[tuple[str, str], list[float]] = {}
+    raw_w: list[float] = []
+    raw_r: list[float] = []
     batch = 8
 
     def one_round(r: int) -> None:
         client.flushdb()
-        tier = RedisBackend(url, key_prefix=f"bench{r}:")
         raw_names = [f"raw{r}:{i}" for i in range(len(chunks))]
+        tiers = {
+            name: RedisBackend(url, key_prefix=f"bench{r}-{name}:", sealer=sealer)
+            for name, sealer in variants.items()
+        }
 
         def raw_set() -> None:
             for s in range(0, len(chunks), batch):
@@ -174,10 +196,6 @@ def bench_redis(
                     pipe.set(name, c.view)
                 pipe.execute()
 
-        def tier_put() -> None:
-            for s in range(0, len(chunks), batch):
-                tier.put(chunks[s : s + batch])
-
         def raw_get() -> None:
             for s in range(0, len(chunks), batch):
                 pipe = client.pipeline(transaction=False)
@@ -185,32 +203,40 @@ def bench_redis(
                     pipe.get(name)
                 pipe.execute()
 
-        def tier_get() -> None:
+        def put(tier: RedisBackend) -> None:
             for s in range(0, len(chunks), batch):
-                got = tier.get([c.key for c in chunks[s : s + batch]], pool.allocate)
-                for g in got:
+                tier.put(chunks[s : s + batch])
+
+        def get(tier: RedisBackend) -> None:
+            for s in range(0, len(chunks), batch):
+                for g in tier.get([c.key for c in chunks[s : s + batch]], pool.allocate):
                     if g is None:
                         result.correct = False
                     else:
                         g.release()
 
-        first, second = ((raw_set, w_raw), (tier_put, w_tier))[:: -1 if r % 2 else 1]
-        first[1].append(_timed(first[0]))
-        second[1].append(_timed(second[0]))
-        first, second = ((raw_get, r_raw), (tier_get, r_tier))[:: -1 if r % 2 else 1]
-        first[1].append(_timed(first[0]))
-        second[1].append(_timed(second[0]))
-        (g,) = tier.get([chunks[0].key], pool.allocate)
-        result.correct &= g is not None and bytes(g.view) == bytes(chunks[0].view)
-        if g is not None:
-            g.release()
-        tier.close()
+        order = list(tiers.items())
+        if r % 2:
+            order.reverse()
+        raw_w.append(_timed(raw_set))
+        for name, tier in order:
+            times.setdefault((name, "write"), []).append(_timed(lambda t=tier: put(t)))
+        raw_r.append(_timed(raw_get))
+        for name, tier in order:
+            times.setdefault((name, "read"), []).append(_timed(lambda t=tier: get(t)))
+        for tier in tiers.values():
+            (g,) = tier.get([chunks[0].key], pool.allocate)
+            result.correct &= g is not None and bytes(g.view) == bytes(chunks[0].view)
+            if g is not None:
+                g.release()
+            tier.close()
 
     for r in range(rounds):
         one_round(r)
     client.flushdb()
-    result.times[("redis", "write")] = (statistics.median(w_raw), statistics.median(w_tier))
-    result.times[("redis", "read")] = (statistics.median(r_raw), statistics.median(r_tier))
+    for (name, op), ts in times.items():
+        raw = statistics.median(raw_w if op == "write" else raw_r)
+        result.times[(name, op)] = (raw, statistics.median(ts))
 
 
 def run_tier_benchmark(
