@@ -236,8 +236,16 @@ from lmcache_core.testing import StorageBackendTests  # noqa: E402
 from lmcache_core.testing.settled import SettledWrites  # noqa: E402
 
 
-class TestSGLangBackendStorageContract(StorageBackendTests):
-    """lmcache-core's storage contract on the tiers LMCacheHiCacheStorage stores into."""
+class TestDiskTierAsTheSGLangBackendBuildsIt(StorageBackendTests):
+    """lmcache-core's storage contract on the disk tier that LMCacheHiCacheStorage builds.
+
+    This checks the tier (its config, namespace and slot bound as the SGLang
+    backend sets them up), not the SGLang interface itself: that is tested
+    above through SGLang's own calls (``batch_set_v1``/``batch_get_v1``, ...).
+    Chunks are one engine slot at most (a page here), as the backend stores them.
+    """
+
+    slot_bytes = 4096
 
     def make_backend(self, capacity_bytes, slot_bytes):
         import tempfile
@@ -250,4 +258,5 @@ class TestSGLangBackendStorageContract(StorageBackendTests):
         b = backend(HostPool(), extra_config=extra)
         disk = b.engine.tiers[1]
         assert disk.name == "disk"
+        assert b.engine.pool.slot_bytes == slot_bytes, "the suite's chunks must fit a slot"
         return SettledWrites(disk, on_close=b.close)
