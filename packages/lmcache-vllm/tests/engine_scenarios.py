@@ -17,17 +17,18 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "512MiB")
 
 
-def make_llm(model: str, **kw):
+def make_llm(model: str, llm_kw: dict | None = None, **kw):
     from vllm import LLM
 
     return LLM(
         model=model,
         enforce_eager=True,
         max_model_len=4096,
-        dtype="bfloat16",
+        dtype=os.environ.get("LMC_TEST_DTYPE", "bfloat16"),
         seed=0,
         max_num_batched_tokens=2048,
         enable_prefix_caching=True,
+        **(llm_kw or {}),
         kv_transfer_config={
             "kv_connector": "LMCacheKVConnector",
             "kv_role": "kv_both",
@@ -48,8 +49,10 @@ class Harness:
         self.engine = self.worker.engine
         self.m = self.engine.metrics
 
-    def gen(self, tokens):
-        out = self.llm.generate({"prompt_token_ids": tokens}, self.sp, use_tqdm=False)
+    def gen(self, tokens, lora=None):
+        out = self.llm.generate(
+            {"prompt_token_ids": tokens}, self.sp, use_tqdm=False, lora_request=lora
+        )
         return list(out[0].outputs[0].token_ids)
 
     def gen_logprobs(self, tokens):
@@ -133,7 +136,8 @@ def scenario_random(model: str) -> dict:
 
 def _logprob_gap(a, b) -> float:
     """Largest difference between two runs' logprobs of their chosen tokens."""
-    return max(abs(x - y) for x, y in zip(a, b))
+    # Equal values (-inf for a token the model rules out, too) differ by 0, never NaN.
+    return max(0.0 if x == y else abs(x - y) for x, y in zip(a, b))
 
 
 def scenario_recompute(model: str) -> dict:
@@ -221,6 +225,123 @@ def scenario_p2p_reader(model: str) -> dict:
         "loaded": h.retrieved() - before,
         "from_peer": h.m.get("lmcache:num_promotions", tier="p2p"),
         "tiers": [t.name for t in h.engine.tiers],
+    }
+
+
+def scenario_lora(model: str) -> dict:
+    """The same prompt under adapter A, adapter B and none: each hits only its own KV."""
+    from vllm.lora.request import LoRARequest
+
+    adapters = json.loads(os.environ["LMC_TEST_ADAPTERS"])
+    h = Harness(make_llm(model, {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2}))
+    loras = {
+        "none": None,
+        **{n: LoRARequest(n, i + 1, path) for i, (n, path) in enumerate(adapters.items())},
+    }
+    p = tokens(21, 600)
+    r: dict = {"cold": {}, "hit": {}, "loaded_cold": {}, "loaded_hit": {}}
+    for name, lora in loras.items():
+        before = h.retrieved()
+        r["cold"][name] = h.gen(p, lora)
+        r["loaded_cold"][name] = h.retrieved() - before
+    assert h.engine.flush(30)
+    h.llm.reset_prefix_cache()
+    for name, lora in reversed(list(loras.items())):
+        before = h.retrieved()
+        r["hit"][name] = h.gen(p, lora)
+        r["loaded_hit"][name] = h.retrieved() - before
+    return r
+
+
+#: Real text for the real model: distinct facts in short documents, then a question.
+_FACTS = [
+    ("Mira Okafor", "a lighthouse keeper", "Tallinn", "violin"),
+    ("Jonas Berg", "a glassblower", "Lisbon", "cello"),
+    ("Aiko Tanaka", "a beekeeper", "Quebec", "flute"),
+    ("Ravi Menon", "a clockmaker", "Nairobi", "oboe"),
+    ("Elena Rossi", "a cartographer", "Hobart", "harp"),
+    ("Tomas Novak", "a baker", "Valparaiso", "trumpet"),
+]
+
+
+def real_prompts(tokenizer, n: int = 20) -> list[list[int]]:
+    """``n`` chat prompts of 300-700 tokens each (a few short documents and a question)."""
+    import random
+
+    out = []
+    for i in range(n):
+        rnd = random.Random(i)
+        docs = rnd.sample(_FACTS, 4)
+        text = ""
+        for name, job, city, inst in docs:
+            text += (
+                f"{name} works as {job} in {city}. Every evening {name.split()[0]} plays the "
+                f"{inst} for the neighbours, and on weekends {name.split()[0]} walks along the "
+                f"harbour of {city}, counting the boats that come in from the sea. "
+            ) * 2
+        who = rnd.choice(docs)
+        question = rnd.choice(
+            [f"Where does {who[0]} work?", f"Which instrument does {who[0]} play?"]
+        )
+        msgs = [{"role": "user", "content": f"{text}\n\nAnswer in one sentence. {question}"}]
+        out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    return out
+
+
+def _drop_from(tier, keys) -> None:
+    tier.remove(keys)
+
+
+def scenario_real_tiers(model: str) -> dict:
+    """The real model, authenticated tiers: a hit from DRAM, disk and Redis (each in turn
+    the highest tier holding the prompt) gives token for token the cold run's output."""
+    h = Harness(make_llm(model))
+    prompts = real_prompts(h.llm.get_tokenizer())
+    r: dict = {"tiers": [t.name for t in h.engine.tiers], "lengths": [len(p) for p in prompts]}
+    r["cold"] = [h.gen(p) for p in prompts]
+    assert h.engine.flush(60)
+    tok = h.llm.get_tokenizer()
+    r["sample_answer"] = tok.decode(r["cold"][0])
+    for depth, tier in enumerate(h.engine.tiers):
+        h.llm.reset_prefix_cache()
+        for upper in h.engine.tiers[:depth]:  # the prompt is only in this tier and below
+            for p in prompts:
+                _drop_from(upper, h.engine.chunk(p).keys(h.engine.namespace))
+        before = h.m.get("lmcache:retrieved_bytes", tier=tier.name)
+        loaded = h.retrieved()
+        r[f"hit_{tier.name}"] = [h.gen(p) for p in prompts]
+        r[f"loaded_{tier.name}"] = h.retrieved() - loaded
+        r[f"bytes_from_{tier.name}"] = h.m.get("lmcache:retrieved_bytes", tier=tier.name) - before
+        assert h.engine.flush(60)
+    r["authenticated"] = {
+        t.name: h.m.get("lmcache:tier_authenticated", tier=t.name) for t in h.engine.tiers[1:]
+    }
+    r["forged"] = h.m.get("lmcache:num_forged_chunks")
+    return r
+
+
+def scenario_real_p2p_owner(model: str) -> dict:
+    h = Harness(make_llm(model))
+    prompts = real_prompts(h.llm.get_tokenizer())
+    out = [h.gen(p) for p in prompts]
+    assert h.engine.flush(30)
+    print(
+        "OWNER " + json.dumps({"out": out, "tiers": [t.name for t in h.engine.tiers]}), flush=True
+    )
+    sys.stdin.readline()
+    return {"out": out}
+
+
+def scenario_real_p2p_reader(model: str) -> dict:
+    h = Harness(make_llm(model))
+    prompts = real_prompts(h.llm.get_tokenizer())
+    before = h.retrieved()
+    out = [h.gen(p) for p in prompts]
+    return {
+        "out": out,
+        "loaded": h.retrieved() - before,
+        "from_peer": h.m.get("lmcache:num_promotions", tier="p2p"),
+        "authenticated": h.m.get("lmcache:tier_authenticated", tier="p2p"),
     }
 
 

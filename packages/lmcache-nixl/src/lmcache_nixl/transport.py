@@ -34,13 +34,50 @@ def _import_nixl():  # type: ignore[no-untyped-def]
     return nixl_agent, nixl_agent_config
 
 
+#: Microseconds NIXL's progress thread waits for events when it has no work
+#: (``LMCACHE_NIXL_PROGRESS_DELAY_US``). nixl's Python API hard-codes 0, and
+#: then (measured, nixl 1.5.1) the UCX backend's progress thread spins a whole
+#: core while the agent is idle: an idle vLLM instance with the p2p tier burnt a
+#: core, and on a 2-core host a second instance beside it took 8 minutes to
+#: start. 100 us: 2% of a core idle, and no change in pull throughput
+#: (docs/benchmarks.md). Without a progress thread reads never completed (the
+#: owner's side must progress too), so the thread stays, just not spinning.
+PROGRESS_DELAY_US = 100
+
+_AGENT_LOCK = threading.Lock()
+
+
+def _agent_with_progress_delay(nixl_agent, name: str, config):  # type: ignore[no-untyped-def]
+    """``nixl_agent(name, config)`` with the progress thread's delay set (see above)."""
+    import nixl._api as api
+
+    delay = int(os.environ.get("LMCACHE_NIXL_PROGRESS_DELAY_US", PROGRESS_DELAY_US))
+    bind = getattr(api, "nixlBind", None)
+    if bind is None or not hasattr(bind, "nixlAgent"):  # another nixl: its own defaults
+        return nixl_agent(name, config)
+    original = bind.nixlAgent
+
+    def make(agent_name, agent_config):  # type: ignore[no-untyped-def]
+        agent_config.pthrDelay = delay
+        return original(agent_name, agent_config)
+
+    with _AGENT_LOCK:  # the wrapper is visible to this construction only
+        bind.nixlAgent = make
+        try:
+            return nixl_agent(name, config)
+        finally:
+            bind.nixlAgent = original
+
+
 class NixlTransport(Transport):
     name = "nixl"
 
     def __init__(self, name: str | None = None, *, backends: Sequence[str] = ("UCX",)) -> None:
         nixl_agent, nixl_agent_config = _import_nixl()
         self._name = name or f"lmcache-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.agent = nixl_agent(self._name, nixl_agent_config(backends=list(backends)))
+        self.agent = _agent_with_progress_delay(
+            nixl_agent, self._name, nixl_agent_config(backends=list(backends))
+        )
         self._lock = threading.Lock()
         self._peers: dict[str, bytes] = {}
         self._registered: list[object] = []
