@@ -284,12 +284,9 @@ def real_prompts(tokenizer, n: int = 20) -> list[list[int]]:
             [f"Where does {who[0]} work?", f"Which instrument does {who[0]} play?"]
         )
         msgs = [{"role": "user", "content": f"{text}\n\nAnswer in one sentence. {question}"}]
-        out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        out.append(list(tokenizer.encode(text, add_special_tokens=False)))
     return out
-
-
-def _drop_from(tier, keys) -> None:
-    tier.remove(keys)
 
 
 def scenario_real_tiers(model: str) -> dict:
@@ -306,7 +303,7 @@ def scenario_real_tiers(model: str) -> dict:
         h.llm.reset_prefix_cache()
         for upper in h.engine.tiers[:depth]:  # the prompt is only in this tier and below
             for p in prompts:
-                _drop_from(upper, h.engine.chunk(p).keys(h.engine.namespace))
+                upper.remove(h.engine.chunk(p).keys(h.engine.namespace))
         before = h.m.get("lmcache:retrieved_bytes", tier=tier.name)
         loaded = h.retrieved()
         r[f"hit_{tier.name}"] = [h.gen(p) for p in prompts]
