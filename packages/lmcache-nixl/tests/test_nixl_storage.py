@@ -29,12 +29,19 @@ class TestNixlStorageBackend(StorageBackendTests):
         return make(capacity_bytes, slot_bytes)
 
 
+class TestNixlStorageBackendAuthenticated(StorageBackendTests):
+    def make_backend(self, capacity_bytes, slot_bytes):
+        path = tempfile.mktemp(prefix="lmcache-nixl-", suffix=".bin")
+        return NixlStorageBackend(path, capacity_bytes, slot_bytes, authenticate=True)
+
+
 TestNixlStorageStateful = backend_state_machine(make, max_examples=15).TestCase
 
 
-def test_bytes_changed_in_the_file_are_a_miss(tmp_path):
+@pytest.mark.parametrize("authenticate", [False, True])
+def test_bytes_changed_in_the_file_are_a_miss(tmp_path, authenticate):
     f = ChunkFactory(8192)
-    b = NixlStorageBackend(tmp_path / "kv.bin", 8 * 8192, 8192)
+    b = NixlStorageBackend(tmp_path / "kv.bin", 8 * 8192, 8192, authenticate=authenticate)
     c = f.make(test_key(1))
     assert b.put([c]) == [True]
     c.release()
@@ -50,6 +57,14 @@ def test_bytes_changed_in_the_file_are_a_miss(tmp_path):
     (g,) = b.get([test_key(2)], f.allocate)
     assert bytes(g.view) == chunk_payload(test_key(2), 8192)
     g.release()
+    digest = b._index[test_key(2)].checksum
+    if authenticate:  # a keyed MAC bound to the slot and the write, not an xxh3 anyone can make
+        view = memoryview(chunk_payload(test_key(2), 8192))
+        assert ":" in digest and b._verify(view, digest)
+        tag = digest.rsplit(":", 1)[0]
+        assert not b._verify(view, f"{tag}0:" + digest.rsplit(":", 1)[1])
+        other = NixlStorageBackend(tmp_path / "kv2.bin", 8 * 8192, 8192, authenticate=True)
+        assert not other._verify(view, digest)  # another process's key
 
 
 def test_a_size_that_cannot_hold_a_chunk_is_refused(tmp_path):

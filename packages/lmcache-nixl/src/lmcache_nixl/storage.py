@@ -73,8 +73,12 @@ class NixlStorageBackend(StorageBackend):
         plugin: str = "POSIX",
         metrics: Metrics | None = None,
         timeout_s: float = 10.0,
+        authenticate: bool = False,
     ) -> None:
+        """``authenticate``: digests are keyed MACs instead of xxh3 (see :meth:`_digest`)."""
         nixl_agent, nixl_agent_config = _import_nixl()
+        self._mac_key = os.urandom(32) if authenticate else None
+        self._writes = 0
         self.path = Path(path)
         self.slot_stride = -(-slot_bytes // _ALIGN) * _ALIGN
         self.num_slots = capacity_bytes // self.slot_stride
@@ -120,7 +124,35 @@ class NixlStorageBackend(StorageBackend):
             plugin=str(extra.get("nixl_storage_plugin", "POSIX")),
             metrics=context.metrics,
             timeout_s=config.blocking_timeout_secs,
+            authenticate=context.secret is not None,
         )
+
+    def _digest(self, data: memoryview, tag: str) -> str:
+        """The digest the index keeps for a slot's bytes.
+
+        xxh3 catches damage; it does not stop someone who can write the file from
+        planting other bytes with the same xxh3. With a deployment secret the
+        digest is Poly1305 under a one-time key derived from a key that lives only
+        in this process's memory and the write's own tag (slot and write count):
+        unforgeable without reading this process's memory.
+        """
+        if self._mac_key is None:
+            return xxhash.xxh3_64_hexdigest(data)
+        import hashlib
+        import hmac
+
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        one_time = hmac.new(self._mac_key, tag.encode(), hashlib.sha256).digest()
+        return f"{tag}:{Poly1305.generate_tag(one_time, data).hex()}"
+
+    def _verify(self, data: memoryview, digest: str) -> bool:
+        if self._mac_key is None:
+            return xxhash.xxh3_64_hexdigest(data) == digest
+        import hmac
+
+        tag = digest.rsplit(":", 1)[0]
+        return hmac.compare_digest(self._digest(data, tag), digest)
 
     # ------------------------------------------------------------------ moving bytes
 
@@ -198,7 +230,10 @@ class NixlStorageBackend(StorageBackend):
                 return out
             handle = self._start("WRITE", todo)
             # Checksums while the plugin writes (it releases the GIL): the bytes do not change.
-            digests = [xxhash.xxh3_64_hexdigest(c.view) for c, _ in todo]
+            digests = []
+            for c, s in todo:
+                self._writes += 1
+                digests.append(self._digest(c.view, f"{s}-{self._writes}"))
             if not self._wait(handle):
                 self._free.extend(s for _, s in todo)
                 raise OSError("NIXL storage write failed")
@@ -233,7 +268,7 @@ class NixlStorageBackend(StorageBackend):
                     nxt = batches[k + 1]
                     handle = self._start("READ", [(c, s.index) for _, c, s in nxt])
                 for i, c, slot in batch:
-                    if ok and xxhash.xxh3_64_hexdigest(c.view) == slot.checksum:
+                    if ok and self._verify(c.view, slot.checksum):
                         out[i] = c
                         continue
                     c.release()
