@@ -17,6 +17,10 @@ def test_tier_benchmark_measures_both_tiers_and_checks_bytes(tmp_path):
         ("disk", "read"),
         ("redis", "write"),
         ("redis", "read"),
+        ("redis+auth", "write"),
+        ("redis+auth", "read"),
+        ("redis+encrypt", "write"),
+        ("redis+encrypt", "read"),
     }
     assert all(raw > 0 and ours > 0 for raw, ours in r.times.values())
     assert not list(tmp_path.iterdir()), "the benchmark cleans up its files"
