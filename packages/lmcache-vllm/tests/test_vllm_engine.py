@@ -31,6 +31,34 @@ def run_scenario(name: str, model: Path, **env: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def owner_then_reader(
+    owner_scenario: str, reader_scenario: str, model: Path, env: dict[str, str]
+) -> tuple[dict, dict]:
+    """Run ``owner_scenario`` in one process until it has stored (it prints ``OWNER {json}``),
+    then ``reader_scenario`` in another with the same ``LMCACHE_*`` environment."""
+    owner = subprocess.Popen(
+        [sys.executable, str(SCENARIOS), owner_scenario, str(model)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        first = None
+        for line in owner.stdout:
+            if line.startswith("OWNER "):
+                first = json.loads(line[len("OWNER ") :])
+                break
+        assert first is not None, "the owner instance did not start"
+        reader_env = {k: v for k, v in env.items() if k.startswith(("LMCACHE_", "LMC_"))}
+        second = run_scenario(reader_scenario, model, **reader_env)
+    finally:
+        owner.stdin.close()
+        owner.wait(60)
+    return first, second
+
+
 def test_lmcache_hit_equals_vllm_prefix_hit_and_kv_is_byte_exact(tiny_model):
     r = run_scenario("random", tiny_model)
     assert r["transfer"] == "CPagedKV", "vLLM's CPU KV moves through lmcache-cuda's C kernels"
@@ -94,31 +122,8 @@ def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peak
             "LMCACHE_ENABLE_P2P": "true",
             "LMCACHE_P2P_INDEX_URL": redis.url,
         }
-        owner = subprocess.Popen(
-            [sys.executable, str(SCENARIOS), "p2p_owner", str(peaked_model)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        try:
-            first = None
-            for line in owner.stdout:
-                if line.startswith("OWNER "):
-                    first = json.loads(line[len("OWNER ") :])
-                    break
-            assert first is not None, "the owner instance did not start"
-            assert first["tiers"] == ["cpu", "p2p"]
-            second = run_scenario(
-                "p2p_reader",
-                peaked_model,
-                LMCACHE_ENABLE_P2P="true",
-                LMCACHE_P2P_INDEX_URL=redis.url,
-            )
-        finally:
-            owner.stdin.close()
-            owner.wait(60)
+        first, second = owner_then_reader("p2p_owner", "p2p_reader", peaked_model, env)
+    assert first["tiers"] == ["cpu", "p2p"]
     # 699 computable tokens -> 5 whole 128-token blocks come from the other instance.
     assert second["from_peer"] >= 3
     assert second["loaded"] == 640

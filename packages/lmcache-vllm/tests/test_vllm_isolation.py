@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -32,7 +30,7 @@ def _engine_tests():  # the scenario runner of test_vllm_engine.py (tests are no
 
 
 _engine = _engine_tests()
-SCENARIOS, run_scenario = _engine.SCENARIOS, _engine.run_scenario
+run_scenario = _engine.run_scenario
 
 SECRET = "isolation-test-secret-0123456789abcdef"
 
@@ -107,29 +105,9 @@ def test_real_model_hits_from_a_peer_with_an_authenticated_index(smollm2_model):
             "LMCACHE_P2P_INDEX_URL": redis.url,
             "LMCACHE_AUTH_SECRET": SECRET,
         }
-        owner = subprocess.Popen(
-            [sys.executable, str(SCENARIOS), "real_p2p_owner", str(smollm2_model)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
+        first, second = _engine.owner_then_reader(
+            "real_p2p_owner", "real_p2p_reader", smollm2_model, env
         )
-        try:
-            first = None
-            for line in owner.stdout:
-                if line.startswith("OWNER "):
-                    first = json.loads(line[len("OWNER ") :])
-                    break
-            assert first is not None, "the owner instance did not start"
-            second = run_scenario(
-                "real_p2p_reader",
-                smollm2_model,
-                **{k: v for k, v in env.items() if k.startswith(("LMCACHE_", "LMC_"))},
-            )
-        finally:
-            owner.stdin.close()
-            owner.wait(60)
     assert second["authenticated"] == 1
     assert second["from_peer"] >= 20 and second["loaded"] >= 20 * 256
     assert second["out"] == first["out"], "a p2p hit must give the output of computing it"
