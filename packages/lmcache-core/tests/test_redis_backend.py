@@ -221,3 +221,38 @@ def test_missing_client_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigError, match=r"pip install 'lmcache\[redis\]'"):
         RedisBackend("redis://127.0.0.1:1")
+
+
+def test_a_put_that_fails_midway_leaves_the_connection_clean(server, monkeypatch):
+    """Writes stream (frame i sent while i+1 is encoded): a failure midway raises from
+    put(), the frames sent before it are stored, and the next calls on the same backend
+    read their own answers (no unread reply left on a pooled connection)."""
+    f = ChunkFactory(4096)
+    b = _unique_backend(server.url, max_chunk_bytes=4096, sealer=FrameSealer(SECRET))
+    real_encode = b._encode
+    encoded = []
+
+    def encode(chunk):
+        encoded.append(chunk.key)
+        if len(encoded) == 3:
+            raise MemoryError("encoding failed")
+        return real_encode(chunk)
+
+    monkeypatch.setattr(b, "_encode", encode)
+    made = [f.make(test_key(i), 4096) for i in range(5)]
+    try:
+        with pytest.raises(MemoryError):
+            b.put(made)
+        assert len(encoded) == 3  # nothing after the failure was encoded or sent
+        assert b.contains([test_key(i) for i in range(5)]) == [True, True, False, False, False]
+        monkeypatch.setattr(b, "_encode", real_encode)
+        assert b.put(made[2:]) == [True] * 3
+        for i in range(5):
+            (c,) = b.get([test_key(i)], f.allocate)
+            assert c is not None and bytes(c.view) == chunk_payload(test_key(i), 4096)
+            c.release()
+    finally:
+        for c in made:
+            c.release()
+        b.close()
+        f.close()

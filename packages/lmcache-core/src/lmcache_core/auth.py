@@ -13,10 +13,10 @@ that only holders of the secret can make:
   ``"LMCA", version, flags, nonce(16), tag(16)`` before the serde's frame. The
   tag is Poly1305 under a one-time key derived from the secret and the frame's
   random nonce (the construction ChaCha20-Poly1305 uses), over the envelope
-  fields, the chunk's key and the whole inner frame. Poly1305 runs at about
-  the speed of xxh3, and the inner xxh3 is skipped both ways while a MAC
-  covers the frame (it would check the same bytes again), so authentication
-  costs little;
+  fields, the chunk's key and the whole inner frame. The inner xxh3 is
+  skipped both ways while a MAC covers the frame (it would check the same
+  bytes again), and a streaming tier (Redis) seals frame i+1 while frame i is
+  sent, so authentication costs a few percent (docs/benchmarks.md);
 * with ``remote_encryption`` the inner frame is encrypted with AES-256-GCM
   under a per-frame key (a reader of the store sees no KV); GCM's tag is the
   MAC then;

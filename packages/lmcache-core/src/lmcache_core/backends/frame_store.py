@@ -23,8 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 from lmcache_core.auth import ENVELOPE_MAGIC, ForgedFrameError, FrameSealer, warn_unauthenticated
 from lmcache_core.backends.base import BackendContext, ChunkAllocator, StorageBackend
@@ -78,6 +78,11 @@ def serde_for_id(serde_id: int) -> Serde | None:
 class FrameStore(StorageBackend):
     """Chunks as named frames in some store. Subclasses move the frames."""
 
+    #: A store whose ``_write`` sends each frame as it gets it sets this; ``_write``
+    #: then receives an iterator that encodes (checksum or MAC) a frame when asked,
+    #: so the next frame is encoded while the previous one is on its way.
+    streams_writes: ClassVar[bool] = False
+
     def __init__(
         self,
         *,
@@ -111,7 +116,7 @@ class FrameStore(StorageBackend):
         """
 
     @abstractmethod
-    def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
+    def _write(self, items: Iterable[tuple[str, FrameParts]]) -> list[bool]:
         """Store each value unless its name exists already; True where stored afterwards."""
 
     @abstractmethod
@@ -244,8 +249,8 @@ class FrameStore(StorageBackend):
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         if not chunks:
             return []
-        items = [(self.name_of(c.key), self._encode(c)) for c in chunks]
-        ok = self._write(items)
+        lazy = ((self.name_of(c.key), self._encode(c)) for c in chunks)
+        ok = self._write(lazy if self.streams_writes else list(lazy))
         stored = sum(c.nbytes for c, good in zip(chunks, ok) if good)
         self._written += stored
         if stored:
