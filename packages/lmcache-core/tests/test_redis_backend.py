@@ -229,6 +229,7 @@ def test_a_put_that_fails_midway_leaves_the_connection_clean(server, monkeypatch
     read their own answers (no unread reply left on a pooled connection)."""
     f = ChunkFactory(4096)
     b = _unique_backend(server.url, max_chunk_bytes=4096, sealer=FrameSealer(SECRET))
+    b.send_batch_bytes = 1  # every frame sent on its own (small frames are sent together)
     real_encode = b._encode
     encoded = []
 

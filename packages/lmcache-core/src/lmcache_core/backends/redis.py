@@ -100,6 +100,8 @@ class RedisBackend(FrameStore):
     name = "redis"
     capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
     streams_writes: ClassVar[bool] = True
+    #: Frames are handed to the sender once this many bytes are packed.
+    send_batch_bytes = 1 << 20
 
     def __init__(
         self,
@@ -210,21 +212,34 @@ class RedisBackend(FrameStore):
         conn = pool.get_connection()
         sent = 0
         pending: Future[None] | None = None
+        batch: list[bytes | memoryview] = []
+        batch_bytes = 0
+
+        def send() -> None:
+            nonlocal pending, batch, batch_bytes
+            first = pending is None  # the connection's health is checked once, first
+            if pending is not None:
+                pending.result()
+            pending = self._sender.submit(conn.send_packed_command, batch, first)
+            batch, batch_bytes = [], 0
+
         try:
             for name, parts in items:
                 nb = name.encode()
                 total = sum(memoryview(p).nbytes for p in parts)
                 small = b"".join(bytes(p) for p in parts[:-1])  # the header
-                packed = [
+                batch += [
                     b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s"
                     % (argc, len(nb), nb, total, small),
                     parts[-1],
                     tail,
                 ]
-                if pending is not None:
-                    pending.result()
-                pending = self._sender.submit(conn.send_packed_command, packed, sent == 0)
+                batch_bytes += total
                 sent += 1
+                if batch_bytes >= self.send_batch_bytes:  # small frames go out together
+                    send()
+            if batch:
+                send()
             if pending is not None:
                 pending.result()
                 pending = None
