@@ -20,11 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages/lmcache-vllm/tests"))
-
 from lmcache_core.testing.servers import RedisServer
 from lmcache_core.workload import OpenAIClient, long_doc_qa
-from test_vllm_pd import vllm_server
+from lmcache_vllm.testing import vllm_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

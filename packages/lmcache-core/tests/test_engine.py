@@ -298,3 +298,21 @@ def test_key_level_store_and_retrieve_for_engines_that_name_their_pages():
         assert engine.retrieve_chunks(keys, spans, dst.kv(t_dst)) == 2
         assert dst.tokens_kv(t_dst, 0, 32) == src.tokens_kv(t_src, 0, 32)
         assert engine.retrieve_chunks(keys[2:], spans[2:], dst.kv(t_dst)) == 0
+
+
+def test_lookup_of_independent_chains_pins_every_chains_hits():
+    """Blend segments are separately keyed chains; one lookup pins all their hits."""
+    src = FakeEngine(LAYOUT)
+    a, b = list(range(48)), list(range(100, 132))
+    with make_engine() as engine:
+        engine.store(a[:32], src.kv(src.table(48, 0)))  # 2 of a's 3 chunks
+        engine.store(b[:16], src.kv(src.table(32, 1)))  # 1 of b's 2 chunks
+        ka = engine.chunk(a).keys(engine.namespace)
+        kb = engine.chunk(b).keys(engine.namespace)
+        assert engine.lookup_chains([ka, kb, []], pin_owner="req") == [2, 1, 0]
+        assert engine.cpu.pinned_keys() == {*ka[:2], kb[0]}
+        # The same owner's next lookup replaces its pins; unpin drops them.
+        assert engine.lookup_chains([kb], pin_owner="req") == [1]
+        assert engine.cpu.pinned_keys() == {kb[0]}
+        engine.unpin("req")
+        assert engine.cpu.pinned_keys() == set()

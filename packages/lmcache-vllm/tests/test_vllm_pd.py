@@ -6,17 +6,11 @@ index, and a plain single vLLM as the reference for the output.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -26,66 +20,7 @@ pytestmark = pytest.mark.slow
 
 from lmcache_core.testing.servers import RedisServer, free_port  # noqa: E402
 from lmcache_core.workload import scrape_metrics  # noqa: E402
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"{url} did not come up"
-            time.sleep(1)
-
-
-@contextmanager
-def vllm_server(
-    model: Path, role: str | None, env: dict[str, str], log: Path, dtype: str = "bfloat16"
-):
-    port = free_port()
-    args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager",
-        "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0",
-    ]  # fmt: skip
-    if role is not None:
-        args += [
-            "--kv-transfer-config",
-            json.dumps(
-                {
-                    "kv_connector": "LMCacheKVConnector",
-                    "kv_connector_module_path": "lmcache_vllm",
-                    "kv_role": role,
-                }
-            ),
-        ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", proc, log)
-        yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def complete(port: int, prompt: list[int]) -> str:
-    body = {"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
-    body["model"] = models["data"][0]["id"]
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
-    return json.loads(urllib.request.urlopen(req, timeout=600).read())["choices"][0]["text"]
+from lmcache_vllm.testing import complete, vllm_server, wait_http  # noqa: E402
 
 
 def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_path):
@@ -120,7 +55,7 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
                  "--decode", f"http://127.0.0.1:{d_port}", "--port", str(router_port)],
             )  # fmt: skip
             try:
-                _wait(f"http://127.0.0.1:{router_port}/v1/models", router, tmp_path / "d.log")
+                wait_http(f"http://127.0.0.1:{router_port}/v1/models", router, tmp_path / "d.log")
                 got = complete(router_port, prompt)
                 m = scrape_metrics(f"http://127.0.0.1:{decode_metrics}/metrics")
             finally:

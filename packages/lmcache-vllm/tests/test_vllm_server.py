@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,12 @@ from lmcache_core.testing.servers import free_port  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("vllm-server")
     import tempfile
 
-    port, metrics_port = free_port(), free_port()
+    from lmcache_vllm.testing import vllm_server
+
+    tmp_path = tmp_path_factory.mktemp("vllm-server")
+    metrics_port = free_port()
     sockets = tempfile.mkdtemp(prefix="lmc-")  # short: Unix socket paths are limited
     env = {
         **os.environ,
@@ -38,55 +37,8 @@ def server(tiny_model, tmp_path_factory):
         "LMCACHE_METRICS_PORT": str(metrics_port),
         "LMCACHE_SOCKET_DIR": str(tmp_path),
     }
-    log = open(tmp_path / "vllm.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_model),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--dtype",
-            "bfloat16",
-            "--enforce-eager",
-            "--max-model-len",
-            "4096",
-            "--no-enable-prefix-caching",
-            "--kv-transfer-config",
-            json.dumps(
-                {
-                    "kv_connector": "LMCacheKVConnector",
-                    "kv_connector_module_path": "lmcache_vllm",
-                    "kv_role": "kv_both",
-                }
-            ),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "vLLM did not start"
-                time.sleep(1)
+    with vllm_server(tiny_model, "kv_both", env, tmp_path / "vllm.log") as port:
         yield port, metrics_port, Path(sockets)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def bench_serve(port: int, *args: str) -> dict:

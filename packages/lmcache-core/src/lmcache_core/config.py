@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import logging
 import os
@@ -60,10 +61,7 @@ LMCACHE_COMPAT_KEYS = frozenset(
         "lazy_memory_step_ratio",
         "lazy_memory_safe_size",
         "reserve_local_cpu_size",
-        "enable_blending",
-        "blend_recompute_ratios",
-        "blend_check_layers",
-        "blend_special_str",
+        "blend_thresholds",
         "lookup_url",
         "distributed_url",
         "enable_controller",
@@ -183,6 +181,38 @@ def _to_str(value: Any, key: str) -> str:
     raise ValueError(f"{key}={value!r} must be a non-empty string")
 
 
+def _to_raw_str(value: Any, key: str) -> str:
+    """A string kept exactly as given: separators such as ``" # # "`` live in their spaces."""
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"{key}={value!r} must be a non-empty string")
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{key}={value!r} is not a list, e.g. [1] or 1,2 ({e})") from None
+        else:
+            value = [v for v in text.split(",") if v.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key}={value!r} must be a non-empty list, e.g. [1] or 1,2")
+    return list(value)
+
+
+def _to_int_list(value: Any, key: str) -> tuple[int, ...]:
+    return tuple(_to_int(v, key) for v in _as_list(value, key))
+
+
+def _to_float_list(value: Any, key: str) -> tuple[float, ...]:
+    return tuple(_to_float(v, key) for v in _as_list(value, key))
+
+
 def _to_dict(value: Any, key: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -204,6 +234,9 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "float": _to_float,
     "size": _to_size,
     "str": _to_str,
+    "raw_str": _to_raw_str,
+    "int_list": _to_int_list,
+    "float_list": _to_float_list,
     "opt_str": _to_opt_str,
     "opt_int": _to_opt_int,
     "dict": _to_dict,
@@ -283,6 +316,25 @@ class CacheConfig:
         False,
         "encrypt frames on shared tiers (AES-256-GCM) so a reader of the store sees no KV; "
         "needs the secret",
+    )
+    enable_blending: bool = _opt(
+        "bool",
+        False,
+        "reuse the KV of repeated segments at any position (CacheBlend); see docs/blending.md",
+    )
+    blend_special_str: str = _opt(
+        "raw_str", " # # ", "text that separates a prompt's segments (spaces are part of it)"
+    )
+    blend_check_layers: tuple[int, ...] = _opt(
+        "int_list", (1,), "layers where the tokens to recompute are chosen, e.g. [1]"
+    )
+    blend_recompute_ratios: tuple[float, ...] = _opt(
+        "float_list",
+        (0.15,),
+        "fraction of the reused tokens recomputed after each check layer, e.g. [0.15]",
+    )
+    blend_min_tokens: int = _opt(
+        "int", 256, "fewest reused tokens for which a request is blended (else computed)"
     )
     metrics_port: int | None = _opt(
         "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
@@ -420,11 +472,33 @@ class CacheConfig:
             p.append("enable_p2p is set but p2p_index_url is not; e.g. redis://index-host:6379")
         if self.p2p_peer_ttl <= 0:
             p.append(f"p2p_peer_ttl={self.p2p_peer_ttl} must be > 0 seconds")
+        p.extend(self._blend_problems())
         if self.remote_url is not None and "://" not in self.remote_url:
             p.append(
                 f"remote_url={self.remote_url!r} must be a URL such as redis://host:6379 "
                 "or s3://bucket/prefix"
             )
+        return p
+
+    def _blend_problems(self) -> list[str]:
+        p: list[str] = []
+        layers, ratios = self.blend_check_layers, self.blend_recompute_ratios
+        if len(layers) != len(ratios):
+            p.append(
+                f"blend_check_layers={list(layers)} and blend_recompute_ratios={list(ratios)} "
+                "must have one ratio per check layer"
+            )
+        if any(b <= a for a, b in itertools.pairwise(layers)) or any(x < 0 for x in layers):
+            p.append(f"blend_check_layers={list(layers)} must be increasing layer numbers >= 0")
+        if any(not 0.0 <= r <= 1.0 for r in ratios):  # NaN fails this too
+            p.append(f"blend_recompute_ratios={list(ratios)} must lie in [0, 1]")
+        elif any(b > a for a, b in itertools.pairwise(ratios)):
+            p.append(
+                f"blend_recompute_ratios={list(ratios)} must not grow from one check layer "
+                "to the next (each keeps a subset of the tokens before it)"
+            )
+        if self.blend_min_tokens < 1:
+            p.append(f"blend_min_tokens={self.blend_min_tokens} must be >= 1")
         return p
 
     # ------------------------------------------------------------------ views

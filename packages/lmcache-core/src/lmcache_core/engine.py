@@ -271,6 +271,23 @@ class CacheEngine:
         m.inc("lmcache:num_hit_tokens", prompt.end(hits - 1) if hits else 0)
         return hits
 
+    def lookup_chains(
+        self, chains: Sequence[Sequence[CacheKey]], *, pin_owner: str | None = None
+    ) -> list[int]:
+        """How many leading keys of each independent chain are cached (pinning them all).
+
+        For prompts made of separately keyed parts (blend segments): one call
+        pins every part's hits for ``pin_owner``, replacing its earlier pins.
+        """
+        hits = [self._prefix_present(list(c)) if c else 0 for c in chains]
+        if pin_owner is not None and self.cpu is not None:
+            self.cpu.unpin(pin_owner)
+            held = [k for c, h in zip(chains, hits) for k in c[:h]]
+            if held:
+                self.cpu.pin(held, pin_owner, self.config.pin_timeout)
+        self.metrics.inc("lmcache:num_lookup_requests")
+        return hits
+
     def _prefix_present(self, keys: list[CacheKey]) -> int:
         n = len(keys)
         if self.tiers and self.tiers[0] is self.cpu:

@@ -46,6 +46,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "lmcache:num_skipped_unhealthy": ("counter", "Operations skipped: the tier is unhealthy"),
     "lmcache:num_promotions": ("counter", "Chunks copied up into the CPU tier on a lower-tier hit"),
     "lmcache:num_demotions": ("counter", "Chunks written down to a lower tier when evicted"),
+    "lmcache:blend_requests": ("counter", "Requests blended (segments reused at new positions)"),
+    "lmcache:blend_reused_tokens": (
+        "counter",
+        "Tokens whose cached KV a blend kept (re-rotated to their new positions)",
+    ),
+    "lmcache:blend_recomputed_tokens": (
+        "counter",
+        "Tokens of a blend range recomputed in every layer (selected, or not cached)",
+    ),
     "lmcache:tier_healthy": ("gauge", "1 while a tier answers, 0 while it is skipped"),
     "lmcache:write_queue_bytes": ("gauge", "Bytes waiting in a tier's write-behind queue"),
     "lmcache:usage_bytes": ("gauge", "Bytes stored in a tier"),

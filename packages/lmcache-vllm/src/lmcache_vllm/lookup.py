@@ -36,16 +36,25 @@ logger = logging.getLogger(__name__)
 _OP_LOOKUP = 1
 _OP_UNPIN = 2
 _OP_PING = 3
+_OP_LOOKUP_CHAINS = 4
 _HDR = struct.Struct("<IB")  # payload length, op
 _LOOKUP = struct.Struct("<IIIBH")  # chunk_size, num_tokens, n_digests, digest_size, owner_len
+_CHAINS = struct.Struct("<IIBH")  # chunk_size, n_chains, digest_size, owner_len
 _U32 = struct.Struct("<I")
 MAX_FRAME = 64 << 20
 
 #: ``lookup(chunk_size, num_tokens, digests, owner) -> leading chunks held``.
 LookupFn = Callable[[int, int, list[bytes], str], int]
 UnpinFn = Callable[[str], None]
+#: ``lookup_chains(chunk_size, chains, owner) -> leading chunks held of each chain``.
+ChainsFn = Callable[[int, list[list[bytes]], str], list[int]]
 
-_LOCAL: dict[tuple[str, int], tuple[LookupFn, UnpinFn]] = {}
+
+def _no_chains(chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
+    return [0] * len(chains)
+
+
+_LOCAL: dict[tuple[str, int], tuple[LookupFn, UnpinFn, ChainsFn]] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -96,15 +105,52 @@ def _decode_lookup(payload: bytes) -> tuple[int, int, list[bytes], str]:
     return chunk_size, num_tokens, digests, owner
 
 
+def _encode_chains(chunk_size: int, chains: list[list[bytes]], owner: str) -> bytes:
+    o = owner.encode()
+    flat = [d for c in chains for d in c]
+    size = len(flat[0]) if flat else 0
+    if any(len(d) != size for d in flat):
+        raise ValueError("all digests have the same size")
+    head = _CHAINS.pack(chunk_size, len(chains), size, len(o)) + o
+    return head + b"".join(_U32.pack(len(c)) for c in chains) + b"".join(flat)
+
+
+def _decode_chains(payload: bytes) -> tuple[int, list[list[bytes]], str]:
+    if len(payload) < _CHAINS.size:
+        raise ValueError("chain lookup frame too short")
+    chunk_size, n, size, olen = _CHAINS.unpack_from(payload)
+    off = _CHAINS.size
+    if len(payload) < off + olen + 4 * n:
+        raise ValueError("chain lookup frame too short for its header")
+    owner = payload[off : off + olen].decode()
+    off += olen
+    counts = [_U32.unpack_from(payload, off + 4 * i)[0] for i in range(n)]
+    off += 4 * n
+    if len(payload) != off + sum(counts) * size:
+        raise ValueError("chain lookup frame length does not match its header")
+    chains = []
+    for c in counts:
+        chains.append([payload[off + i * size : off + (i + 1) * size] for i in range(c)])
+        off += c * size
+    return chunk_size, chains, owner
+
+
 class LookupServer:
     """Serves one rank's lookups, in process and on a Unix socket."""
 
-    def __init__(self, engine_id: str, rank: int, lookup: LookupFn, unpin: UnpinFn) -> None:
+    def __init__(
+        self,
+        engine_id: str,
+        rank: int,
+        lookup: LookupFn,
+        unpin: UnpinFn,
+        lookup_chains: ChainsFn = _no_chains,
+    ) -> None:
         self.key = (engine_id, rank)
         self.path = socket_path(engine_id, rank)
-        self._lookup, self._unpin = lookup, unpin
+        self._lookup, self._unpin, self._chains = lookup, unpin, lookup_chains
         with _LOCAL_LOCK:
-            _LOCAL[self.key] = (lookup, unpin)
+            _LOCAL[self.key] = (lookup, unpin, lookup_chains)
         self._closed = False
         self._sock: socket.socket | None = None
         try:
@@ -143,6 +189,13 @@ class LookupServer:
                     if length > MAX_FRAME:
                         raise ValueError(f"frame of {length} bytes is too large")
                     payload = _recv_exact(conn, length)
+                    if op == _OP_LOOKUP_CHAINS:
+                        chunk_size, chains, owner = _decode_chains(payload)
+                        counts = self._chains(chunk_size, chains, owner)
+                        conn.sendall(
+                            _U32.pack(len(counts)) + b"".join(_U32.pack(c) for c in counts)
+                        )
+                        continue
                     if op == _OP_LOOKUP:
                         chunk_size, ntok, digests, owner = _decode_lookup(payload)
                         result = self._lookup(chunk_size, ntok, digests, owner)
@@ -187,6 +240,10 @@ class LookupClient:
         self._last_warning = 0.0
 
     def _call(self, rank: int, op: int, payload: bytes) -> int:
+        return int(_U32.unpack(self._request(rank, op, payload, 1))[0])
+
+    def _request(self, rank: int, op: int, payload: bytes, n_words: int | None) -> bytes:
+        """Send one frame; read ``n_words`` u32 back (None: a count, then that many)."""
         sock = self._socks.get(rank)
         for attempt in (0, 1):
             try:
@@ -196,7 +253,12 @@ class LookupClient:
                     sock.connect(socket_path(self.engine_id, rank))
                     self._socks[rank] = sock
                 sock.sendall(_HDR.pack(len(payload), op) + payload)
-                return int(_U32.unpack(_recv_exact(sock, _U32.size))[0])
+                if n_words is None:
+                    n = _U32.unpack(_recv_exact(sock, _U32.size))[0]
+                    if n > MAX_FRAME // 4:
+                        raise ConnectionError(f"lookup reply of {n} words is too large")
+                    return _recv_exact(sock, 4 * n)
+                return _recv_exact(sock, 4 * n_words)
             except (OSError, ConnectionError):
                 self._socks.pop(rank, None)
                 if sock is not None:
@@ -228,6 +290,31 @@ class LookupClient:
                 best = min(best, n)
                 if best == 0:
                     break
+        return best
+
+    def lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
+        """Leading chunks of each chain held by every rank (pinned on each for ``owner``)."""
+        best = [len(c) for c in chains]
+        if not any(best):
+            return best
+        payload: bytes | None = None
+        with self._lock:
+            for rank in range(self.world_size):
+                local = _LOCAL.get((self.engine_id, rank))
+                try:
+                    if local is not None:
+                        got = local[2](chunk_size, chains, owner)
+                    else:
+                        if payload is None:
+                            payload = _encode_chains(chunk_size, chains, owner)
+                        raw = self._request(rank, _OP_LOOKUP_CHAINS, payload, None)
+                        got = [_U32.unpack_from(raw, 4 * i)[0] for i in range(len(raw) // 4)]
+                    if len(got) != len(chains):
+                        raise ValueError(f"rank {rank} answered {len(got)} of {len(chains)} chains")
+                except Exception:
+                    self._warn(rank)
+                    return [0] * len(chains)
+                best = [min(b, int(g)) for b, g in zip(best, got)]
         return best
 
     def unpin(self, owner: str) -> None:

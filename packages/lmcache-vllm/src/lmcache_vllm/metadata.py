@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from lmcache_core.keys import ChunkedPrompt
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from lmcache_vllm.blend.specs import BlendLoadSpec, BlendSaveSpec
+
 
 @dataclass
 class PromptRef:
@@ -44,3 +46,5 @@ class SaveSpec:
 class LMCacheConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    blend_loads: list[BlendLoadSpec] = field(default_factory=list)
+    blend_saves: list[BlendSaveSpec] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Non-prefix KV reuse (CacheBlend) in vLLM: model access, the blend pass, loads and stores."""

@@ -1,0 +1,213 @@
+"""The scheduler side of the vLLM connector: lookups and per-step load/save plans.
+
+It hashes each prompt once, asks every tensor-parallel rank how many leading
+chunks it holds (the minimum counts), and tells the workers, in one metadata
+object per step, which blocks to load and which computed chunks to store.
+Blend requests (:mod:`lmcache_vllm.blend.scheduler`) take the same path with
+their segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lmcache_core.keys import ChunkedPrompt, TokenChunker
+
+from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
+from lmcache_vllm.lookup import LookupClient
+from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
+from lmcache_vllm.request_keys import request_identity
+from lmcache_vllm.settings import check_chunk_size, load_cache_config
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+#: Scheduler sides alive in this process (for tests and benchmark tools).
+SCHEDULERS: list[SchedulerSide] = []
+
+
+@dataclass
+class _RequestState:
+    prompt: ChunkedPrompt
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    load: tuple[int, int] | None = None  # tokens [from, until) to load this step
+    lookup_from: int = 0  # vLLM's own hit when we looked up
+    saved_chunks: int = 0
+    pinned: bool = False
+    blend: BlendState | None = None  # a blend request (its prompt is then empty)
+    tokens: list[int] = field(default_factory=list)
+
+
+class SchedulerSide:
+    """What the scheduler process does: lookups and per-step load/save plans."""
+
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        self.config = load_cache_config(extra)
+        self.block_size = vllm_config.cache_config.block_size
+        check_chunk_size(self.config, self.block_size)
+        self.role = vllm_config.kv_transfer_config.kv_role
+        self.chunker = TokenChunker(self.config.chunk_size, self.config.hash_algorithm)
+        pc = vllm_config.parallel_config
+        if pc.pipeline_parallel_size > 1:
+            raise ValueError("lmcache-vllm does not support pipeline parallelism yet")
+        self.client = LookupClient(
+            vllm_config.kv_transfer_config.engine_id,
+            pc.tensor_parallel_size,
+            self.config.blocking_timeout_secs,
+        )
+        self.requests: dict[str, _RequestState] = {}
+        self.blend = (
+            BlendScheduler(self.config, vllm_config, self.chunker)
+            if self.config.enable_blending
+            else None
+        )
+        SCHEDULERS.append(self)
+
+    def _state(self, request: Request) -> _RequestState | None:
+        st = self.requests.get(request.request_id)
+        if st is None:
+            identity = request_identity(request)
+            if identity is None:
+                return None
+            blend = self.blend.state(request, identity) if self.blend is not None else None
+            if blend is not None:
+                st = _RequestState(
+                    prompt=ChunkedPrompt(self.config.chunk_size, 0, []),
+                    prompt_len=len(request.prompt_token_ids),
+                    blend=blend,
+                    tokens=request.prompt_token_ids,
+                )
+                self.requests[request.request_id] = st
+                return st
+            prompt = self.chunker.chunk(
+                request.prompt_token_ids,
+                cache_salt=identity.cache_salt,
+                adapter=identity.adapter,
+                mm_items=identity.mm_items,
+                include_partial=self.config.save_unfull_chunk,
+                partial_multiple=self.block_size,
+            )
+            st = _RequestState(prompt=prompt, prompt_len=len(request.prompt_token_ids))
+            self.requests[request.request_id] = st
+        return st
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        if self.role == "kv_producer":
+            return 0
+        st = self._state(request)
+        if st is not None and st.blend is not None and self.blend is not None:
+            new = self.blend.matched(
+                st.blend, self.client, request.request_id, st.prompt_len, num_computed_tokens
+            )
+            st.pinned = new > 0
+            return new
+        if st is None or not len(st.prompt):
+            return 0
+        p = st.prompt
+        hits = self.client.lookup(p.chunk_size, p.num_tokens, p.digests, request.request_id)
+        st.pinned = hits > 0
+        hit = p.end(hits - 1) if hits else 0
+        # vLLM computes at least the last prompt token; like its own prefix
+        # cache, recompute the last (partial) block rather than load it.
+        hit = min(hit, ((st.prompt_len - 1) // self.block_size) * self.block_size)
+        st.lookup_from = num_computed_tokens
+        new = max(0, hit - num_computed_tokens)
+        if new == 0 and st.pinned:
+            self.client.unpin(request.request_id)
+            st.pinned = False
+        return new
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        st = self._state(request)
+        if st is None:
+            return
+        if num_external_tokens > 0 and st.blend is not None:
+            st.blend.pending = st.blend.plan
+        elif num_external_tokens > 0:
+            st.load = (st.lookup_from, st.lookup_from + num_external_tokens)
+
+    def build_connector_meta(self, so: SchedulerOutput) -> LMCacheConnectorMetadata:
+        meta = LMCacheConnectorMetadata()
+        for new in so.scheduled_new_reqs:
+            st = self.requests.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            self._plan_load(new.req_id, st, meta)
+            self._plan_save(
+                new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens[new.req_id], meta
+            )
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.requests.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            # A preempted request comes back here, not among the new ones, and
+            # may have looked up (and been promised) tokens again.
+            self._plan_load(req_id, st, meta)
+            done = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
+            self._plan_save(req_id, st, done, meta)
+        return meta
+
+    def _plan_load(self, req_id: str, st: _RequestState, meta: LMCacheConnectorMetadata) -> None:
+        if st.blend is not None and self.blend is not None:
+            spec = self.blend.load_spec(req_id, st.blend, st.tokens, st.block_ids)
+            if spec is not None:
+                meta.blend_loads.append(spec)
+                st.pinned = False
+            return
+        if st.load is None:
+            return
+        lo, hi = st.load
+        meta.loads.append(
+            LoadSpec(req_id, self._ref(st, len(st.prompt)), list(st.block_ids), lo, hi)
+        )
+        st.load = None
+        st.pinned = False
+
+    def _ref(self, st: _RequestState, chunks: int) -> PromptRef:
+        p = st.prompt
+        return PromptRef(p.chunk_size, p.end(chunks - 1) if chunks else 0, p.digests[:chunks])
+
+    def _plan_save(
+        self, req_id: str, st: _RequestState, computed: int, meta: LMCacheConnectorMetadata
+    ) -> None:
+        if self.role == "kv_consumer":
+            return
+        if st.blend is not None and self.blend is not None:
+            if computed >= st.prompt_len:
+                bspec = self.blend.save_spec(req_id, st.blend, st.block_ids)
+                if bspec is not None:
+                    meta.blend_saves.append(bspec)
+            return
+        if computed >= st.prompt_len:
+            ready = len(st.prompt)  # prefill done: every chunk, the partial one too
+        else:
+            ready = min(len(st.prompt), computed // self.config.chunk_size)
+        if ready > st.saved_chunks:
+            meta.saves.append(SaveSpec(req_id, self._ref(st, ready), list(st.block_ids)))
+            st.saved_chunks = ready
+
+    def request_finished(self, request: Request) -> None:
+        st = self.requests.pop(request.request_id, None)
+        if st is not None and st.pinned:
+            self.client.unpin(request.request_id)
+
+    def close(self) -> None:
+        self.client.close()
+        if self in SCHEDULERS:
+            SCHEDULERS.remove(self)

@@ -1,0 +1,106 @@
+"""A real vLLM OpenAI server with (or without) lmcache, for tests and benchmark tools.
+
+As :mod:`lmcache_core.testing.servers` does for Redis and S3: one helper
+that starts the server in its own process group, waits for ``/health``, and
+always stops it. Nothing here imports vLLM; the server is a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lmcache_core.testing.servers import free_port
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 600) -> None:
+    """Wait until ``url`` answers; fail with the log's tail if ``proc`` dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{url} did not come up in {timeout:.0f} s; log: {log}"
+                ) from None
+            time.sleep(1)
+
+
+@contextmanager
+def vllm_server(
+    model: str | Path,
+    role: str | None,
+    env: Mapping[str, str],
+    log: Path,
+    dtype: str = "bfloat16",
+    *,
+    extra_config: Mapping[str, Any] | None = None,
+    args: list[str] = (),  # type: ignore[assignment]
+) -> Iterator[int]:
+    """vLLM's OpenAI server on a free port (yielded); ``role`` None: without lmcache.
+
+    ``extra_config`` goes into ``kv_connector_extra_config``; ``args`` are more
+    server arguments. vLLM's prefix cache is off unless ``args`` turn it on.
+    """
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager",
+        "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0", *args,
+    ]  # fmt: skip
+    if role is not None:
+        kv = {
+            "kv_connector": "LMCacheKVConnector",
+            "kv_connector_module_path": "lmcache_vllm",
+            "kv_role": role,
+        }
+        if extra_config:
+            kv["kv_connector_extra_config"] = dict(extra_config)
+        cmd += ["--kv-transfer-config", json.dumps(kv)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def complete(port: int, prompt: str | list[int], max_tokens: int = 16, **body: Any) -> str:
+    """Greedy completion of ``prompt`` from the server on ``port``; its text.
+
+    ``body`` adds fields to the request (``cache_salt``, ``kv_transfer_params``...).
+    """
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
+    req_body = {
+        "model": models["data"][0]["id"],
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **body,
+    }
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json.dumps(req_body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=600).read())["choices"][0]["text"]

@@ -1,0 +1,260 @@
+"""The worker side of the vLLM connector: one rank's cache, its loads and stores.
+
+It owns the :class:`~lmcache_core.CacheEngine` of its rank, serves the
+scheduler's lookups, loads before the forward pass (``start_load_kv``) and
+stores after it (``wait_for_save``); with blending, it runs the blend pass
+(:mod:`lmcache_vllm.blend.worker`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import lmcache_cuda
+import torch
+from lmcache_core.engine import CacheEngine
+from lmcache_core.errors import ConfigError
+from lmcache_core.keys import ChunkedPrompt
+from lmcache_core.metrics import serve_metrics
+
+from lmcache_vllm.layouts import detect_layout, ordered_layers
+from lmcache_vllm.lookup import LookupServer
+from lmcache_vllm.metadata import LMCacheConnectorMetadata
+from lmcache_vllm.request_keys import namespace_extra
+from lmcache_vllm.settings import check_chunk_size, load_cache_config, model_id
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+# A child of vLLM's logger, so these lines appear in vLLM's log stream.
+logger = logging.getLogger("vllm.lmcache")
+
+#: Worker sides alive in this process (for tests and debugging tools).
+WORKERS: list[WorkerSide] = []
+
+
+def _kv_spec(kv_cache_config: KVCacheConfig) -> Any:
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"lmcache supports one KV cache group (a dense attention model); this model has "
+            f"{len(groups)}"
+        )
+    return groups[0].kv_cache_spec
+
+
+class WorkerSide:
+    """What each worker does: own its rank's cache, load and store KV."""
+
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+        tc = vllm_config.kv_transfer_config
+        self.extra = tc.kv_connector_extra_config
+        self.config = load_cache_config(self.extra)
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        self.block_size = vllm_config.cache_config.block_size
+        check_chunk_size(self.config, self.block_size)
+        self.engine: CacheEngine | None = None
+        self.server: LookupServer | None = None
+        self.metrics_server: Any = None
+        self.layers: list[torch.Tensor] = []
+        self._paged: Any = None  # block_ids -> reader/writer (lmcache-cuda's kernels)
+        self._failed_blocks: set[int] = set()
+        self.blend: Any = None  # BlendWorker when enable_blending
+        #: The last transfers, newest last: ("load"|"save", req_id, block_ids, tokens).
+        self.recent: deque[tuple[str, str, list[int], tuple[int, int]]] = deque(maxlen=64)
+        WORKERS.append(self)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        spec = _kv_spec(self.kv_cache_config)
+        layout = detect_layout(
+            kv_caches,
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+        )
+        self.layers = [t for _, t in ordered_layers(kv_caches)]
+        # C kernels for the CPU backend, CUDA kernels into pinned memory on GPUs;
+        # the torch reference where a kernel library is missing.
+        self._paged = lmcache_cuda.paged_memory(layout, self.layers)
+        rank = get_tensor_model_parallel_rank()
+        world = get_tensor_model_parallel_world_size()
+        self.engine = CacheEngine(
+            self.config,
+            model=model_id(self.vllm_config, self.config, self.extra),
+            key_extra=namespace_extra(self.vllm_config),
+            layout=layout,
+            world_size=world,
+            rank=rank,
+            arena=_pinned_arena(self.config) if self.layers[0].device.type == "cuda" else None,
+        )
+        if self.config.enable_blending:
+            self.blend = self._blend_worker(kv_caches, world)
+        self.server = LookupServer(
+            self.vllm_config.kv_transfer_config.engine_id,
+            rank,
+            self._lookup,
+            self.engine.unpin,
+            self._lookup_chains,
+        )
+        if self.config.metrics_port is not None:
+            self.metrics_server = serve_metrics(
+                self.engine.metrics, self.config.metrics_port + rank
+            )
+        logger.info(
+            "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens",
+            rank,
+            world,
+            layout.dtype,
+            layout.kind.value,
+            layout.num_layers,
+            self.engine.pool.num_slots,
+            self.config.chunk_size,
+        )
+
+    def _blend_worker(self, kv_caches: dict[str, torch.Tensor], world: int) -> Any:
+        from lmcache_vllm.blend.models import SUPPORTED, find_model
+        from lmcache_vllm.blend.worker import BlendWorker
+
+        assert self.engine is not None
+        forward_context = self.vllm_config.compilation_config.static_forward_context
+        names = [name for name, _ in ordered_layers(kv_caches)]
+        attn = {name: forward_context[name] for name in names if name in forward_context}
+        model = find_model(attn)
+        if model is None or len(attn) != len(names):
+            archs = getattr(self.vllm_config.model_config, "architectures", None) or ["?"]
+            raise ConfigError(
+                [
+                    f"enable_blending: model {archs[0]} is not one lmcache can blend. Supported: "
+                    f"{', '.join(SUPPORTED)} (dense RoPE decoders), with lmcache's vLLM plugin "
+                    "loaded (it is, unless VLLM_PLUGINS leaves out 'lmcache'); or turn "
+                    "enable_blending off"
+                ],
+                "lmcache-vllm",
+            )
+        return BlendWorker(
+            self.engine, model, self.layers, [attn[n] for n in names], world_size=world
+        )
+
+    def _lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
+        if self.blend is None or chunk_size != self.config.chunk_size:
+            return [0] * len(chains)
+        return self.blend.lookup(chains, owner)
+
+    def _lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
+        assert self.engine is not None
+        prompt = ChunkedPrompt(chunk_size, num_tokens, digests)
+        return self.engine.lookup_chunks(prompt, pin_owner=owner)
+
+    def kv(self, block_ids: list[int]) -> Any:
+        """Reader/writer over this worker's KV tensors for one request's blocks."""
+        assert self.engine is not None
+        return self._paged(block_ids)
+
+    def start_load_kv(self, meta: LMCacheConnectorMetadata) -> None:
+        if self.engine is None:
+            return
+        for bspec in meta.blend_loads:
+            self._blend_load(bspec)
+        bs = self.block_size
+        for spec in meta.loads:
+            t0 = time.perf_counter()
+            got = self.engine.retrieve(
+                spec.prompt.prompt(),
+                self.kv(spec.block_ids),
+                write_from=spec.load_from,
+                max_tokens=spec.load_until,
+                pin_owner=spec.req_id,
+            )
+            self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
+            if got > spec.load_from:
+                logger.info(
+                    "lmcache: loaded tokens [%d, %d) of %s in %.1f ms",
+                    spec.load_from,
+                    got,
+                    spec.req_id,
+                    (time.perf_counter() - t0) * 1e3,
+                )
+            if got < spec.load_until:
+                first_bad = max(spec.load_from, got) // bs
+                last = -(-spec.load_until // bs)
+                bad = spec.block_ids[first_bad:last]
+                logger.warning(
+                    "lmcache: loaded %d of tokens [%d, %d) for %s; vLLM recomputes %d blocks",
+                    max(0, got - spec.load_from),
+                    spec.load_from,
+                    spec.load_until,
+                    spec.req_id,
+                    len(bad),
+                )
+                self._failed_blocks.update(bad)
+                self.recent.append(("failed", spec.req_id, bad, (got, spec.load_until)))
+
+    def _blend_load(self, spec: Any) -> None:
+        try:
+            if self.blend is None:
+                raise RuntimeError("a blend load reached a worker without blending")
+            self.blend.load(spec)
+            self.recent.append(("blend", spec.req_id, spec.block_ids, (spec.start, spec.until)))
+        except Exception:
+            bs = self.block_size
+            bad = spec.block_ids[spec.start // bs : -(-spec.until // bs)]
+            logger.exception(
+                "lmcache: blending %s failed; vLLM recomputes %d blocks", spec.req_id, len(bad)
+            )
+            if self.engine is not None:
+                self.engine.unpin(spec.req_id)
+            self._failed_blocks.update(bad)
+            self.recent.append(("failed", spec.req_id, bad, (spec.start, spec.until)))
+
+    def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
+        if self.engine is None:
+            return
+        for bspec in meta.blend_saves:
+            try:
+                if self.blend is not None:
+                    self.blend.save(bspec)
+                    self.recent.append(("blend_save", bspec.req_id, bspec.block_ids, (0, 0)))
+            except Exception:
+                logger.exception("lmcache: storing the segments of %s failed", bspec.req_id)
+        for spec in meta.saves:
+            self.engine.store(spec.prompt.prompt(), self.kv(spec.block_ids))
+            self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
+
+    def take_failed_blocks(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self in WORKERS:
+            WORKERS.remove(self)
+
+
+def _pinned_arena(config: Any) -> Any:
+    """The DRAM tier's memory pinned for the CUDA kernels; None (pageable) if that fails."""
+    from lmcache_core.pool import SLOT_OFFSET
+    from lmcache_cuda.pinned import CudaUnavailableError, PinnedArena
+
+    try:
+        return PinnedArena(config.max_local_cpu_size + SLOT_OFFSET)
+    except (CudaUnavailableError, OSError) as e:
+        logger.warning("lmcache: DRAM tier not pinned (%s); GPU transfers use torch copies", e)
+        return None
