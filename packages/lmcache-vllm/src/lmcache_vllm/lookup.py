@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -268,54 +269,53 @@ class LookupClient:
                     raise
         raise AssertionError("unreachable")
 
+    def _min_over_ranks(self, ask: Callable[[int, Any], list[int]], best: list[int]) -> list[int]:
+        """Element-wise minimum of every rank's answer to ``ask(rank, local)``: a rank's
+        in-process functions, or None for one behind its socket. A rank that fails to
+        answer makes it all misses."""
+        with self._lock:
+            for rank in range(self.world_size):
+                try:
+                    got = ask(rank, _LOCAL.get((self.engine_id, rank)))
+                    if len(got) != len(best):
+                        raise ValueError(f"rank {rank} answered {len(got)} of {len(best)} counts")
+                except Exception:
+                    self._warn(rank)
+                    return [0] * len(best)
+                best = [min(b, int(g)) for b, g in zip(best, got)]
+                if not any(best):
+                    break
+        return best
+
     def lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
         """Leading chunks held by every rank (pinned on each for ``owner``)."""
         if not digests:
             return 0
-        best = len(digests)
-        payload: bytes | None = None
-        with self._lock:
-            for rank in range(self.world_size):
-                local = _LOCAL.get((self.engine_id, rank))
-                try:
-                    if local is not None:
-                        n = local[0](chunk_size, num_tokens, digests, owner)
-                    else:
-                        if payload is None:
-                            payload = _encode_lookup(chunk_size, num_tokens, digests, owner)
-                        n = self._call(rank, _OP_LOOKUP, payload)
-                except Exception:
-                    self._warn(rank)
-                    return 0
-                best = min(best, n)
-                if best == 0:
-                    break
-        return best
+        payload: list[bytes] = []  # encoded once, for the first rank behind a socket
+
+        def ask(rank: int, local: Any) -> list[int]:
+            if local is not None:
+                return [local[0](chunk_size, num_tokens, digests, owner)]
+            if not payload:
+                payload.append(_encode_lookup(chunk_size, num_tokens, digests, owner))
+            return [self._call(rank, _OP_LOOKUP, payload[0])]
+
+        return self._min_over_ranks(ask, [len(digests)])[0]
 
     def lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
         """Leading chunks of each chain held by every rank (pinned on each for ``owner``)."""
+        payload: list[bytes] = []
+
+        def ask(rank: int, local: Any) -> list[int]:
+            if local is not None:
+                return list(local[2](chunk_size, chains, owner))
+            if not payload:
+                payload.append(_encode_chains(chunk_size, chains, owner))
+            raw = self._request(rank, _OP_LOOKUP_CHAINS, payload[0], None)
+            return [_U32.unpack_from(raw, 4 * i)[0] for i in range(len(raw) // 4)]
+
         best = [len(c) for c in chains]
-        if not any(best):
-            return best
-        payload: bytes | None = None
-        with self._lock:
-            for rank in range(self.world_size):
-                local = _LOCAL.get((self.engine_id, rank))
-                try:
-                    if local is not None:
-                        got = local[2](chunk_size, chains, owner)
-                    else:
-                        if payload is None:
-                            payload = _encode_chains(chunk_size, chains, owner)
-                        raw = self._request(rank, _OP_LOOKUP_CHAINS, payload, None)
-                        got = [_U32.unpack_from(raw, 4 * i)[0] for i in range(len(raw) // 4)]
-                    if len(got) != len(chains):
-                        raise ValueError(f"rank {rank} answered {len(got)} of {len(chains)} chains")
-                except Exception:
-                    self._warn(rank)
-                    return [0] * len(chains)
-                best = [min(b, int(g)) for b, g in zip(best, got)]
-        return best
+        return self._min_over_ranks(ask, best) if any(best) else best
 
     def unpin(self, owner: str) -> None:
         with self._lock:

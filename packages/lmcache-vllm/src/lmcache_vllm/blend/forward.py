@@ -14,6 +14,10 @@ the end of the last cached run) the pass
 4. writes every layer's K/V of ``[P, L)`` into vLLM's blocks through the
    attention backend's own write op.
 
+Attention outputs nobody reads are not computed: at a check layer only the
+kept tokens' (the others' hidden states end there), at the last layer none
+(vLLM computes the logits from the KV, in its own pass over the tail).
+
 The layers are vLLM's modules, called as vLLM's model calls them
 (``layer(positions, hidden, residual)``), with the attention module swapped
 for :class:`_BlendAttention` for the duration of the pass: that is the one
@@ -180,6 +184,7 @@ class _BlendRun:
         self.all_reduce = all_reduce
         n = inputs.token_ids.shape[0]
         self.n = n
+        self.n_layers = len(model.layers)
         self.active = torch.arange(n)  # rows of [P, L) being computed
         self.selected: torch.Tensor | None = None  # set at a check layer, applied after it
         dev = inputs.cached_kv.device
@@ -204,12 +209,24 @@ class _BlendRun:
             k_all[self.active] = k.to(k_all.dtype)
             v_all[self.active] = v.to(v_all.dtype)
         self.paged.write(li, self.slots, k_all, v_all)
+        # Rows whose output a later layer reads: at a check layer only the kept ones
+        # (the others' hidden states stop here), after the last layer none at all.
+        if li == self.n_layers - 1:
+            return q.new_zeros(q.shape[0], h * d)
+        rows = None
+        if self.selected is not None:
+            rows = torch.searchsorted(self.active, self.selected)
         if inp.start:
             ctx_k, ctx_v = self.paged.read(li, inp.block_ids, 0, inp.start)
             k_all = torch.cat([ctx_k.to(k_all.dtype), k_all])
             v_all = torch.cat([ctx_v.to(v_all.dtype), v_all])
         q_pos = self.positions[self.active]
-        out = causal_attention(q, q_pos, k_all.to(q.dtype), v_all.to(q.dtype), m.scale)
+        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        if rows is None:
+            out = causal_attention(q, q_pos, k_all, v_all, m.scale)
+        else:
+            out = q.new_zeros(q.shape)
+            out[rows] = causal_attention(q[rows], q_pos[rows], k_all, v_all, m.scale)
         return out.reshape(q.shape[0], h * d)
 
     def _check(self, li: int, k: torch.Tensor) -> None:

@@ -125,6 +125,7 @@ class BlendWorker:
         self.dtype = layers[0].dtype
         self.device = layers[0].device
         self.last: BlendResult | None = None  # the latest blend (for tests and debugging)
+        self.world_size = world_size
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         if world_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
@@ -172,9 +173,7 @@ class BlendWorker:
         self.engine.unpin(spec.req_id)
         if self.all_reduce is not None:  # a row counts as cached only if every rank has it
             have = self.all_reduce(cached.to(self.device, torch.int32)).cpu()
-            cached &= (
-                have == self.all_reduce(torch.ones(1, device=self.device, dtype=torch.int32)).cpu()
-            )
+            cached &= have == self.world_size
         t_load = time.perf_counter()
         self._rotate_runs(staging, cached, spec)
         staging = staging.to(self.device)
