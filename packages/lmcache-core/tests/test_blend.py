@@ -207,7 +207,7 @@ def test_blend_config_keys_and_their_errors():
     assert CacheConfig().blend_special_str == " # # "
     for bad, words in (
         ({"blend_check_layers": [1, 2]}, "one ratio per check layer"),
-        ({"blend_recompute_ratios": ["nan"]}, "must lie in [0, 1]"),
+        ({"blend_recompute_ratios": ["nan"]}, "must be a finite number"),
         ({"blend_recompute_ratios": [1.5]}, "must lie in [0, 1]"),
         ({"blend_check_layers": [3, 1], "blend_recompute_ratios": [0.2, 0.1]}, "increasing"),
         ({"blend_check_layers": [1, 3], "blend_recompute_ratios": [0.1, 0.2]}, "must not grow"),

@@ -176,3 +176,93 @@ def test_replace_keeps_sizes_in_bytes():
     r = c.replace(chunk_size=16)
     assert r.max_local_cpu_size == 64 * 2**20 and r.max_local_disk_size == c.max_local_disk_size
     assert r.chunk_size == 16
+
+
+# ---------------------------------------------------------------------------- values that escaped
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"max_local_cpu_size": "1e999"}, "max_local_cpu_size='1e999' is not a finite size"),
+        ({"max_local_cpu_size": float("inf")}, "max_local_cpu_size=inf is not a finite size"),
+        ({"max_local_cpu_size": float("nan")}, "max_local_cpu_size=nan is not a finite size"),
+        ({"max_local_disk_size": "inf"}, "max_local_disk_size='inf' is not a size"),
+        ({"max_local_cpu_size": "2000000TiB"}, "more than any machine holds"),
+        ({"pin_timeout": "nan"}, "pin_timeout='nan' must be a finite number"),
+        ({"tier_retry_backoff": float("nan")}, "tier_retry_backoff=nan must be a finite number"),
+        ({"p2p_peer_ttl": "nan"}, "p2p_peer_ttl='nan' must be a finite number"),
+        ({"blocking_timeout_secs": "inf"}, "blocking_timeout_secs='inf' must be a finite number"),
+        ({"remote_url": "disk://x"}, "disk is not a remote tier; set local_disk"),
+        ({"remote_url": "cpu://x"}, "cpu is not a remote tier; set local_cpu"),
+        ({"remote_url": "lm://host:65432"}, "lm:// is upstream LMCache's lmcache_server"),
+        ({"remote_url": "redis-sentinel://h:26379"}, "Redis Sentinel, not supported"),
+        ({"remote_url": "nosuch://x"}, "no installed tier serves nosuch://"),
+    ],
+)
+def test_values_that_escaped_the_checks_are_named_errors(values, words):
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_dict(values)
+    assert words in str(e.value), str(e.value)
+
+
+def test_plugin_settings_in_extra_config_are_named_errors_at_tier_build():
+    from lmcache_core import CacheEngine, KVLayout
+
+    layout = KVLayout("vllm_flash", "bfloat16", 2, 2, 8, 4)
+    for url, extra, words in (
+        ("redis://127.0.0.1:1", {"redis_ttl": "abc"}, "extra_config.redis_ttl='abc' must be a"),
+        ("redis://127.0.0.1:1", {"redis_ttl": -5}, "extra_config.redis_ttl=-5 must be > 0"),
+        ("s3://bucket/p", {"s3_max_concurrency": 0}, "extra_config.s3_max_concurrency=0 must"),
+    ):
+        config = CacheConfig.from_dict(
+            {"remote_url": url, "extra_config": extra, "max_local_cpu_size": "1MiB"}
+        )
+        with pytest.raises(ConfigError) as e:
+            CacheEngine(config, model="m", layout=layout, metrics=None)
+        assert words in str(e.value), str(e.value)
+
+
+def test_config_files_that_are_not_utf8_or_use_aliases_are_refused_fast(tmp_path):
+    import time
+
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("chunk_size: 256\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text.*save the config file as UTF-8"):
+        CacheConfig.from_file(latin)
+    # Nested aliases: a few hundred bytes that expand to 10**9 nodes for a walker.
+    laughs = ["extra_config:", '  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefgh"[i]
+        laughs.append(f"  {name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(laughs) + "\n")
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases"):
+        CacheConfig.from_file(bomb)
+    assert time.monotonic() - t < 1.0
+
+
+def test_local_disk_urls_read_as_upstream_reads_them():
+    from pathlib import Path
+
+    from lmcache_core.backends.disk import path_from_url
+
+    assert path_from_url("file://local_disk/") == Path("local_disk")  # upstream's example
+    assert path_from_url("file:///var/cache/kv/") == Path("/var/cache/kv")
+    assert path_from_url("file://~/kv/") == Path.home() / "kv"
+    assert path_from_url("~/kv") == Path.home() / "kv"
+    assert path_from_url("/abs/kv") == Path("/abs/kv")
+    with pytest.raises(ConfigError, match="must be a path or a file:///path/ URL"):
+        path_from_url("s3://bucket/kv")
+
+
+def test_lmcache_config_fails_on_a_remote_url_no_tier_serves(tmp_path, capsys):
+    from lmcache_core.cli import main
+
+    f = tmp_path / "c.yaml"
+    f.write_text("remote_url: lm://localhost:65432\n")
+    assert main(["config", "--file", str(f)]) != 0
+    assert "lm:// is upstream LMCache's lmcache_server" in capsys.readouterr().err
+    f.write_text("remote_url: redis://localhost:6379\n")
+    assert main(["config", "--file", str(f)]) == 0

@@ -24,6 +24,7 @@ import difflib
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,14 +147,19 @@ def _to_int(value: Any, key: str) -> int:
 def _to_float(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{key}={value!r} must be a number, not a boolean")
+    number: float | None = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             pass
-    raise ValueError(f"{key}={value!r} must be a number")
+    if number is None:
+        raise ValueError(f"{key}={value!r} must be a number")
+    if not math.isfinite(number):  # a NaN timeout never expires, a NaN backoff never ends
+        raise ValueError(f"{key}={value!r} must be a finite number")
+    return number
 
 
 def _to_size(value: Any, key: str) -> int:
@@ -473,11 +479,7 @@ class CacheConfig:
         if self.p2p_peer_ttl <= 0:
             p.append(f"p2p_peer_ttl={self.p2p_peer_ttl} must be > 0 seconds")
         p.extend(self._blend_problems())
-        if self.remote_url is not None and "://" not in self.remote_url:
-            p.append(
-                f"remote_url={self.remote_url!r} must be a URL such as redis://host:6379 "
-                "or s3://bucket/prefix"
-            )
+        p.extend(_remote_url_problems(self.remote_url))
         return p
 
     def _blend_problems(self) -> list[str]:
@@ -523,21 +525,117 @@ class CacheConfig:
         return CacheConfig.from_dict(merged, source="CacheConfig.replace")
 
 
+def extra_number(
+    config: CacheConfig,
+    key: str,
+    default: float | None,
+    *,
+    integer: bool = False,
+    minimum: float = 0.0,
+    inclusive: bool = False,
+) -> Any:
+    """A number from ``extra_config`` (a plugin's setting), checked like any config key.
+
+    Missing or null gives ``default``. A value that is not a finite number, or not
+    above ``minimum`` (at or above it with ``inclusive``), is a :class:`ConfigError`
+    that names ``extra_config.<key>``, raised when the tier is built.
+    """
+    raw = config.extra_config.get(key)
+    if raw is None:
+        return default
+    name = f"extra_config.{key}"
+    try:
+        value = _to_int(raw, name) if integer else _to_float(raw, name)
+    except ValueError as e:
+        raise ConfigError([str(e)], "cache config") from None
+    if value < minimum or (value == minimum and not inclusive):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ConfigError([f"{name}={raw!r} must be {bound}"], "cache config")
+    return value
+
+
+#: Tiers that are not remote, named as a ``remote_url`` scheme: the key that means them.
+_LOCAL_SCHEMES = {
+    "cpu": "local_cpu",
+    "disk": "local_disk",
+    "file": "local_disk",
+    "p2p": "enable_p2p",
+}
+#: Upstream LMCache's remote connectors that lmcache has no tier for.
+_UPSTREAM_SCHEMES = {
+    "lm": "upstream LMCache's lmcache_server, which lmcache does not serve; use redis://, "
+    "s3:// or fs://",
+    "resp": "upstream LMCache's RESP connector; use redis:// or valkey://",
+    "redis-sentinel": "Redis Sentinel, not supported; point redis:// at the primary or use "
+    "redis+cluster://",
+    "infinistore": "InfiniStore, not supported",
+    "mooncakestore": "Mooncake Store, not supported",
+    "blackhole": "upstream LMCache's test connector; leave remote_url unset",
+}
+
+
+def _remote_url_problems(url: str | None) -> list[str]:
+    from lmcache_core.plugins import BACKENDS, KNOWN_PLUGINS, installed_names
+
+    if url is None:
+        return []
+    if "://" not in url:
+        return [f"remote_url={url!r} must be a URL such as redis://host:6379 or s3://bucket/prefix"]
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in _LOCAL_SCHEMES:
+        return [
+            f"remote_url={url!r}: {scheme} is not a remote tier; set {_LOCAL_SCHEMES[scheme]} "
+            "for it and remote_url for a shared store (redis://, s3://, fs://)"
+        ]
+    installed = installed_names(BACKENDS)
+    if scheme in installed:
+        return []
+    if scheme in _UPSTREAM_SCHEMES:
+        why = f"{scheme}:// is {_UPSTREAM_SCHEMES[scheme]}"
+    elif scheme in KNOWN_PLUGINS[BACKENDS]:
+        why = f"the {scheme} tier is not installed: {KNOWN_PLUGINS[BACKENDS][scheme]}"
+    else:
+        why = f"no installed tier serves {scheme}://"
+    remote = [s for s in installed if s not in _LOCAL_SCHEMES]
+    return [f"remote_url={url!r}: {why} (installed: {', '.join(remote)})"]
+
+
 def _unknown_key_message(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid + sorted(LMCACHE_COMPAT_KEYS), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown key {key!r}{hint} (valid keys: {', '.join(valid)})"
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: ``*a`` nested a few levels deep expands to billions of
+    nodes for whoever walks the result (the "billion laughs"); a cache config has no
+    use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(
+                f"YAML aliases (*name) are not allowed in a cache config (line {mark.line + 1}); "
+                "write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(
             [f"cannot read config file {path} ({e.strerror}); check {CONFIG_FILE_ENV}"], str(path)
         ) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [f"not UTF-8 text (byte {e.start}): save the config file as UTF-8"], str(path)
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
     if data is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -25,6 +26,8 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\
 #: A bare number is a size in GB the way LMCache counts it (``max_local_cpu_size: 5``
 #: means 5 * 2**30 bytes there), so an LMCache config keeps its meaning here.
 BARE_NUMBER_UNIT = 1024**3
+#: No size worth configuring is larger (1 EiB); larger numbers are typos or ``1e999``.
+MAX_SIZE = 1 << 60
 
 
 def parse_size(value: object, *, what: str = "size") -> int:
@@ -57,9 +60,14 @@ def parse_size(value: object, *, what: str = "size") -> int:
             )
     else:
         raise ValueError(f"{what} must be a size such as 5GiB or 512MB, not {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"{what}={value!r} is not a finite size; write e.g. 5GiB or 512MB")
     if number < 0:
         raise ValueError(f"{what}={value!r} is negative; sizes must be >= 0")
-    return int(number * unit)
+    size = number * unit
+    if size >= MAX_SIZE:
+        raise ValueError(f"{what}={value!r} is more than any machine holds (at most 1 EiB)")
+    return int(size)
 
 
 def format_size(nbytes: int) -> str:

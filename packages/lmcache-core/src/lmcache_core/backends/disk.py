@@ -26,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from lmcache_core.backends.base import (
     BackendCapabilities,
@@ -54,13 +53,19 @@ _counter = itertools.count()
 
 
 def path_from_url(url: str) -> Path:
-    """``file:///path/`` or a plain path."""
+    """``file:///abs/path/``, ``file://relative/path/``, ``file://~/path/`` or a plain path.
+
+    As upstream LMCache reads it: what follows ``file://`` is the path, so its
+    own example ``file://local_disk/`` is the folder ``local_disk/`` (a URL
+    parser would make ``local_disk`` a host and the path ``/``), and a leading
+    ``~`` is the home directory.
+    """
     if "://" in url:
-        u = urlparse(url)
-        if u.scheme != "file":
+        scheme, rest = url.split("://", 1)
+        if scheme.lower() != "file" or not rest:
             raise ConfigError([f"local_disk={url!r} must be a path or a file:///path/ URL"])
-        return Path(u.path)
-    return Path(url)
+        url = rest
+    return Path(url).expanduser()
 
 
 def write_atomically(

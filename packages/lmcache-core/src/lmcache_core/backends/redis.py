@@ -41,6 +41,7 @@ from lmcache_core.backends.frame_store import (
     frame_bytes,
     sealer_for,
 )
+from lmcache_core.config import extra_number
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -156,9 +157,9 @@ class RedisBackend(FrameStore):
             max_chunk_bytes=context.pool.slot_bytes,
             sealer=sealer_for(config, context, cls.name),
             key_prefix=str(extra.get("redis_key_prefix", "lmcache:")),
-            ttl_s=float(extra["redis_ttl"]) if extra.get("redis_ttl") else None,
+            ttl_s=extra_number(config, "redis_ttl", None),  # a negative TTL fails every SET
             timeout_s=config.blocking_timeout_secs,
-            connect_timeout_s=float(extra.get("redis_connect_timeout", 2.0)),
+            connect_timeout_s=extra_number(config, "redis_connect_timeout", 2.0),
         )
 
     # ------------------------------------------------------------------ moving frames

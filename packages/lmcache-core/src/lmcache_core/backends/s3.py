@@ -27,6 +27,7 @@ from lmcache_core.backends.frame_store import (
     frame_bytes,
     sealer_for,
 )
+from lmcache_core.config import extra_number
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -102,7 +103,7 @@ class S3Backend(FrameStore):
             max_chunk_bytes=context.pool.slot_bytes,
             sealer=sealer_for(config, context, cls.name),
             endpoint_url=extra.get("s3_endpoint_url"),
-            max_concurrency=int(extra.get("s3_max_concurrency", 16)),
+            max_concurrency=extra_number(config, "s3_max_concurrency", 16, integer=True),
             timeout_s=config.blocking_timeout_secs,
         )
 
