@@ -66,7 +66,6 @@ class Server:
         self, model: str, *, lmcache: bool, log: Path, max_model_len: int, dtype: str
     ) -> None:
         self.port = free_port()
-        self.metrics_port = free_port() if lmcache else None
         env = {**os.environ}
         if not gpu_present():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -92,7 +91,6 @@ class Server:
         ]
         if lmcache:
             env.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "4GiB")
-            env["LMCACHE_METRICS_PORT"] = str(self.metrics_port)
             cmd += [
                 "--kv-transfer-config",
                 json.dumps(
@@ -213,7 +211,8 @@ def main() -> int:
                             tokens.append(r.prompt_tokens)
                         progress.advance(task)
                 if name == "lmcache":
-                    metrics = scrape_metrics(f"http://127.0.0.1:{server.metrics_port}/metrics")
+                    # lmcache's metrics are on vLLM's own /metrics (connector stats).
+                    metrics = scrape_metrics(f"{server.url}/metrics")
             finally:
                 server.stop()
 
@@ -236,7 +235,7 @@ def main() -> int:
     uncached = figures["uncached/lmcache"]
     cached = [v for k, v in figures.items() if k.startswith("pass ")]
     lookup = metrics.get("lmcache:num_lookup_tokens", 0)
-    hit_rate = metrics.get("lmcache:num_hit_tokens", 0) / lookup if lookup else 0.0
+    hit_rate = metrics.get("lmcache:num_lookup_hits", 0) / lookup if lookup else 0.0
     summary = {
         "prompt_tokens_mean": statistics.fmean(tokens) if tokens else None,
         "ttft_uncached_s": uncached,

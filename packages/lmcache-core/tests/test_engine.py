@@ -235,12 +235,18 @@ def test_metrics_count_lookups_hits_and_bytes():
         m = engine.metrics
         assert m.get("lmcache:num_lookup_requests") == 2
         assert m.get("lmcache:num_lookup_tokens") == 80
-        assert m.get("lmcache:num_hit_tokens") == 40 + 16
+        assert m.get("lmcache:num_lookup_hits") == 40 + 16
+        assert m.get("lmcache:num_hit_tokens") == 40  # upstream's meaning: retrieved
+        assert m.get("lmcache:num_requested_tokens") == 40
+        assert m.get("lmcache:time_to_lookup") == 2  # observations
+        assert m.get("lmcache:time_to_retrieve") == 1
+        assert m.get("lmcache:time_to_store") == 1
         assert m.get("lmcache:stored_bytes", tier="cpu") == LAYOUT.chunk_bytes(40)
         assert m.get("lmcache:retrieved_bytes", tier="cpu") == LAYOUT.chunk_bytes(40)
         text = m.render_prometheus()
-        assert 'lmcache:stored_bytes{tier="cpu"}' in text
-        assert "# TYPE lmcache:num_hit_tokens counter" in text
+        assert 'lmcache:stored_bytes_total{tier="cpu"}' in text
+        assert "lmcache:num_hit_tokens_total 40.0" in text
+        assert "lmcache:time_to_store_count 1.0" in text
         assert engine.remove(tokens) == 3
         assert engine.lookup(tokens) == 0
 
@@ -318,3 +324,28 @@ def test_lookup_of_independent_chains_pins_every_chains_hits():
         assert engine.cpu.pinned_keys() == {kb[0]}
         engine.unpin("req")
         assert engine.cpu.pinned_keys() == set()
+
+
+def test_watchers_see_chunks_enter_and_leave_tiers(tmp_path):
+    """What KV cache events are made from: stores per tier, evictions, removals."""
+    src = FakeEngine(LAYOUT)
+    seen: list[tuple[str, str, int]] = []
+    chunk = LAYOUT.chunk_bytes(16)
+    with make_engine(
+        max_local_cpu_size=f"{2 * chunk + 4096}B",
+        local_disk=f"file://{tmp_path}/",
+        max_local_disk_size=f"{2 * chunk + 512}B",
+    ) as engine:
+        engine.watch(lambda ev, tier, keys: seen.append((ev, tier, len(keys))))
+        engine.store(list(range(32)), src.kv(src.table(32, 0)))
+        engine.flush()
+        assert ("stored", "cpu", 2) in seen
+        assert sum(n for ev, t, n in seen if (ev, t) == ("stored", "disk")) == 2
+        seen.clear()
+        engine.store(list(range(100, 132)), src.kv(src.table(32, 1)))  # evicts both
+        engine.flush()
+        assert sum(n for ev, t, n in seen if (ev, t) == ("removed", "cpu")) == 2
+        assert sum(n for ev, t, n in seen if (ev, t) == ("removed", "disk")) == 2
+        seen.clear()
+        assert engine.remove(list(range(100, 132))) >= 2
+        assert ("removed", "cpu", 2) in seen

@@ -100,19 +100,22 @@ def test_metrics_reject_unknown_names():
 
 
 def test_metrics_are_served_over_http():
-    import urllib.error
     import urllib.request
 
     from lmcache_core.metrics import serve_metrics
 
     m = Metrics()
-    m.inc("lmcache:num_hit_tokens", 42)
-    server = serve_metrics(m, 0)
+    m.inc("lmcache:num_hit_tokens", 134217729)
+    m.inc("lmcache:stored_bytes", 5, tier="disk")
+    m.observe("lmcache:time_to_retrieve", 0.003)
+    server = serve_metrics(m, 0, host="127.0.0.1")
     try:
         port = server.server_address[1]
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert b"lmcache:num_hit_tokens 42" in body
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        # prometheus_client's exposition: counters end in _total, values are exact.
+        assert b"lmcache:num_hit_tokens_total 1.34217729e+08" in body
+        assert b'lmcache:stored_bytes_total{tier="disk"} 5.0' in body
+        assert b'lmcache:time_to_retrieve_bucket{le="0.005"} 1.0' in body
+        assert b'lmcache:time_to_retrieve_bucket{le="0.0025"} 0.0' in body
     finally:
         server.shutdown()

@@ -260,3 +260,23 @@ class TestDiskTierAsTheSGLangBackendBuildsIt(StorageBackendTests):
         assert disk.name == "disk"
         assert b.engine.pool.slot_bytes == slot_bytes, "the suite's chunks must fit a slot"
         return SettledWrites(disk, on_close=b.close)
+
+
+def test_sglang_exposes_lmcache_metrics_on_its_exporter():
+    """SGLang has no connector metrics API: metrics_port starts lmcache's exporter per rank."""
+    from lmcache_core.testing.servers import free_port
+    from lmcache_core.workload import scrape_metrics
+
+    port = free_port()
+    extra = {"max_local_cpu_size": "64MiB", "metrics_port": port, "metrics_host": "127.0.0.1"}
+    b = backend(HostPool(), extra_config=extra)
+    try:
+        ks = keys(2, "metrics")
+        b.batch_set_v1(ks, page_indices([0, 1], 4))
+        assert b.batch_get_v1(ks, page_indices([2, 3], 4)) == [True, True]
+        m = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+        assert m["lmcache:num_hit_tokens"] == 8 == b.get_stats()["num_hit_tokens"]
+        assert m["lmcache:stored_bytes"] > 0
+        assert m["lmcache:time_to_store_count"] >= 1
+    finally:
+        b.close()

@@ -87,7 +87,7 @@ class Harness:
             c.release()
 
     def retrieved(self):
-        return self.m.get("lmcache:num_retrieved_tokens")
+        return self.m.get("lmcache:num_hit_tokens")
 
 
 def tokens(seed: int, n: int, vocab: int = 4000) -> list[int]:
@@ -128,7 +128,7 @@ def scenario_random(model: str) -> dict:
     before = h.retrieved()
     h.gen(p1[:300] + tokens(2, 300))
     r["loaded_on_shared_prefix"] = h.retrieved() - before
-    r["hit_tokens_total"] = h.m.get("lmcache:num_hit_tokens")
+    r["hit_tokens_total"] = h.m.get("lmcache:num_lookup_hits")
     r["lookups"] = h.m.get("lmcache:num_lookup_requests")
     r["transfer"] = type(h.worker.kv([0])).__name__
     return r

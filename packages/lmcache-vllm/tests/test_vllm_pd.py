@@ -63,5 +63,5 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
                 router.wait(10)
     assert got == expected, "1P1D must answer exactly as one instance computing it"
     # 699 computable tokens: 5 whole 128-token blocks came from the prefill instance.
-    assert m.get("lmcache:num_retrieved_tokens", 0) == 640
+    assert m.get("lmcache:num_hit_tokens", 0) == 640
     assert m.get("lmcache:num_stored_tokens", 0) == 0, "a kv_consumer never stores"

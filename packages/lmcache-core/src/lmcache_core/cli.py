@@ -225,7 +225,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             m = summary["lmcache"]
             assert isinstance(m, dict)
             looked = m.get("lmcache:num_lookup_tokens", 0)
-            rate = m.get("lmcache:num_hit_tokens", 0) / looked if looked else 0.0
+            rate = m.get("lmcache:num_lookup_hits", 0) / looked if looked else 0.0
             stored = m.get("lmcache:stored_bytes", 0) / 2**20
             print(f"lmcache hit rate {rate:.0%}; stored {stored:.0f} MiB")
     for r in errors[:5]:

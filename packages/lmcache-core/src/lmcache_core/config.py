@@ -343,7 +343,13 @@ class CacheConfig:
         "int", 256, "fewest reused tokens for which a request is blended (else computed)"
     )
     metrics_port: int | None = _opt(
-        "opt_int", None, "serve Prometheus /metrics on this port (+ rank) from each worker"
+        "opt_int",
+        None,
+        "standalone Prometheus exporter on this port (+ rank) in each worker; under vLLM "
+        "the metrics are on vLLM's own /metrics without it",
+    )
+    metrics_host: str = _opt(
+        "str", "0.0.0.0", "interface the standalone exporter binds (127.0.0.1: this host only)"
     )
     extra_config: dict[str, Any] = _opt("dict", {}, "free-form settings for plugins")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -110,6 +110,8 @@ class CacheEngine:
         self.cpu: LocalCPUBackend | None = None
         self._demote_to: StorageBackend | None = None
         self._evict_listeners: list[Any] = []
+        #: ``watch`` callbacks: ``(event, tier name, keys)``, event "stored" or "removed".
+        self._watchers: list[Callable[[str, str, list[CacheKey]], None]] = []
         if tiers is not None:
             self.tiers = list(tiers)
             for t in self.tiers:
@@ -166,10 +168,36 @@ class CacheEngine:
             self.cpu.on_evict = self._on_cpu_evict
         return tiers
 
+    def watch(self, callback: Callable[[str, str, list[CacheKey]], None]) -> None:
+        """Call ``callback(event, tier, keys)`` as chunks enter ("stored") or leave ("removed").
+
+        For KV cache events a router consumes. Reported: stores (a lower tier's
+        when its write is accepted), promotions into the CPU tier, CPU and
+        local disk evictions, ``remove``. Not reported: what a shared tier
+        drops on its own (TTL, another instance's eviction). The callback may
+        run on a tier's writer thread; it must be quick and must not raise.
+        """
+        self._watchers.append(callback)
+        if self.cpu is not None and self.cpu.on_evict is None:
+            self.cpu.on_evict = self._on_cpu_evict
+        for tier in self.tiers:
+            backend = tier.backend if isinstance(tier, ManagedTier) else tier
+            if hasattr(backend, "on_evict") and backend is not self.cpu:
+                backend.on_evict = lambda key, name=tier.name: self._notify("removed", name, [key])
+
+    def _notify(self, event: str, tier: str, keys: list[CacheKey]) -> None:
+        for callback in self._watchers:
+            try:
+                callback(event, tier, keys)
+            except Exception:
+                logger.warning("a cache watcher failed on %s %s", event, tier, exc_info=True)
+
     def _on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
+        if self._watchers:
+            self._notify("removed", self.cpu.name if self.cpu else "cpu", [chunk.key])
         for listener in self._evict_listeners:  # e.g. the p2p tier unpublishes it
             listener.evicted_upstream(chunk.key)
-        if may_demote:
+        if may_demote and self._demote_to is not None:
             self._demote(chunk)
 
     def _demote(self, chunk: Chunk) -> None:
@@ -259,16 +287,17 @@ class CacheEngine:
 
     def lookup_chunks(self, prompt: ChunkedPrompt, *, pin_owner: str | None = None) -> int:
         """How many leading chunks of ``prompt`` are cached (pinning them for ``pin_owner``)."""
-        keys = prompt.keys(self.namespace)
-        hits = self._prefix_present(keys)
-        if pin_owner is not None and self.cpu is not None:
-            self.cpu.unpin(pin_owner)
-            if hits:
-                self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
         m = self.metrics
+        with m.timer("lmcache:time_to_lookup"):
+            keys = prompt.keys(self.namespace)
+            hits = self._prefix_present(keys)
+            if pin_owner is not None and self.cpu is not None:
+                self.cpu.unpin(pin_owner)
+                if hits:
+                    self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
         m.inc("lmcache:num_lookup_requests")
         m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
-        m.inc("lmcache:num_hit_tokens", prompt.end(hits - 1) if hits else 0)
+        m.inc("lmcache:num_lookup_hits", prompt.end(hits - 1) if hits else 0)
         return hits
 
     def lookup_chains(
@@ -333,10 +362,11 @@ class CacheEngine:
         unreachable by a prefix lookup.
         """
         self.metrics.inc("lmcache:num_store_requests")
-        spans = self.spans(tokens, cache_salt=cache_salt)
-        if not spans:
-            return 0
-        return self.store_chunks(self.keys(spans), spans, reader)
+        with self.metrics.timer("lmcache:time_to_store"):
+            spans = self.spans(tokens, cache_salt=cache_salt)
+            if not spans:
+                return 0
+            return self._store_chunks(self.keys(spans), spans, reader)
 
     def store_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
@@ -346,6 +376,12 @@ class CacheEngine:
         For engines that hash their own pages (SGLang's page keys); ``store``
         is this with lmcache's own prefix keys. Returns tokens newly stored.
         """
+        with self.metrics.timer("lmcache:time_to_store"):
+            return self._store_chunks(keys, spans, reader)
+
+    def _store_chunks(
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
+    ) -> int:
         first_tier = self.tiers[0] if self.tiers else None
         if first_tier is None:
             return 0
@@ -381,6 +417,10 @@ class CacheEngine:
                     continue
                 if tier is first_tier:
                     stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
+                if self._watchers:
+                    done = [c.key for c, good in zip(chunks, ok) if good]
+                    if done:
+                        self._notify("stored", tier.name, done)
             self.metrics.inc("lmcache:num_stored_tokens", stored)
             return stored
         finally:
@@ -409,6 +449,18 @@ class CacheEngine:
         computed. Pins of ``pin_owner`` are released.
         """
         self.metrics.inc("lmcache:num_retrieve_requests")
+        with self.metrics.timer("lmcache:time_to_retrieve"):
+            return self._retrieve(tokens, writer, cache_salt, write_from, max_tokens, pin_owner)
+
+    def _retrieve(
+        self,
+        tokens: Sequence[int] | Any,
+        writer: KVWriter,
+        cache_salt: str | None,
+        write_from: int,
+        max_tokens: int | None,
+        pin_owner: str | None,
+    ) -> int:
         chunks: list[Chunk] = []
         try:
             spans = self.spans(tokens, cache_salt=cache_salt)
@@ -416,6 +468,8 @@ class CacheEngine:
                 spans = [s for s in spans if s.start < max_tokens]
             if not spans:
                 return 0
+            wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
+            self.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
             chunks = self._get_prefix(self.keys(spans), spans)
             if not chunks:
                 return 0
@@ -434,7 +488,7 @@ class CacheEngine:
             end = spans[len(chunks) - 1].end
             if max_tokens is not None:
                 end = min(end, max_tokens)
-            self.metrics.inc("lmcache:num_retrieved_tokens", max(0, end - write_from))
+            self.metrics.inc("lmcache:num_hit_tokens", max(0, end - write_from))
             return end
         finally:
             for c in chunks:
@@ -455,7 +509,14 @@ class CacheEngine:
         how many leading chunks were written (0 on any failure: recompute).
         """
         self.metrics.inc("lmcache:num_retrieve_requests")
-        chunks = self._get_prefix(list(keys), spans)
+        self.metrics.inc("lmcache:num_requested_tokens", sum(s.num_tokens for s in spans))
+        with self.metrics.timer("lmcache:time_to_retrieve"):
+            return self._retrieve_chunks(list(keys), spans, writer)
+
+    def _retrieve_chunks(
+        self, keys: list[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
+    ) -> int:
+        chunks = self._get_prefix(keys, spans)
         try:
             if not chunks:
                 return 0
@@ -467,7 +528,7 @@ class CacheEngine:
                 self.metrics.inc("lmcache:num_failures", op="write_kv")
                 return 0
             self.metrics.inc(
-                "lmcache:num_retrieved_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
+                "lmcache:num_hit_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
             )
             return len(chunks)
         finally:
@@ -510,8 +571,10 @@ class CacheEngine:
             if misfits:
                 self._drop_misfits(tier, misfits)
             if promote and self.cpu is not None:
-                promoted = sum(self.cpu.put(promote))
-                self.metrics.inc("lmcache:num_promotions", promoted, tier=tier.name)
+                ok = self.cpu.put(promote)
+                self.metrics.inc("lmcache:num_promotions", sum(ok), tier=tier.name)
+                if self._watchers:
+                    self._notify("stored", self.cpu.name, [c.key for c, g in zip(promote, ok) if g])
             while m < n and found[m] is not None:
                 m += 1
         # Release what lies beyond the first gap: it is unreachable as a prefix.
@@ -548,6 +611,9 @@ class CacheEngine:
                 n += tier.remove(keys)
             except Exception:
                 self._tier_failed(tier, "remove")
+            else:
+                if self._watchers and keys:
+                    self._notify("removed", tier.name, list(keys))
         return n
 
     def _tier_failed(self, tier: StorageBackend, op: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -237,14 +236,25 @@ def run_passes(
     return results
 
 
-def scrape_metrics(url: str) -> dict[str, float]:
-    """Sum each ``lmcache:*`` metric over its labels from a Prometheus text page."""
+def scrape_metrics(url: str, prefix: str = "lmcache:") -> dict[str, float]:
+    """Sum each ``lmcache:*`` metric over its labels (ranks, tiers) from a ``/metrics`` page.
+
+    Counters read under their family name (``lmcache:num_hit_tokens``, not
+    ``..._total``); a histogram gives ``<name>_count`` and ``<name>_sum``.
+    Works on lmcache's exporter and on vLLM's ``/metrics`` alike.
+    """
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(lmcache:[a-z_]+)(\{[^}]*\})?\s+(\S+)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(prefix):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_created", "_bucket")):
+                continue
+            name = family.name if sample.name == f"{family.name}_total" else sample.name
+            out[name] = out.get(name, 0.0) + float(sample.value)
     return out

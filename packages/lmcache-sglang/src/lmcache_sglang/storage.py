@@ -32,6 +32,7 @@ from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import ConfigError, LayoutError
 from lmcache_core.keys import CacheKey, ChunkSpan
 from lmcache_core.layout import KVLayout
+from lmcache_core.metrics import start_exporter
 from lmcache_core.transfer import ChunkIO
 from lmcache_cuda.paged import CPagedMemory, Planes
 from lmcache_cuda.torch_dtypes import TORCH_DTYPES
@@ -111,6 +112,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         self.engine: CacheEngine | None = None
         self.memory: CPagedMemory | None = None
         self.page_size = 0
+        self.metrics_server: Any = None
         if kwargs and isinstance(kwargs, dict) and kwargs.get("mem_pool_host") is not None:
             self.register_mem_pool_host(kwargs["mem_pool_host"])
 
@@ -141,6 +143,14 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             rank=rank,
         )
         self.memory = CPagedMemory(layout, planes=planes, keepalive=[mem_pool_host.kv_buffer])
+        if self.metrics_server is None:
+            # SGLang has no connector metrics API: lmcache's own exporter, one port per rank.
+            self.metrics_server = start_exporter(
+                self.engine.metrics,
+                self.config.metrics_port,
+                self.config.metrics_host,
+                int(sc.tp_rank),
+            )
         logger.info(
             "lmcache: SGLang rank %d/%d, %s pages of %d tokens, tiers: %s",
             rank,
@@ -334,12 +344,15 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             name.split(":", 1)[1]: m.get(name)
             for name in (
                 "lmcache:num_stored_tokens",
-                "lmcache:num_retrieved_tokens",
+                "lmcache:num_hit_tokens",
                 "lmcache:num_failures",
             )
         }
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -35,18 +35,28 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
+from lmcache_vllm.kv_events import LMCacheKVEvents
 from lmcache_vllm.metadata import LMCacheConnectorMetadata
 from lmcache_vllm.scheduler_side import SCHEDULERS, SchedulerSide
+from lmcache_vllm.stats import LMCachePromMetrics, LMCacheStats, interval_payload
 from lmcache_vllm.worker_side import WORKERS, WorkerSide
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.attention.backends.abstract import AttentionMetadata
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.lmcache")
@@ -106,6 +116,34 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, LMCacheConnectorMetadata)
         self.worker.wait_for_save(meta)
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This rank's metric changes since the last step (vLLM sums the ranks)."""
+        if self.worker is None or self.worker.engine is None:
+            return None
+        stats = LMCacheStats(data=interval_payload(self.worker.engine.metrics, self.worker.rank))
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return LMCacheStats(data=data) if data is not None else LMCacheStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        """lmcache's metrics on vLLM's ``/metrics`` (see :mod:`lmcache_vllm.stats`)."""
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def get_kv_connector_kv_cache_events(self) -> LMCacheKVEvents | None:
+        """This rank's stored/removed events since the last step (see :mod:`.kv_events`)."""
+        if self.worker is None or self.worker.events is None:
+            return None
+        return self.worker.events.take()
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_failed_blocks() if self.worker is not None else set()
 
@@ -136,6 +174,17 @@ class LMCacheKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
         return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        events = connector_output.kv_cache_events
+        if self.scheduler is not None and self.scheduler.events is not None and events:
+            self.scheduler.events.add(events)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """Events every rank reported, for vLLM's event publisher."""
+        if self.scheduler is None or self.scheduler.events is None:
+            return ()
+        return self.scheduler.events.take()
 
     def request_finished(
         self, request: Request, block_ids: list[int]

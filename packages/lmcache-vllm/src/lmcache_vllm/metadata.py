@@ -8,6 +8,7 @@ from lmcache_core.keys import ChunkedPrompt
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from lmcache_vllm.blend.specs import BlendLoadSpec, BlendSaveSpec
+from lmcache_vllm.kv_events import BlockInfo
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SaveSpec:
     req_id: str
     prompt: PromptRef
     block_ids: list[int]
+    blocks: BlockInfo | None = None  # vLLM's block hashes, when KV events are on
 
 
 @dataclass

@@ -10,11 +10,12 @@ their segments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
 
 from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
+from lmcache_vllm.kv_events import EventGate, block_info, events_enabled
 from lmcache_vllm.lookup import LookupClient
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
 from lmcache_vllm.request_keys import request_identity
@@ -42,6 +43,7 @@ class _RequestState:
     pinned: bool = False
     blend: BlendState | None = None  # a blend request (its prompt is then empty)
     tokens: list[int] = field(default_factory=list)
+    request: Any = None  # vLLM's Request, kept for its block hashes when KV events are on
 
 
 class SchedulerSide:
@@ -63,6 +65,7 @@ class SchedulerSide:
             self.config.blocking_timeout_secs,
         )
         self.requests: dict[str, _RequestState] = {}
+        self.events = EventGate(pc.tensor_parallel_size) if events_enabled(vllm_config) else None
         self.blend = (
             BlendScheduler(self.config, vllm_config, self.chunker)
             if self.config.enable_blending
@@ -95,6 +98,8 @@ class SchedulerSide:
                 partial_multiple=self.block_size,
             )
             st = _RequestState(prompt=prompt, prompt_len=len(request.prompt_token_ids))
+            if self.events is not None:
+                st.request = request
             self.requests[request.request_id] = st
         return st
 
@@ -199,7 +204,11 @@ class SchedulerSide:
         else:
             ready = min(len(st.prompt), computed // self.config.chunk_size)
         if ready > st.saved_chunks:
-            meta.saves.append(SaveSpec(req_id, self._ref(st, ready), list(st.block_ids)))
+            ref = self._ref(st, ready)
+            blocks = None
+            if st.request is not None:
+                blocks = block_info(st.request, ref.num_tokens, self.block_size)
+            meta.saves.append(SaveSpec(req_id, ref, list(st.block_ids), blocks))
             st.saved_chunks = ready
 
     def request_finished(self, request: Request) -> None:

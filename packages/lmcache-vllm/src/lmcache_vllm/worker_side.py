@@ -18,8 +18,9 @@ import torch
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import ChunkedPrompt
-from lmcache_core.metrics import serve_metrics
+from lmcache_core.metrics import start_exporter
 
+from lmcache_vllm.kv_events import WorkerEvents, events_enabled
 from lmcache_vllm.layouts import detect_layout, ordered_layers
 from lmcache_vllm.lookup import LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata
@@ -59,12 +60,15 @@ class WorkerSide:
         self.block_size = vllm_config.cache_config.block_size
         check_chunk_size(self.config, self.block_size)
         self.engine: CacheEngine | None = None
+        self.rank = 0
         self.server: LookupServer | None = None
         self.metrics_server: Any = None
         self.layers: list[torch.Tensor] = []
         self._paged: Any = None  # block_ids -> reader/writer (lmcache-cuda's kernels)
         self._failed_blocks: set[int] = set()
         self.blend: Any = None  # BlendWorker when enable_blending
+        #: KV cache events for routers, when vLLM publishes events (--kv-events-config).
+        self.events = WorkerEvents(self.block_size) if events_enabled(vllm_config) else None
         #: The last transfers, newest last: ("load"|"save", req_id, block_ids, tokens).
         self.recent: deque[tuple[str, str, list[int], tuple[int, int]]] = deque(maxlen=64)
         WORKERS.append(self)
@@ -86,7 +90,7 @@ class WorkerSide:
         # C kernels for the CPU backend, CUDA kernels into pinned memory on GPUs;
         # the torch reference where a kernel library is missing.
         self._paged = lmcache_cuda.paged_memory(layout, self.layers)
-        rank = get_tensor_model_parallel_rank()
+        rank = self.rank = get_tensor_model_parallel_rank()
         world = get_tensor_model_parallel_world_size()
         self.engine = CacheEngine(
             self.config,
@@ -97,6 +101,8 @@ class WorkerSide:
             rank=rank,
             arena=_pinned_arena(self.config) if self.layers[0].device.type == "cuda" else None,
         )
+        if self.events is not None:
+            self.engine.watch(self.events)
         if self.config.enable_blending:
             self.blend = self._blend_worker(kv_caches, world)
         self.server = LookupServer(
@@ -106,10 +112,9 @@ class WorkerSide:
             self.engine.unpin,
             self._lookup_chains,
         )
-        if self.config.metrics_port is not None:
-            self.metrics_server = serve_metrics(
-                self.engine.metrics, self.config.metrics_port + rank
-            )
+        self.metrics_server = start_exporter(
+            self.engine.metrics, self.config.metrics_port, self.config.metrics_host, rank
+        )
         logger.info(
             "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens",
             rank,
@@ -227,7 +232,11 @@ class WorkerSide:
             except Exception:
                 logger.exception("lmcache: storing the segments of %s failed", bspec.req_id)
         for spec in meta.saves:
-            self.engine.store(spec.prompt.prompt(), self.kv(spec.block_ids))
+            prompt = spec.prompt.prompt()
+            if self.events is not None and spec.blocks is not None:
+                for i, key in enumerate(prompt.keys(self.engine.namespace)):
+                    self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
+            self.engine.store(prompt, self.kv(spec.block_ids))
             self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
 
     def take_failed_blocks(self) -> set[int]:

@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,6 +188,8 @@ class LocalDiskBackend(StorageBackend):
         self.policy = policy if policy is not None else LRUPolicy()
         self.metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.RLock()
+        #: Called with each key as it is evicted (the engine's ``watch``).
+        self.on_evict: Callable[[CacheKey], None] | None = None
         self._index: dict[CacheKey, int] = {}  # key -> payload bytes
         self._used = 0
         self._rebuild_index()
@@ -283,6 +285,8 @@ class LocalDiskBackend(StorageBackend):
             self._used -= size
             _unlink(self._path(victim))  # type: ignore[arg-type]
             self.metrics.inc("lmcache:num_evictions", tier=self.name)
+            if self.on_evict is not None:
+                self.on_evict(victim)
         return True
 
     # ------------------------------------------------------------------ protocol
