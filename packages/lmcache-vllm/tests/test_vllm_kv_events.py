@@ -70,7 +70,8 @@ def test_a_router_sees_lmcache_blocks_under_vllms_hashes_and_their_eviction(tiny
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-        # Twelve 512 KiB chunks of the tiny model (2 KiB per token): the second prompt evicts the first's.
+        # Twelve 512 KiB chunks of the tiny model (2 KiB per token): the second
+        # prompt evicts the first's.
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "6MiB",
         "LMCACHE_SOCKET_DIR": str(tmp_path),
     }

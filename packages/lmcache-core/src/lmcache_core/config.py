@@ -92,8 +92,31 @@ LMCACHE_COMPAT_KEYS = frozenset(
         "audit_actual_remote_url",
         "local_device",
         "use_experimental",
+        # The rest of upstream LMCache's keys (its v1 config, ~109 keys): features
+        # lmcache does differently or not at all.
+        *"""app_id chunk_statistics_auto_exit_target_unique_chunks
+        chunk_statistics_auto_exit_timeout_hours chunk_statistics_auto_start_statistics
+        chunk_statistics_strategy controller_pull_url controller_reply_url cost_aware_ewma_alpha
+        cost_aware_half_life_seconds enable_async_loading enable_chunk_statistics
+        enable_hidden_state_cache enable_kv_events enable_scheduler_bypass_lookup enable_xpyd
+        external_backends gds_backend gds_buffer_size gds_path_sharding hidden_state_layers
+        hidden_states_retrieve_mode hit_miss_ratio lmcache_worker_heartbeat_delay_time
+        lmcache_worker_heartbeat_time lmcache_worker_ids lmcache_worker_ports
+        local_cpu_use_hugepages local_disk_path_sharding lookup_server_worker_ids
+        lookup_timeout_ms maru_path maru_pool_size max_hidden_state_cpu_size min_retrieve_tokens
+        mp_host mp_port nixl_buffer_device nixl_buffer_size nixl_peer_alloc_port nixl_peer_host
+        nixl_peer_init_port nixl_peer_port nixl_proxy_host nixl_proxy_port nixl_role p2p_host
+        p2p_init_ports p2p_lookup_ports pd_allocation_timeout_sec pd_backend_mode
+        pd_bidirectional pd_condition_poll_interval_sec pd_max_prefill_len pd_peer_query_port
+        pd_shutdown_timeout_sec pd_skip_proxy_notification pin_check_interval_sec
+        remote_config_url remote_storage_plugins retrieve_locations runtime_plugin_locations
+        script_allowed_imports storage_plugins store_location use_gds
+        use_gpu_connector_v3""".split(),
     }
 )
+
+#: Upstream LMCache's names for keys lmcache has under another name (same meaning).
+LMCACHE_RENAMED_KEYS = {"pin_timeout_sec": "pin_timeout"}
 
 #: ``LMCACHE_*`` variables that are not config keys and must not be reported.
 _NON_KEY_ENV = frozenset(
@@ -383,6 +406,8 @@ class CacheConfig:
         ignored: list[str] = []
         for raw_key, value in values.items():
             key = str(raw_key)
+            if key in LMCACHE_RENAMED_KEYS and LMCACHE_RENAMED_KEYS[key] not in values:
+                key = LMCACHE_RENAMED_KEYS[key]
             if key in fields:
                 try:
                     kwargs[key] = _COERCE[fields[key].metadata["kind"]](value, key)
@@ -399,10 +424,22 @@ class CacheConfig:
                 problems.append(_unknown_key_message(key, list(fields)))
         if ignored:
             logger.warning(
-                "%s: LMCache keys accepted but not used by lmcache: %s",
+                "%s: upstream LMCache keys that have no effect here (accepted): %s",
                 source,
                 ", ".join(sorted(ignored)),
             )
+        if (
+            kwargs.get("enable_p2p")
+            and not kwargs.get("p2p_index_url")
+            and "enable_controller" in ignored
+        ):
+            # Upstream's p2p goes through its controller, which lmcache does not run.
+            logger.warning(
+                "%s: enable_p2p with upstream's controller (enable_controller) is not lmcache's "
+                "p2p; p2p stays off until p2p_index_url names an index (e.g. redis://host:6379)",
+                source,
+            )
+            kwargs["enable_p2p"] = False
         if not problems:
             config = cls(**kwargs)
             problems = config._problems()
@@ -660,7 +697,7 @@ def _env_values(env: Mapping[str, str]) -> dict[str, str]:
         if not name.startswith(ENV_PREFIX) or name in _NON_KEY_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key in keys or key in LMCACHE_COMPAT_KEYS:
+        if key in keys or key in LMCACHE_COMPAT_KEYS or key in LMCACHE_RENAMED_KEYS:
             out[key] = value
         else:
             # Environments are shared with other tools, so a stray LMCACHE_*

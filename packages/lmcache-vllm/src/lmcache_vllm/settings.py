@@ -7,18 +7,56 @@ The same :class:`~lmcache_core.config.CacheConfig` as every engine: the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lmcache_core.config import CacheConfig
 from lmcache_core.errors import ConfigError
 
+logger = logging.getLogger("vllm.lmcache")
+
 #: Keys of ``kv_connector_extra_config`` that are the adapter's, not cache config keys.
 ADAPTER_KEYS = frozenset({"model_id"})
+#: Keys upstream LMCache's vLLM adapter reads from ``kv_connector_extra_config`` that
+#: have no effect here: accepted with a warning, so upstream deployments start.
+UPSTREAM_IGNORED_KEYS = {
+    "lmcache_rpc_port": "lookups go over a Unix socket per engine (LMCACHE_SOCKET_DIR)",
+    "skip_last_n_tokens": "the last block is always recomputed, as vLLM's prefix cache does",
+    "use_native": "there is one connector implementation",
+    "use_layerwise": "loads and stores are whole-chunk on this path",
+    "lmcache_instance_id": "instances are told apart by their engine id",
+}
 
 
 def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
-    overrides = {k: v for k, v in (extra or {}).items() if k not in ADAPTER_KEYS}
+    """The cache config, with ``kv_connector_extra_config`` keys applied.
+
+    As upstream's adapter does, ``lmcache.<key>`` sets config key ``<key>``;
+    ``discard_partial_chunks: true`` is ``save_unfull_chunk: false``; the
+    other upstream adapter keys are ignored with a warning naming them.
+    """
+    overrides: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key in ADAPTER_KEYS:
+            continue
+        if key in UPSTREAM_IGNORED_KEYS:
+            logger.warning(
+                "lmcache: kv_connector_extra_config.%s has no effect here (%s)",
+                key,
+                UPSTREAM_IGNORED_KEYS[key],
+            )
+            continue
+        if key == "discard_partial_chunks":
+            overrides["save_unfull_chunk"] = not _truthy(value)
+            continue
+        overrides[key.removeprefix("lmcache.")] = value
     return CacheConfig.load(overrides=overrides)
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def check_chunk_size(config: CacheConfig, block_size: int) -> None:

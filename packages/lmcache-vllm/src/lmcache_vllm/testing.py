@@ -49,11 +49,14 @@ def vllm_server(
     *,
     extra_config: Mapping[str, Any] | None = None,
     args: list[str] = (),  # type: ignore[assignment]
+    connector: str = "LMCacheKVConnector",
 ) -> Iterator[int]:
     """vLLM's OpenAI server on a free port (yielded); ``role`` None: without lmcache.
 
     ``extra_config`` goes into ``kv_connector_extra_config``; ``args`` are more
     server arguments. vLLM's prefix cache is off unless ``args`` turn it on.
+    ``connector="LMCacheConnectorV1"`` uses vLLM's built-in name with no module
+    path, as upstream LMCache's quick start does (answered by ``lmcache``'s shim).
     """
     port = free_port()
     cmd = [
@@ -62,11 +65,9 @@ def vllm_server(
         "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0", *args,
     ]  # fmt: skip
     if role is not None:
-        kv = {
-            "kv_connector": "LMCacheKVConnector",
-            "kv_connector_module_path": "lmcache_vllm",
-            "kv_role": role,
-        }
+        kv = {"kv_connector": connector, "kv_role": role}
+        if connector != "LMCacheConnectorV1":
+            kv["kv_connector_module_path"] = "lmcache_vllm"
         if extra_config:
             kv["kv_connector_extra_config"] = dict(extra_config)
         cmd += ["--kv-transfer-config", json.dumps(kv)]

@@ -1,0 +1,1 @@
+"""Engine integrations under upstream LMCache's import paths."""
