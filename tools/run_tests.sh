@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-.venv/bin/ruff check packages tests tools
+.venv/bin/ruff check packages tests tools src
 .venv/bin/python -m pytest "$@"
