@@ -31,7 +31,7 @@ def test_an_lmcache_yaml_file_loads_unchanged(tmp_path, caplog):
         c = CacheConfig.from_file(f)
     assert c.max_local_cpu_size == 5 * 1024**3
     assert c.save_unfull_chunk is False
-    assert "use_layerwise" in caplog.text and "not used" in caplog.text
+    assert "use_layerwise" in caplog.text and "no effect here" in caplog.text
 
 
 def test_environment_overrides_the_file(tmp_path):
@@ -89,7 +89,7 @@ def test_every_problem_is_reported_at_once():
     [
         ({"chunk_size": 0}, "chunk_size=0 must be between 1"),
         ({"hash_algorithm": "md5"}, "is not one of sha256, blake3, xxh3_128"),
-        ({"cache_policy": "ARC"}, "installed: lru, s3fifo"),
+        ({"cache_policy": "ARC"}, "installed: fifo, lfu, lru, s3fifo"),
         ({"remote_serde": "cachegen"}, "installed: lz4, naive, zstd"),
         ({"remote_url": "localhost:6379"}, "must be a URL such as redis://host:6379"),
         ({"local_disk": "file:///tmp/x"}, "max_local_disk_size is 0"),

@@ -187,3 +187,27 @@ def test_unwritable_paths_are_config_errors(tmp_path):
         from lmcache_core.backends.disk import path_from_url
 
         path_from_url("s3://bucket/x")
+
+
+def test_use_odirect_keeps_chunks_out_of_the_page_cache_and_still_round_trips(tmp_path):
+    """Upstream's extra_config.use_odirect: files are flushed and dropped from the page cache."""
+    from lmcache_core import CacheConfig, CacheEngine, KVLayout
+    from lmcache_core.errors import ConfigError
+    from lmcache_core.testing.paged_memory import PagedKVMemory
+
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+    )
+    base = {"chunk_size": 16, "local_cpu": False, "local_disk": f"file://{tmp_path}/"}
+    base["max_local_disk_size"] = "1MiB"
+    config = CacheConfig.from_dict({**base, "extra_config": {"use_odirect": "true"}})
+    src, dst = PagedKVMemory(layout, seed=1), PagedKVMemory(layout, seed=2)
+    with CacheEngine(config, model="m", layout=layout) as engine:
+        disk = engine.tiers[0].backend
+        assert disk.uncached
+        assert engine.store(list(range(48)), src.kv(src.table(48, 0))) == 48
+        assert engine.flush(10)
+        assert engine.retrieve(list(range(48)), dst.kv(dst.table(48, 5))) == 48
+    bad = CacheConfig.from_dict({**base, "extra_config": {"use_odirect": "maybe"}})
+    with pytest.raises(ConfigError, match="extra_config.use_odirect"):
+        CacheEngine(bad, model="m", layout=layout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lmcache_core.eviction.fifo import FIFOPolicy
+from lmcache_core.eviction.lfu import LFUPolicy
 from lmcache_core.eviction.lru import LRUPolicy
 from lmcache_core.eviction.s3fifo import S3FIFOPolicy
 from lmcache_core.testing import EvictionPolicyTests, eviction_state_machine
@@ -17,8 +19,42 @@ class TestS3FIFO(EvictionPolicyTests):
         return S3FIFOPolicy()
 
 
+class TestFIFO(EvictionPolicyTests):
+    def make_policy(self):
+        return FIFOPolicy()
+
+
+class TestLFU(EvictionPolicyTests):
+    def make_policy(self):
+        return LFUPolicy()
+
+
 TestLRUStateful = eviction_state_machine(LRUPolicy).TestCase
 TestS3FIFOStateful = eviction_state_machine(S3FIFOPolicy).TestCase
+TestFIFOStateful = eviction_state_machine(FIFOPolicy).TestCase
+TestLFUStateful = eviction_state_machine(LFUPolicy).TestCase
+
+
+def test_fifo_ignores_reads_and_lfu_keeps_the_most_read():
+    fifo, lfu = FIFOPolicy(), LFUPolicy()
+    for p in (fifo, lfu):
+        for k in "abcd":
+            p.on_insert(k)
+        for k in "aaabbc":
+            p.on_access(k)
+    assert [fifo.evict(lambda k: True) for _ in range(4)] == ["a", "b", "c", "d"]
+    # counts: a=4, b=3, c=2, d=1; a pinned key is skipped, not lost
+    assert lfu.evict(lambda k: k != "d") == "c"
+    assert [lfu.evict(lambda k: True) for _ in range(3)] == ["d", "b", "a"]
+
+
+def test_upstream_policy_names_select_the_policies():
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.plugins import EVICTION_POLICIES, load_plugin
+
+    for name, cls in (("LRU", LRUPolicy), ("FIFO", FIFOPolicy), ("LFU", LFUPolicy)):
+        config = CacheConfig.from_dict({"cache_policy": name})
+        assert load_plugin(EVICTION_POLICIES, config.cache_policy) is cls
 
 
 def test_lru_evicts_least_recently_used_first():

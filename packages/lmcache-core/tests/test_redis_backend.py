@@ -19,7 +19,7 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
-from lmcache_core.testing.servers import RedisCluster, RedisServer
+from lmcache_core.testing.servers import RedisCluster, RedisServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +257,40 @@ def test_a_put_that_fails_midway_leaves_the_connection_clean(server, monkeypatch
             c.release()
         b.close()
         f.close()
+
+
+def test_upstream_valkey_settings_in_extra_config():
+    """Upstream's Valkey recipe: credentials and database in extra_config, node-list URLs."""
+    from lmcache_core.backends.base import BackendContext
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.layout import KVLayout
+    from lmcache_core.pool import SlotPool
+
+    f = ChunkFactory(4096)
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=1, num_kv_heads=1, head_size=8, block_size=4
+    )
+    with RedisServer(password="s3cret") as s:
+        other = f"127.0.0.1:{free_port()}"
+        extra = {
+            "valkey_username": "default",
+            "valkey_password": "s3cret",
+            "valkey_database": 3,
+            "redis_key_prefix": f"up-{uuid.uuid4().hex[:6]}:",
+        }
+        config = CacheConfig.from_dict(
+            {"remote_url": f"valkey://127.0.0.1:{s.port}, {other}", "extra_config": extra}
+        )
+        ctx = BackendContext(
+            layout=layout, pool=SlotPool.anonymous(1 << 20, 8192), metrics=Metrics()
+        )
+        b = RedisBackend.from_config(config, ctx)
+        _put(b, f, [1])
+        assert _read(b, f, 1) == chunk_payload(test_key(1), 4096)
+        assert b.client.connection_pool.connection_kwargs["db"] == 3
+        raw = redis_py.Redis(port=s.port, password="s3cret", db=3)
+        assert raw.exists(b.name_of(test_key(1)))
+        with pytest.raises(ConfigError, match="valkey_mode"):
+            RedisBackend.from_config(
+                config.replace(extra_config={**extra, "valkey_mode": "sentinel"}), ctx
+            )

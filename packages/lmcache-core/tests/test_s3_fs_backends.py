@@ -8,7 +8,7 @@ import uuid
 import pytest
 from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.fs import SharedFSBackend, fs_path
-from lmcache_core.backends.s3 import S3Backend, parse_s3_url
+from lmcache_core.backends.s3 import S3Backend, parse_s3_location, parse_s3_url
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.compressed import ZstdSerde
@@ -189,3 +189,62 @@ def test_s3_url_prefix():
 def test_bad_fs_urls(url):
     with pytest.raises(ConfigError, match="fs:///"):
         fs_path(url)
+
+
+def test_upstream_s3_url_forms():
+    aws = parse_s3_location("s3://my.bucket.s3.us-west-2.amazonaws.com")
+    assert (aws.bucket, aws.region, aws.prefix, aws.endpoint) == (
+        "my.bucket",
+        "us-west-2",
+        "",
+        None,
+    )
+    express = parse_s3_location("s3://b--usw2-az1--x-s3.s3express-usw2-az1.us-west-2.amazonaws.com")
+    assert express.bucket == "b--usw2-az1--x-s3" and express.region == "us-west-2"
+    hosted = parse_s3_location("s3://localhost:8080/bench/kv")
+    assert (hosted.bucket, hosted.prefix, hosted.endpoint) == ("bench", "kv/", "localhost:8080")
+    plain = parse_s3_location("s3://bucket/a/b")
+    assert (plain.bucket, plain.prefix, plain.endpoint) == ("bucket", "a/b/", None)
+    with pytest.raises(ConfigError, match="name the bucket"):
+        parse_s3_location("s3://localhost:8080/")
+
+
+def test_upstream_s3_settings_reach_a_real_store_through_the_engine():
+    """Upstream's S3 recipe: endpoint in the URL, region, static keys, plain HTTP, IO threads."""
+    from lmcache_core import CacheConfig, CacheEngine, KVLayout
+    from lmcache_core.testing.paged_memory import PagedKVMemory
+
+    server = _s3()
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+    )
+    extra = {
+        "s3_region": "us-east-1",
+        "aws_access_key_id": "test",
+        "aws_secret_access_key": "test",
+        "disable_tls": True,
+        "s3_num_io_threads": 4,
+        "s3_prefer_http2": False,  # upstream's CRT settings: no effect here
+        "save_chunk_meta": False,
+    }
+    config = CacheConfig.from_dict(
+        {
+            "chunk_size": 16,
+            "local_cpu": False,
+            "remote_url": f"s3://127.0.0.1:{server.port}/{BUCKET}/up-{uuid.uuid4().hex[:6]}",
+            "extra_config": extra,
+        }
+    )
+    src, dst = PagedKVMemory(layout, seed=1), PagedKVMemory(layout, seed=2)
+    tokens = list(range(32))
+    with CacheEngine(config, model="m", layout=layout) as engine:
+        s3 = engine.tiers[0].backend
+        assert s3._pool._max_workers == 4
+        assert engine.store(tokens, src.kv(src.table(32, 0))) == 32
+        assert engine.flush(10)
+        assert engine.retrieve(tokens, dst.kv(dst.table(32, 3))) == 32
+    with pytest.raises(ConfigError, match="aws_secret_access_key"):
+        with CacheEngine(
+            config.replace(extra_config={"aws_access_key_id": "only-one"}), model="m", layout=layout
+        ):
+            pass

@@ -597,6 +597,22 @@ def extra_number(
     return value
 
 
+def extra_bool(config: CacheConfig, key: str, default: bool = False) -> bool:
+    """A yes/no from ``extra_config``, checked like any key (errors name ``extra_config.<key>``)."""
+    raw = config.extra_config.get(key)
+    if raw is None:
+        return default
+    return parse_bool(raw, f"extra_config.{key}")
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """true/false, 1/0, yes/no, on/off; anything else is a ConfigError naming ``key``."""
+    try:
+        return _to_bool(value, key)
+    except ValueError as e:
+        raise ConfigError([str(e)], "cache config") from None
+
+
 #: Tiers that are not remote, named as a ``remote_url`` scheme: the key that means them.
 _LOCAL_SCHEMES = {
     "cpu": "local_cpu",

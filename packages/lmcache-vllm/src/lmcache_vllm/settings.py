@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lmcache_core.config import CacheConfig
+from lmcache_core.config import CacheConfig, parse_bool
 from lmcache_core.errors import ConfigError
 
 logger = logging.getLogger("vllm.lmcache")
@@ -47,16 +47,10 @@ def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
             )
             continue
         if key == "discard_partial_chunks":
-            overrides["save_unfull_chunk"] = not _truthy(value)
+            overrides["save_unfull_chunk"] = not parse_bool(value, "discard_partial_chunks")
             continue
         overrides[key.removeprefix("lmcache.")] = value
     return CacheConfig.load(overrides=overrides)
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def check_chunk_size(config: CacheConfig, block_size: int) -> None:

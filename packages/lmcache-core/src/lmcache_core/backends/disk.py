@@ -33,6 +33,7 @@ from lmcache_core.backends.base import (
     ChunkAllocator,
     StorageBackend,
 )
+from lmcache_core.config import extra_bool
 from lmcache_core.errors import ConfigError, LMCacheError
 from lmcache_core.eviction.base import EvictionPolicy
 from lmcache_core.eviction.lru import LRUPolicy
@@ -75,12 +76,14 @@ def write_atomically(
     *,
     durable: bool = False,
     mode: int = 0o600,
+    uncached: bool = False,
 ) -> None:
     """Write ``parts`` (header and payload views: no join, no copy) under ``final``.
 
     They go to a temporary name unique to ``tag`` and are renamed into place, so
     no reader ever sees a torn file under ``final``. ``durable`` fsyncs before the
     rename (a shared filesystem: other hosts must never see an empty file).
+    ``uncached`` writes the data out and drops it from the OS page cache.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{tag}"
@@ -96,6 +99,8 @@ def write_atomically(
                 views[0] = views[0][n:]
         if durable:
             os.fsync(fd)
+        if uncached:
+            _drop_page_cache(fd, written=True)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -173,8 +178,12 @@ class LocalDiskBackend(StorageBackend):
         io_threads: int = 4,
         namespace: bytes | None = None,
         max_chunk_bytes: int = 1 << 40,
+        uncached: bool = False,
     ) -> None:
         self.root = Path(root)
+        #: Keep chunk files out of the OS page cache (upstream's ``use_odirect``):
+        #: DRAM is the CPU tier's, not a second copy of the disk tier.
+        self.uncached = uncached
         #: Only this namespace's folder is indexed and cleaned: tensor-parallel
         #: ranks (and other models) sharing one ``local_disk`` never touch each
         #: other's files. None: every namespace (tools that inspect a cache).
@@ -205,6 +214,7 @@ class LocalDiskBackend(StorageBackend):
             metrics=context.metrics,
             namespace=context.namespace,
             max_chunk_bytes=context.pool.slot_bytes,
+            uncached=extra_bool(config, "use_odirect"),
         )
 
     # ------------------------------------------------------------------ files
@@ -385,7 +395,7 @@ class LocalDiskBackend(StorageBackend):
     def _write(self, chunk: Chunk) -> None:
         final = self._path(chunk.key)
         parts = self.serde.encode(chunk.key.to_bytes(), chunk.num_tokens, chunk.view)
-        write_atomically(final, f"{os.getpid()}-{next(_counter)}", parts)
+        write_atomically(final, f"{os.getpid()}-{next(_counter)}", parts, uncached=self.uncached)
 
     def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
         out: list[Chunk | None] = [None] * len(keys)
@@ -437,6 +447,8 @@ class LocalDiskBackend(StorageBackend):
                     raise SerdeError("file length does not match its header")
                 header.verify(chunk.view)
                 chunk.num_tokens = header.num_tokens
+                if self.uncached:
+                    _drop_page_cache(fd, written=False)
             else:
                 if st.st_size > hsize + nbytes + nbytes // 64 + 4096:
                     raise SerdeError("file is larger than any frame of its chunk")
@@ -482,3 +494,16 @@ class LocalDiskBackend(StorageBackend):
             self._io.shutdown(wait=True)
             self._io = None
         # The files stay: that is the point.
+
+
+def _drop_page_cache(fd: int, *, written: bool) -> None:
+    """Drop a file's pages from the OS page cache (flushing them first if ``written``).
+
+    What upstream's ``use_odirect`` is for, without O_DIRECT's aligned-buffer
+    rules: a disk tier does not double as a second DRAM cache.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    if written:
+        os.fdatasync(fd)  # dirty pages are not dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -19,6 +19,13 @@ batch. The server bounds memory: set ``maxmemory`` with an ``allkeys-lru``
 policy; lmcache never deletes other instances' chunks except ones that fail
 their checksum. Optional ``extra_config``: ``redis_ttl`` (seconds a value
 lives), ``redis_key_prefix``, ``redis_connect_timeout`` (seconds, default 2).
+
+Upstream LMCache's Valkey settings work as they are: ``extra_config``
+``valkey_username``/``valkey_password`` (a password in the URL wins, then
+these, then the environment), ``valkey_database`` (a database number),
+``valkey_mode: cluster`` (a cluster behind a plain ``valkey://`` URL), and its
+node-list form ``valkey://h1:p1, h2:p2`` (any one node finds the cluster; the
+first is used).
 """
 
 from __future__ import annotations
@@ -81,6 +88,12 @@ def _import_redis() -> Any:
 
 def client_url(url: str) -> tuple[str, bool]:
     """The redis-py URL for a ``remote_url``, and whether it names a cluster."""
+    scheme_end = url.find("://")
+    if scheme_end > 0 and "," in url[scheme_end:].split("/", 3)[2]:
+        # Upstream's node list (valkey://h1:p1, h2:p2): one node is enough.
+        rest = url[scheme_end + 3 :]
+        netloc, sep, path = rest.partition("/")
+        url = f"{url[:scheme_end]}://{netloc.split(',')[0].strip()}{sep}{path}"
     u = urlparse(url)
     scheme = u.scheme.lower()
     if scheme not in _SCHEMES:
@@ -116,6 +129,10 @@ class RedisBackend(FrameStore):
         ttl_s: float | None = None,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 2.0,
+        username: str | None = None,
+        password: str | None = None,
+        database: int | None = None,
+        cluster: bool = False,
     ) -> None:
         super().__init__(
             serde=serde,
@@ -127,17 +144,24 @@ class RedisBackend(FrameStore):
         redis = self._redis = _import_redis()
         self._sender = ThreadPoolExecutor(8, thread_name_prefix="lmcache-redis-send")
         real_url, self.cluster = client_url(url)
+        self.cluster = self.cluster or cluster
         self.url = url
         self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
         kwargs: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": connect_timeout_s,
         }
-        u = urlparse(url)
-        if u.password is None and os.environ.get(PASSWORD_ENV):
+        u = urlparse(real_url)
+        if u.password is None and password:
+            kwargs["password"] = password
+            if username:
+                kwargs["username"] = username
+        elif u.password is None and os.environ.get(PASSWORD_ENV):
             kwargs["password"] = os.environ[PASSWORD_ENV]
             if os.environ.get(USERNAME_ENV):
                 kwargs["username"] = os.environ[USERNAME_ENV]
+        if database is not None and not self.cluster:
+            kwargs["db"] = database
         if self.cluster:
             from redis.cluster import RedisCluster
 
@@ -160,6 +184,10 @@ class RedisBackend(FrameStore):
             ttl_s=extra_number(config, "redis_ttl", None),  # a negative TTL fails every SET
             timeout_s=config.blocking_timeout_secs,
             connect_timeout_s=extra_number(config, "redis_connect_timeout", 2.0),
+            username=_opt_str(extra.get("valkey_username")),
+            password=_opt_str(extra.get("valkey_password")),
+            database=extra_number(config, "valkey_database", None, integer=True, inclusive=True),
+            cluster=_valkey_cluster(extra.get("valkey_mode")),
         )
 
     # ------------------------------------------------------------------ moving frames
@@ -303,3 +331,18 @@ class RedisBackend(FrameStore):
             self.client.close()
         except Exception:
             pass
+
+
+def _opt_str(value: Any) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _valkey_cluster(mode: Any) -> bool:
+    """Upstream's ``valkey_mode``: ``standalone`` (default) or ``cluster``."""
+    if mode in (None, "", "standalone"):
+        return False
+    if mode == "cluster":
+        return True
+    raise ConfigError(
+        [f"extra_config.valkey_mode={mode!r} must be 'standalone' or 'cluster'"], "cache config"
+    )

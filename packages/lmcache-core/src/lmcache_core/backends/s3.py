@@ -6,14 +6,25 @@ default 16), since each is a round trip. Credentials come from boto3's usual
 chain (environment, ``~/.aws``, instance roles); the endpoint of a non-AWS
 store from ``extra_config.s3_endpoint_url`` or ``AWS_ENDPOINT_URL``. The bucket
 must exist; a lifecycle rule on it bounds what is kept.
+
+Upstream LMCache's S3 settings work as they are: the URL forms
+``s3://<bucket>.s3.<region>.amazonaws.com`` (region from the host) and
+``s3://<host>:<port>/<bucket>`` (a non-AWS endpoint, path style), and in
+``extra_config`` ``s3_region``, ``aws_access_key_id``/``aws_secret_access_key``
+(empty: the default chain), ``disable_tls`` (plain HTTP to the endpoint) and
+``s3_num_io_threads`` (read as ``s3_max_concurrency``). Its CRT-specific
+``s3_prefer_http2``, ``s3_enable_s3express`` and ``save_chunk_meta`` have no
+effect here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -27,7 +38,7 @@ from lmcache_core.backends.frame_store import (
     frame_bytes,
     sealer_for,
 )
-from lmcache_core.config import extra_number
+from lmcache_core.config import extra_bool, extra_number
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -36,12 +47,42 @@ if TYPE_CHECKING:
     from lmcache_core.config import CacheConfig
 
 
-def parse_s3_url(url: str) -> tuple[str, str]:
+_AWS_HOST = re.compile(
+    r"^(?P<bucket>.+)\.s3(?:express-[^.]+)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com$"
+)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ending in "/"
+    region: str | None = None
+    endpoint: str | None = None  # host:port of a non-AWS store, path style
+
+
+def parse_s3_location(url: str) -> S3Location:
+    """``s3://bucket/prefix``, or upstream's ``s3://<bucket>.s3.<region>.amazonaws.com``
+    and ``s3://host:port/bucket[/prefix]`` forms."""
     u = urlparse(url)
     if u.scheme != "s3" or not u.netloc:
         raise ConfigError([f"remote_url={url!r}: write an S3 location as s3://bucket/prefix"])
-    prefix = u.path.strip("/")
-    return u.netloc, f"{prefix}/" if prefix else ""
+    path = u.path.strip("/")
+    if ":" in u.netloc:  # host:port: an endpoint, the bucket is the first path part
+        bucket, _, prefix = path.partition("/")
+        if not bucket:
+            raise ConfigError(
+                [f"remote_url={url!r}: name the bucket after the endpoint: s3://host:port/bucket"]
+            )
+        return S3Location(bucket, f"{prefix}/" if prefix else "", endpoint=u.netloc)
+    m = _AWS_HOST.match(u.netloc)
+    if m:
+        return S3Location(m["bucket"], f"{path}/" if path else "", region=m["region"])
+    return S3Location(u.netloc, f"{path}/" if path else "")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    loc = parse_s3_location(url)
+    return loc.bucket, loc.prefix
 
 
 class S3Backend(FrameStore):
@@ -60,8 +101,14 @@ class S3Backend(FrameStore):
         max_concurrency: int = 16,
         timeout_s: float = 10.0,
         client: Any = None,
+        region: str | None = None,
+        credentials: tuple[str, str] | None = None,
+        use_tls: bool = True,
     ) -> None:
-        bucket, prefix = parse_s3_url(url)
+        loc = parse_s3_location(url)
+        bucket, prefix = loc.bucket, loc.prefix
+        if endpoint_url is None and loc.endpoint is not None:
+            endpoint_url = f"{'https' if use_tls else 'http'}://{loc.endpoint}"
         super().__init__(
             serde=serde,
             metrics=metrics,
@@ -79,8 +126,17 @@ class S3Backend(FrameStore):
                     ["remote_url is an s3:// URL but boto3 is not installed: "
                      "pip install 'lmcache[s3]'"]
                 ) from None  # fmt: skip
+            keys = {}
+            if credentials is not None:
+                keys = {
+                    "aws_access_key_id": credentials[0],
+                    "aws_secret_access_key": credentials[1],
+                }
             client = boto3.client(
                 "s3",
+                region_name=region or loc.region,
+                use_ssl=use_tls,
+                **keys,
                 endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
                 config=Config(
                     connect_timeout=min(timeout_s, 2.0),
@@ -96,6 +152,17 @@ class S3Backend(FrameStore):
     def from_config(cls, config: CacheConfig, context: BackendContext) -> S3Backend:
         assert config.remote_url is not None
         extra = config.extra_config
+        key_id, secret = extra.get("aws_access_key_id"), extra.get("aws_secret_access_key")
+        if bool(key_id) != bool(secret):
+            raise ConfigError(
+                [
+                    "extra_config: give both aws_access_key_id and aws_secret_access_key, or "
+                    "neither (boto3's default chain: environment, ~/.aws, instance role)"
+                ]
+            )
+        concurrency_key = "s3_max_concurrency"
+        if concurrency_key not in extra and "s3_num_io_threads" in extra:
+            concurrency_key = "s3_num_io_threads"  # upstream's name
         return cls(
             config.remote_url,
             serde=check_serde_name(config.remote_serde),
@@ -103,8 +170,11 @@ class S3Backend(FrameStore):
             max_chunk_bytes=context.pool.slot_bytes,
             sealer=sealer_for(config, context, cls.name),
             endpoint_url=extra.get("s3_endpoint_url"),
-            max_concurrency=extra_number(config, "s3_max_concurrency", 16, integer=True),
+            max_concurrency=extra_number(config, concurrency_key, 16, integer=True),
             timeout_s=config.blocking_timeout_secs,
+            region=extra.get("s3_region"),
+            credentials=(str(key_id), str(secret)) if key_id else None,
+            use_tls=not extra_bool(config, "disable_tls"),
         )
 
     def _missing(self, e: Exception) -> bool:
