@@ -16,9 +16,8 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlparse
 
 from lmcache_core.arena import AnonymousArena, Arena
 from lmcache_core.auth import load_secret
@@ -37,10 +36,9 @@ from lmcache_core.keys import (
 )
 from lmcache_core.layout import KVLayout
 from lmcache_core.metrics import Metrics
-from lmcache_core.plugins import BACKENDS, load_plugin
 from lmcache_core.pool import SLOT_OFFSET, Chunk, SlotPool
 from lmcache_core.sizes import format_size
-from lmcache_core.tier import ManagedTier
+from lmcache_core.tier_cascade import TierCascade, Watcher
 from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
 
 logger = logging.getLogger(__name__)
@@ -107,19 +105,8 @@ class CacheEngine:
             secret=load_secret(config),
             namespace=self.namespace.digest,
         )
-        self.cpu: LocalCPUBackend | None = None
-        self._demote_to: StorageBackend | None = None
-        self._evict_listeners: list[Any] = []
-        #: ``watch`` callbacks: ``(event, tier name, keys)``, event "stored" or "removed".
-        self._watchers: list[Callable[[str, str, list[CacheKey]], None]] = []
-        if tiers is not None:
-            self.tiers = list(tiers)
-            for t in self.tiers:
-                if isinstance(t, LocalCPUBackend):
-                    self.cpu = t
-        else:
-            self.tiers = self._build_tiers(config)
-        self._allocate = self.cpu.allocate if self.cpu is not None else self.pool.allocate
+        self.cascade = TierCascade(config, self.context, tiers)
+        self._allocate = self.cascade.allocate
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
@@ -129,99 +116,21 @@ class CacheEngine:
             ", ".join(t.name for t in self.tiers) or "none",
         )
 
-    def _build_tiers(self, config: CacheConfig) -> list[StorageBackend]:
-        """CPU (synchronous, zero-copy), then disk and remote behind write-behind and health."""
-        tiers: list[StorageBackend] = []
-        if config.local_cpu:
-            cpu = load_plugin(BACKENDS, "cpu").from_config(config, self.context)
-            self.cpu = cpu
-            tiers.append(cpu)
-        lower: list[StorageBackend] = []
-        if config.local_disk:
-            lower.append(load_plugin(BACKENDS, "disk").from_config(config, self.context))
-        if config.enable_p2p:  # another instance's DRAM beats a remote store
-            lower.append(load_plugin(BACKENDS, "p2p").from_config(config, self.context))
-        if config.remote_url:
-            scheme = urlparse(config.remote_url).scheme.lower()
-            lower.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
-        for backend in lower:
-            tiers.append(
-                ManagedTier(
-                    backend,
-                    metrics=self.metrics,
-                    write_behind_bytes=config.write_behind_bytes if backend.write_behind else None,
-                    base_backoff_s=config.tier_retry_backoff,
-                    max_backoff_s=config.tier_retry_max_backoff,
-                    timeout_s=config.blocking_timeout_secs,
-                )
-            )
-        if self.cpu is not None and config.demote_on_evict:
-            local = [t for t in tiers[1:] if not t.capabilities.shared]
-            if local:
-                self._demote_to = local[0]
-        self._evict_listeners = [
-            t.backend
-            for t in tiers
-            if isinstance(t, ManagedTier) and hasattr(t.backend, "evicted_upstream")
-        ]
-        if self.cpu is not None and (self._demote_to is not None or self._evict_listeners):
-            self.cpu.on_evict = self._on_cpu_evict
-        return tiers
+    @property
+    def tiers(self) -> list[StorageBackend]:
+        return self.cascade.tiers
 
-    def watch(self, callback: Callable[[str, str, list[CacheKey]], None]) -> None:
-        """Call ``callback(event, tier, keys)`` as chunks enter ("stored") or leave ("removed").
+    @property
+    def cpu(self) -> LocalCPUBackend | None:
+        return self.cascade.cpu
 
-        For KV cache events a router consumes. Reported: stores (a lower tier's
-        when its write is accepted), promotions into the CPU tier, CPU and
-        local disk evictions, ``remove``. Not reported: what a shared tier
-        drops on its own (TTL, another instance's eviction). The callback may
-        run on a tier's writer thread; it must be quick and must not raise.
-        """
-        self._watchers.append(callback)
-        if self.cpu is not None and self.cpu.on_evict is None:
-            self.cpu.on_evict = self._on_cpu_evict
-        for tier in self.tiers:
-            backend = tier.backend if isinstance(tier, ManagedTier) else tier
-            if hasattr(backend, "on_evict") and backend is not self.cpu:
-                backend.on_evict = lambda key, name=tier.name: self._notify("removed", name, [key])
-
-    def _notify(self, event: str, tier: str, keys: list[CacheKey]) -> None:
-        for callback in self._watchers:
-            try:
-                callback(event, tier, keys)
-            except Exception:
-                logger.warning("a cache watcher failed on %s %s", event, tier, exc_info=True)
-
-    def _on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
-        if self._watchers:
-            self._notify("removed", self.cpu.name if self.cpu else "cpu", [chunk.key])
-        for listener in self._evict_listeners:  # e.g. the p2p tier unpublishes it
-            listener.evicted_upstream(chunk.key)
-        if may_demote and self._demote_to is not None:
-            self._demote(chunk)
-
-    def _demote(self, chunk: Chunk) -> None:
-        """Called by the CPU tier as it evicts ``chunk``: keep it on local disk if it is not there.
-
-        Most chunks are there already (stores are written through, behind);
-        this catches the ones whose write was dropped, and chunks that came
-        from a remote tier.
-        """
-        tier = self._demote_to
-        if tier is None or (isinstance(tier, ManagedTier) and not tier.write_health.healthy):
-            return
-        if tier.contains([chunk.key])[0]:
-            return
-        if tier.put([chunk])[0]:
-            self.metrics.inc("lmcache:num_demotions", tier=tier.name)
+    def watch(self, callback: Watcher) -> None:
+        """See :meth:`TierCascade.watch`."""
+        self.cascade.watch(callback)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued lower-tier write is done; False on timeout."""
-        ok = True
-        for tier in self.tiers:
-            if isinstance(tier, ManagedTier):
-                ok = tier.flush(timeout) and ok
-        return ok
+        return self.cascade.flush(timeout)
 
     # ------------------------------------------------------------------ keys
 
@@ -290,7 +199,7 @@ class CacheEngine:
         m = self.metrics
         with m.timer("lmcache:time_to_lookup"):
             keys = prompt.keys(self.namespace)
-            hits = self._prefix_present(keys)
+            hits = self.cascade.prefix_present(keys)
             if pin_owner is not None and self.cpu is not None:
                 self.cpu.unpin(pin_owner)
                 if hits:
@@ -308,7 +217,7 @@ class CacheEngine:
         For prompts made of separately keyed parts (blend segments): one call
         pins every part's hits for ``pin_owner``, replacing its earlier pins.
         """
-        hits = [self._prefix_present(list(c)) if c else 0 for c in chains]
+        hits = [self.cascade.prefix_present(list(c)) if c else 0 for c in chains]
         if pin_owner is not None and self.cpu is not None:
             self.cpu.unpin(pin_owner)
             held = [k for c, h in zip(chains, hits) for k in c[:h]]
@@ -316,31 +225,6 @@ class CacheEngine:
                 self.cpu.pin(held, pin_owner, self.config.pin_timeout)
         self.metrics.inc("lmcache:num_lookup_requests")
         return hits
-
-    def _prefix_present(self, keys: list[CacheKey]) -> int:
-        n = len(keys)
-        if self.tiers and self.tiers[0] is self.cpu:
-            # Fast path: walk the DRAM index until the first miss.
-            first = self.cpu.prefix_length(keys)
-            if first == n or len(self.tiers) == 1:
-                return first
-        present = [False] * n
-        m = 0
-        for tier in self.tiers:
-            if m >= n:
-                break
-            idx = [i for i in range(m, n) if not present[i]]
-            try:
-                found = tier.contains([keys[i] for i in idx])
-            except Exception:
-                self._tier_failed(tier, "contains")
-                continue
-            for i, ok in zip(idx, found):
-                if ok:
-                    present[i] = True
-            while m < n and present[m]:
-                m += 1
-        return m
 
     def unpin(self, owner: str) -> None:
         if self.cpu is not None:
@@ -388,7 +272,7 @@ class CacheEngine:
         try:
             present = first_tier.contains(keys)
         except Exception:
-            self._tier_failed(first_tier, "contains")
+            self.cascade.tier_failed(first_tier, "contains")
             present = [False] * len(keys)
         todo: list[tuple[ChunkSpan, Chunk]] = []
         for span, key, ok in zip(spans, keys, present, strict=True):
@@ -413,14 +297,11 @@ class CacheEngine:
                 try:
                     ok = tier.put(chunks)
                 except Exception:
-                    self._tier_failed(tier, "put")
+                    self.cascade.tier_failed(tier, "put")
                     continue
                 if tier is first_tier:
                     stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
-                if self._watchers:
-                    done = [c.key for c, good in zip(chunks, ok) if good]
-                    if done:
-                        self._notify("stored", tier.name, done)
+                self.cascade.stored(tier, chunks, ok)
             self.metrics.inc("lmcache:num_stored_tokens", stored)
             return stored
         finally:
@@ -470,7 +351,7 @@ class CacheEngine:
                 return 0
             wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
             self.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
-            chunks = self._get_prefix(self.keys(spans), spans)
+            chunks = self.cascade.get_prefix(self.keys(spans), spans)
             if not chunks:
                 return 0
             ios = [
@@ -498,7 +379,7 @@ class CacheEngine:
 
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         """How many leading ``keys`` some tier holds (key-level ``lookup``)."""
-        return self._prefix_present(list(keys))
+        return self.cascade.prefix_present(list(keys))
 
     def retrieve_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
@@ -516,7 +397,7 @@ class CacheEngine:
     def _retrieve_chunks(
         self, keys: list[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
     ) -> int:
-        chunks = self._get_prefix(keys, spans)
+        chunks = self.cascade.get_prefix(keys, spans)
         try:
             if not chunks:
                 return 0
@@ -535,104 +416,15 @@ class CacheEngine:
             for c in chunks:
                 c.release()
 
-    def _get_prefix(
-        self, keys: list[CacheKey], spans: Sequence[ChunkSpan] | None = None
-    ) -> list[Chunk]:
-        """Chunks of the longest prefix of ``keys`` found in any tier (owned by the caller).
-
-        With ``spans``, a chunk that does not hold exactly its span's tokens (a
-        short frame with a valid checksum, a peer's entry with another size) is
-        a miss: it is removed from the tier that gave it, so a fresh store can
-        replace it, and never promoted.
-        """
-        n = len(keys)
-        found: list[Chunk | None] = [None] * n
-        m = 0
-        for tier in self.tiers:
-            if m >= n:
-                break
-            idx = [i for i in range(m, n) if found[i] is None]
-            try:
-                got = tier.get([keys[i] for i in idx], self._allocate)
-            except Exception:
-                self._tier_failed(tier, "get")
-                continue
-            promote = []
-            misfits: list[CacheKey] = []
-            for i, c in zip(idx, got):
-                if c is not None and spans is not None and not self._fits(c, spans[i]):
-                    misfits.append(keys[i])
-                    c.release()
-                    c = None
-                if c is not None:
-                    found[i] = c
-                    if tier is not self.cpu:
-                        promote.append(c)
-            if misfits:
-                self._drop_misfits(tier, misfits)
-            if promote and self.cpu is not None:
-                ok = self.cpu.put(promote)
-                self.metrics.inc("lmcache:num_promotions", sum(ok), tier=tier.name)
-                if self._watchers:
-                    self._notify("stored", self.cpu.name, [c.key for c, g in zip(promote, ok) if g])
-            while m < n and found[m] is not None:
-                m += 1
-        # Release what lies beyond the first gap: it is unreachable as a prefix.
-        for c in found[m:]:
-            if c is not None:
-                c.release()
-        return [c for c in found[:m] if c is not None]
-
-    def _fits(self, chunk: Chunk, span: ChunkSpan) -> bool:
-        return chunk.num_tokens == span.num_tokens and chunk.nbytes == self.layout.chunk_bytes(
-            span.num_tokens
-        )
-
-    def _drop_misfits(self, tier: StorageBackend, keys: list[CacheKey]) -> None:
-        logger.warning(
-            "tier %s returned %d chunks of the wrong size for their keys; removed",
-            tier.name,
-            len(keys),
-        )
-        self.metrics.inc("lmcache:num_corrupt_chunks", len(keys), tier=tier.name)
-        try:
-            tier.remove(keys)
-        except Exception:
-            self._tier_failed(tier, "remove")
-
     # ------------------------------------------------------------------ admin
 
     def remove(self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None) -> int:
         """Remove the chunks of ``tokens`` from every tier; returns chunks removed."""
-        keys = self.keys(self.spans(tokens, cache_salt=cache_salt))
-        n = 0
-        for tier in self.tiers:
-            try:
-                n += tier.remove(keys)
-            except Exception:
-                self._tier_failed(tier, "remove")
-            else:
-                if self._watchers and keys:
-                    self._notify("removed", tier.name, list(keys))
-        return n
-
-    def _tier_failed(self, tier: StorageBackend, op: str) -> None:
-        logger.warning("tier %s failed in %s; treating it as a miss", tier.name, op, exc_info=True)
-        self.metrics.inc("lmcache:num_failures", tier=tier.name, op=op)
+        return self.cascade.remove(self.keys(self.spans(tokens, cache_salt=cache_salt)))
 
     def close(self) -> None:
         """Write what lower tiers have queued (up to ``blocking_timeout_secs``), then close."""
-        if self.cpu is not None:
-            self.cpu.on_evict = None
-        for tier in self.tiers:
-            try:
-                if isinstance(tier, ManagedTier):
-                    tier.close(self.config.blocking_timeout_secs)
-                else:
-                    tier.close()
-            except Exception:
-                logger.warning("closing tier %s failed", tier.name, exc_info=True)
-        self.tiers = []
+        self.cascade.close(self.config.blocking_timeout_secs)
         self.pool.close()
 
     def __enter__(self) -> CacheEngine:
