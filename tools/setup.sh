@@ -39,7 +39,7 @@ if [ "$HAVE_GPU" = 0 ]; then
 fi
 
 "${PIP[@]}" install --no-warn-conflicts \
-    -e "packages/lmcache-core[testing,redis,s3,compression,auth]" \
+    -e "packages/lmcache-core[testing,redis,s3,compression,auth,bench]" \
     -e packages/lmcache-cuda \
     -e packages/lmcache-vllm \
     -e packages/lmcache-sglang \

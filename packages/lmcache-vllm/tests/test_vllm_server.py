@@ -88,23 +88,34 @@ def test_bench_serve_against_a_real_server_hits_the_cache(server):
 
 
 def test_multi_round_qa_runs_against_the_same_server(server):
+    """The load generator: users in parallel, rounds resending the history, hits read from
+    vLLM's own /metrics."""
     port, _metrics_port, _ = server
-    rounds = bench_serve(
+    result = bench_serve(
         port,
         "--workload",
         "multi-round-qa",
         "--users",
-        "2",
+        "3",
         "--rounds",
         "2",
         "--system-words",
-        "300",
+        "100",
+        "--context-words",
+        "200",
         "--question-words",
         "20",
-    )["passes"]
-    assert [r["requests"] for r in rounds] == [2, 2]
+        "--concurrency",
+        "2",
+    )
+    rounds = result["passes"]
+    assert [r["requests"] for r in rounds] == [3, 3]
     assert rounds[1]["mean_prompt_tokens"] > rounds[0]["mean_prompt_tokens"]
-
+    summary = result["summary"]
+    assert summary["failed"] == 0 and summary["ttft_s"]["p50"] > 0
+    assert summary["itl_s"]["p50"] > 0 and summary["output_token_throughput"] > 0
+    # Round 2 resends round 1's prompt: lmcache finds its chunks.
+    assert summary["hit_rate"]["lmcache"] > 0.2
 
 def _families(url: str) -> dict:
     import urllib.request

@@ -164,20 +164,17 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         OpenAIClient,
         PassResult,
         long_doc_qa,
-        multi_round_qa,
         run_passes,
         scrape_metrics,
     )
 
+    if args.workload == "multi-round-qa":
+        from lmcache_core.bench_load import cmd_load
+
+        return cmd_load(args)
     client = OpenAIClient(args.base_url, args.model)
-    if args.workload == "long-doc-qa":
-        docs = long_doc_qa(args.docs, args.doc_words, seed=args.seed)
-        passes = [(f"pass {p + 1}", docs) for p in range(args.passes)]
-    else:
-        rounds = multi_round_qa(
-            args.users, args.rounds, args.system_words, args.question_words, seed=args.seed
-        )
-        passes = [(f"round {r + 1}", batch) for r, batch in enumerate(rounds)]
+    docs = long_doc_qa(args.docs, args.doc_words, seed=args.seed)
+    passes = [(f"pass {p + 1}", docs) for p in range(args.passes)]
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(
@@ -267,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(fn=_cmd_bench_tiers)
 
-    p = bench.add_parser("serve", help="TTFT of a workload against any OpenAI-compatible server")
+    p = bench.add_parser(
+        "serve",
+        help="TTFT of a workload against any OpenAI-compatible server (multi-round-qa: "
+        "a load generator with concurrency or a request rate)",
+    )
     p.add_argument("--base-url", required=True, help="e.g. http://localhost:8000")
     p.add_argument("--model", help="model name (default: the first the server lists)")
     p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], default="long-doc-qa")
@@ -277,13 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=4, help="multi-round-qa: users")
     p.add_argument("--rounds", type=int, default=3, help="multi-round-qa: rounds a user")
     p.add_argument("--system-words", type=int, default=1000, help="multi-round-qa: shared prompt")
+    p.add_argument(
+        "--context-words", type=int, default=0, help="multi-round-qa: each user's own document"
+    )
     p.add_argument("--question-words", type=int, default=50, help="multi-round-qa: a question")
+    p.add_argument("--concurrency", type=int, default=1, help="multi-round-qa: requests in flight")
+    p.add_argument(
+        "--rate", type=float, help="multi-round-qa: requests started per second (Poisson)"
+    )
+    p.add_argument("--label", help="multi-round-qa: this configuration's name in plots")
+    p.add_argument("--out", help="multi-round-qa: write summary and every request as JSON")
+    p.add_argument("--plot", help="multi-round-qa: write TTFT over time as SVG")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metrics-url", help="an lmcache /metrics URL, for hit rate and bytes")
+    p.add_argument(
+        "--metrics-url",
+        help="a /metrics URL for hit rates (multi-round-qa default: the server's own)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(fn=_cmd_bench_serve)
+    p = bench.add_parser("plot", help="TTFT over time of several bench serve --out runs, as SVG")
+    p.add_argument("runs", nargs="+", help="JSON files written by bench serve --out")
+    p.add_argument("-o", "--output", required=True, help="the SVG to write")
+    p.set_defaults(fn=_cmd_bench_plot)
     return parser
+
+
+def _cmd_bench_plot(args: argparse.Namespace) -> int:
+    from lmcache_core.bench_load import cmd_plot
+
+    return cmd_plot(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

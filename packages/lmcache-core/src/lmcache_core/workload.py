@@ -6,7 +6,8 @@ Two workloads, as LMCache benchmarks them:
   document is asked ``passes`` times (the first pass fills the cache, later
   passes hit it);
 * ``multi-round-qa``: users who share a system prompt hold conversations of
-  several rounds; each round resends the whole history.
+  several rounds; each round resends the whole history (the load generator,
+  :mod:`lmcache_core.loadgen`, with concurrency and request rates).
 
 Only the standard library is used (``http.client``), so the same numbers can
 be taken for any engine, with or without lmcache. TTFT is the time from
@@ -198,24 +199,6 @@ def long_doc_qa(num_docs: int, doc_words: int, seed: int = 0) -> list[tuple[str,
         doc = synthetic_text(seed * 1000 + d, doc_words)
         out.append((f"doc{d}", f"{doc}\n\nQuestion: what is the document about?\nAnswer:"))
     return out
-
-
-def multi_round_qa(
-    users: int, rounds: int, system_words: int, question_words: int, seed: int = 0
-) -> list[list[tuple[str, str]]]:
-    """Per round, (label, prompt) for each user; prompts grow with the history."""
-    system = synthetic_text(seed, system_words)
-    history = {u: f"System: {system}\n" for u in range(users)}
-    per_round = []
-    for r in range(rounds):
-        batch = []
-        for u in range(users):
-            q = synthetic_text(seed + 7919 * (u + 1) + r, question_words)
-            history[u] += f"User: {q}\nAssistant:"
-            batch.append((f"user{u}-round{r}", history[u]))
-            history[u] += f" {synthetic_text(seed + 104729 * (u + 1) + r, 20)}\n"
-        per_round.append(batch)
-    return per_round
 
 
 def run_passes(
