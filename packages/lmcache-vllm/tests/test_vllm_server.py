@@ -117,6 +117,7 @@ def test_multi_round_qa_runs_against_the_same_server(server):
     # Round 2 resends round 1's prompt: lmcache finds its chunks.
     assert summary["hit_rate"]["lmcache"] > 0.2
 
+
 def _families(url: str) -> dict:
     import urllib.request
 

@@ -181,7 +181,7 @@ class Metrics:
 
         For a histogram, the number of observations.
         """
-        self._key(name, {k: v for k, v in labels.items()})
+        self._key(name, labels)
         spec = METRICS[name]
         want = [(spec.labels.index(k), str(v)) for k, v in labels.items()]
         with self._lock:

@@ -23,6 +23,7 @@ from typing import Any
 
 try:
     from lmcache_vllm.connector import LMCacheKVConnector
+    from vllm.distributed.kv_events import BlockStored
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise ImportError(
         f"lmcache's vLLM connector is not installed ({e}); install it from this repository "
@@ -70,7 +71,7 @@ class LMCacheConnectorV1Impl:
         """Stored blocks since the last step (the wrapper makes every event a store)."""
         taken = self.connector.get_kv_connector_kv_cache_events()
         events = taken.get_all_events() if taken is not None else []
-        return [e for e in events if type(e).__name__ == "BlockStored"]
+        return [e for e in events if isinstance(e, BlockStored)]
 
     def shutdown(self) -> None:
         self.connector.shutdown()
