@@ -349,3 +349,46 @@ def test_watchers_see_chunks_enter_and_leave_tiers(tmp_path):
         seen.clear()
         assert engine.remove(list(range(100, 132))) >= 2
         assert ("removed", "cpu", 2) in seen
+
+
+def _resident_pages(view: memoryview) -> int:
+    """Pages of ``view`` in memory (mincore), without touching them."""
+    import ctypes
+    import mmap as _mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    start = addr - addr % _mmap.PAGESIZE
+    n = (addr + len(view) - start + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * _mmap.PAGESIZE), vec) == 0
+    return sum(b & 1 for b in vec)
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_the_dram_tier_is_made_resident_at_start_unless_told_not_to(prefault):
+    cfg = CacheConfig.from_dict(
+        {"chunk_size": 16, "max_local_cpu_size": "8MiB", "local_cpu_prefault": prefault}
+    )
+    with CacheEngine(cfg, model="m", layout=LAYOUT) as engine:
+        view = engine.pool.arena.view()
+        resident = _resident_pages(view)
+        pages = len(view) // 4096
+        if prefault:
+            assert resident >= pages - 1  # every page (the partial last one aside)
+        else:
+            assert resident < pages // 2  # untouched until stores need it
+
+
+def test_a_dram_tier_the_machine_cannot_hold_says_what_to_lower(monkeypatch):
+    import errno
+
+    from lmcache_core.arena import AnonymousArena
+
+    def no_memory(self):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(AnonymousArena, "prefault", no_memory)
+    cfg = CacheConfig.from_dict({"chunk_size": 16, "max_local_cpu_size": "8MiB"})
+    with pytest.raises(ConfigError, match="max_local_cpu_size=8.*local_cpu_prefault: false"):
+        CacheEngine(cfg, model="m", layout=LAYOUT)

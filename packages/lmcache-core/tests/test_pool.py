@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 from lmcache_core.arena import AnonymousArena
 from lmcache_core.errors import ChunkTooLargeError
@@ -113,7 +115,7 @@ def test_prefault_keeps_the_arena_contents(monkeypatch, madvise_works):
     if not madvise_works:  # the fallback of kernels without MADV_POPULATE_WRITE
 
         def refuse(*a):
-            raise OSError("EINVAL")
+            raise OSError(errno.EINVAL, "Invalid argument")
 
         monkeypatch.setattr(arena, "_mmap", _NoMadvise(arena._mmap, refuse))
     arena.prefault()

@@ -290,6 +290,12 @@ class CacheConfig:
     max_local_cpu_size: int = _opt(
         "size", 5 * 1024**3, "size of the CPU arena (e.g. 5GiB; a bare number is GB)"
     )
+    local_cpu_prefault: bool = _opt(
+        "bool",
+        True,
+        "make the DRAM tier resident at start: no page faults under a store, and a machine "
+        "that cannot hold max_local_cpu_size fails at start, not while serving",
+    )
     local_disk: str | None = _opt("opt_str", None, "local disk tier, file:///path/")
     max_local_disk_size: int = _opt("size", 0, "size bound of the disk tier")
     remote_url: str | None = _opt("opt_str", None, "shared tier, e.g. redis://host:6379")

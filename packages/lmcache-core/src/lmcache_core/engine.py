@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -90,11 +91,24 @@ class CacheEngine:
                 )
             try:
                 arena = AnonymousArena(capacity + SLOT_OFFSET)
+                if config.local_cpu_prefault:
+                    t0 = time.perf_counter()
+                    arena.prefault()
+                    logger.info(
+                        "DRAM tier: %s made resident in %.2f s (local_cpu_prefault)",
+                        format_size(capacity),
+                        time.perf_counter() - t0,
+                    )
             except OSError as e:
                 raise ConfigError(
                     [
                         f"max_local_cpu_size={format_size(capacity)} cannot be reserved "
                         f"({e.strerror}); lower it (a bare number is GB: write 512MiB, 5GiB)"
+                        + (
+                            ", or set local_cpu_prefault: false"
+                            if config.local_cpu_prefault
+                            else ""
+                        )
                     ]
                 ) from None
         self.pool = SlotPool(arena, slot_bytes)

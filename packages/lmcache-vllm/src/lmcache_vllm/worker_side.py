@@ -236,8 +236,17 @@ class WorkerSide:
             if self.events is not None and spec.blocks is not None:
                 for i, key in enumerate(prompt.keys(self.engine.namespace)):
                     self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
-            self.engine.store(prompt, self.kv(spec.block_ids))
+            t0 = time.perf_counter()
+            stored = self.engine.store(prompt, self.kv(spec.block_ids))
             self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
+            if stored:
+                logger.info(
+                    "lmcache: stored %d new tokens of %s (up to %d) in %.1f ms",
+                    stored,
+                    spec.req_id,
+                    spec.prompt.num_tokens,
+                    (time.perf_counter() - t0) * 1e3,
+                )
 
     def take_failed_blocks(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
