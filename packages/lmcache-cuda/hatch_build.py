@@ -42,4 +42,6 @@ class KernelBuildHook(BuildHookInterface):
         if built:
             build_data["pure_python"] = False
             build_data["infer_tag"] = True
-            build_data["artifacts"].extend(str(p.relative_to(Path(self.root))) for p in built)
+            # Each library with its source stamp, so an installed one is not rebuilt.
+            paths = [q for p in built for q in (p, build.stamp_path(p))]
+            build_data["artifacts"].extend(str(p.relative_to(Path(self.root))) for p in paths)

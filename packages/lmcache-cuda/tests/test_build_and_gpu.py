@@ -66,7 +66,45 @@ def test_wheel_build_hook_ships_the_libraries_with_a_platform_tag(tmp_path):
     assert "py3-none-any" not in wheel.name, "a wheel with a compiled library is platform-specific"
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmcache_cuda/_lib/liblmcache_cpu.so" in names
+    assert "lmcache_cuda/_lib/liblmcache_cpu.so.sha256" in names  # not rebuilt when installed
     assert "lmcache_cuda/csrc/lmcache_kernels.h" in names
+
+
+def test_a_library_built_from_other_sources_is_rebuilt_at_load(tmp_path, monkeypatch):
+    if build.c_compiler() is None:
+        pytest.skip("needs a C compiler")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, csrc)
+    monkeypatch.setattr(build, "CSRC", csrc)
+    monkeypatch.setattr(build, "LIB_DIR", tmp_path / "_lib")
+    lib = build.build_cpu(tmp_path / "_lib")
+    assert not build.is_stale(lib, build.CPU_LIB)
+    _ffi.cpu_lib.cache_clear()
+    try:
+        _ffi.cpu_lib()
+        assert lib.stat().st_mtime_ns == (mtime := lib.stat().st_mtime_ns)  # fresh: kept
+        # A changed source (an upgrade that kept the ABI version) makes it stale.
+        src = csrc / "lmcache_cpu.c"
+        src.write_text(src.read_text() + "\n/* changed */\n")
+        assert build.is_stale(lib, build.CPU_LIB)
+        _ffi.cpu_lib.cache_clear()
+        assert _ffi.cpu_lib() is not None
+        assert not build.is_stale(lib, build.CPU_LIB)
+        assert lib.stat().st_mtime_ns != mtime  # rebuilt
+    finally:
+        _ffi.cpu_lib.cache_clear()
+
+
+def test_a_cpu_engine_does_not_build_the_cuda_library(monkeypatch):
+    import lmcache_cuda
+
+    def no(*a, **k):
+        raise AssertionError("the CUDA library was asked for by a CPU engine")
+
+    monkeypatch.setattr(_ffi, "cuda_lib", no)
+    layout = KVLayout("vllm_flash", "bfloat16", 2, 2, 8, 4)
+    layers = [np.zeros((2, 8, 4, 2, 8), dtype=np.uint16) for _ in range(2)]
+    assert lmcache_cuda.paged_memory(layout, layers) is not None
 
 
 # --------------------------------------------------------------------------- GPU
@@ -114,3 +152,34 @@ def test_cuda_kernels_agree_with_the_torch_reference(layout):
     torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(dst, ref))
     assert any(bool(x.any()) for x in dst), "the scatter wrote nothing"
+
+
+@pytest.mark.parametrize("direction", ["read", "write"])
+def test_a_failed_launch_still_waits_for_the_kernels_queued_before_it(direction):
+    """CPU twin of the GPU path's failure handling: the kernels launched before a
+    failing launch still run on the stream; returning (after which the engine
+    releases the chunks and their slots are reused) must wait for them."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("torch")
+    from lmcache_core.errors import LayoutError
+    from lmcache_cuda.cuda import CudaPagedKV
+
+    kv = CudaPagedKV.__new__(CudaPagedKV)
+    kv.memory = SimpleNamespace(lib=SimpleNamespace(lmc_cuda_gather="g", lmc_cuda_scatter="s"))
+    kv._split = lambda chunks: ([(c, 0) for c in chunks], [])
+    calls: list[tuple] = []
+
+    def launch(fn, chunk, lo, hi, addr):
+        calls.append(("launch", fn, lo))
+        if len(calls) == 2:
+            raise LayoutError("lmcache CUDA kernel failed (code -3) kernel launch: boom")
+
+    kv._launch = launch
+    kv._sync = lambda: calls.append(("sync",))
+    buf = memoryview(bytearray(64))
+    chunks = [ChunkIO(s, s + 16, buf) for s in (0, 16, 32)]
+    with pytest.raises(LayoutError, match="boom"):
+        (kv.read_chunks if direction == "read" else kv.write_chunks)(chunks)
+    fn = "g" if direction == "read" else "s"
+    assert calls == [("launch", fn, 0), ("launch", fn, 16), ("sync",)]

@@ -41,7 +41,11 @@ def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]]
     """
     first = layers[0]
     on_gpu = getattr(getattr(first, "device", None), "type", "cpu") == "cuda"
-    avail = kernels_available()
+    from lmcache_cuda import _ffi
+
+    # Only the library these tensors need: a CPU worker must not build the CUDA
+    # one (minutes of nvcc) just because nvcc is installed.
+    avail = {"cuda": _ffi.cuda_lib() is not None} if on_gpu else {"c": _ffi.cpu_lib() is not None}
     if on_gpu:
         from lmcache_cuda.cuda import CudaPagedMemory
 

@@ -55,15 +55,25 @@ def ffi() -> cffi.FFI:
 
 
 def _open(name: str, builder: Any) -> Any | None:
+    """Load library ``name``; (re)build it first if missing or built from other sources."""
     path = build.LIB_DIR / name
     with _lock:
-        if not path.exists():
+        stale = path.exists() and build.is_stale(path, name)
+        if not path.exists() or stale:
             try:
                 builder()
-                logger.info("lmcache-cuda: built %s at first use", name)
+                logger.info(
+                    "lmcache-cuda: %s %s", "rebuilt (its sources changed)" if stale else "built",
+                    name,
+                )  # fmt: skip
             except (build.BuildError, OSError) as e:
-                logger.debug("lmcache-cuda: cannot build %s: %s", name, e)
-                return None
+                if not stale:
+                    logger.debug("lmcache-cuda: cannot build %s: %s", name, e)
+                    return None
+                logger.warning(
+                    "lmcache-cuda: %s was built from other sources and cannot be rebuilt here "
+                    "(%s); using it as it is (its ABI version is still checked)", name, e,
+                )  # fmt: skip
         lib = ffi().dlopen(str(path))
     if lib.lmc_abi_version() != lib.LMC_ABI_VERSION:
         raise ImportError(f"{path} has ABI {lib.lmc_abi_version()}, expected {lib.LMC_ABI_VERSION}")

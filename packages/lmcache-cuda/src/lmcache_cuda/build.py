@@ -10,6 +10,7 @@ break them. CUDA's runtime is linked statically; only the driver is needed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -40,6 +41,37 @@ def _run(cmd: list[str]) -> None:
         raise BuildError(f"{' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
 
 
+#: The sources each library is built from (headers included).
+SOURCES = {
+    CPU_LIB: ("lmcache_kernels.h", "lmcache_check.h", "lmcache_cpu.c"),
+    CUDA_LIB: ("lmcache_kernels.h", "lmcache_check.h", "lmcache_cuda.cu"),
+}
+
+
+def source_digest(lib: str) -> str:
+    """sha256 of the sources ``lib`` is built from: a library built from others is stale."""
+    h = hashlib.sha256()
+    for name in SOURCES[lib]:
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    return h.hexdigest()
+
+
+def stamp_path(lib_path: Path) -> Path:
+    return lib_path.with_name(lib_path.name + ".sha256")
+
+
+def _stamp(out: Path, lib: str) -> None:
+    stamp_path(out).write_text(source_digest(lib) + "\n")
+
+
+def is_stale(lib_path: Path, lib: str) -> bool:
+    """True when ``lib_path`` was built from sources other than the ones shipped now."""
+    try:
+        return stamp_path(lib_path).read_text().strip() != source_digest(lib)
+    except OSError:
+        return True  # no stamp: built by an older version
+
+
 def c_compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
@@ -58,7 +90,8 @@ def nvcc() -> str | None:
     return None
 
 
-def build_cpu(out_dir: Path = LIB_DIR, *, werror: bool = False) -> Path:
+def build_cpu(out_dir: Path | None = None, *, werror: bool = False) -> Path:
+    out_dir = LIB_DIR if out_dir is None else out_dir
     cc = c_compiler()
     if cc is None:
         raise BuildError("no C compiler (cc, gcc or clang) found; set CC")
@@ -68,12 +101,14 @@ def build_cpu(out_dir: Path = LIB_DIR, *, werror: bool = False) -> Path:
     flags = [*C_FLAGS, *(["-Werror"] if werror else [])]
     _run([cc, *flags, str(CSRC / "lmcache_cpu.c"), "-o", str(tmp)])
     os.replace(tmp, out)  # atomic: a process loading the library never sees half of it
+    _stamp(out, CPU_LIB)
     return out
 
 
 def build_cuda(
-    out_dir: Path = LIB_DIR, *, werror: bool = False, archs: tuple[str, ...] = CUDA_ARCHS
+    out_dir: Path | None = None, *, werror: bool = False, archs: tuple[str, ...] = CUDA_ARCHS
 ) -> Path:
+    out_dir = LIB_DIR if out_dir is None else out_dir
     compiler = nvcc()
     if compiler is None:
         raise BuildError("nvcc not found; set LMCACHE_NVCC or CUDA_HOME")
@@ -89,4 +124,5 @@ def build_cuda(
     cmd += ["-gencode", f"arch=compute_{last},code=[sm_{last},compute_{last}]"]
     _run([*cmd, str(CSRC / "lmcache_cuda.cu"), "-o", str(tmp)])
     os.replace(tmp, out)
+    _stamp(out, CUDA_LIB)
     return out

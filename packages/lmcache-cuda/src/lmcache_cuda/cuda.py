@@ -141,20 +141,26 @@ class CudaPagedKV:
 
     def read_chunks(self, chunks: Sequence[ChunkIO]) -> None:
         fast, slow = self._split(chunks)
-        for c, addr in fast:
-            self._launch(self.memory.lib.lmc_cuda_gather, c, c.start, c.end, addr)
-        if fast:
-            self._sync()  # the bytes must be in the buffers when this returns
+        try:
+            for c, addr in fast:
+                self._launch(self.memory.lib.lmc_cuda_gather, c, c.start, c.end, addr)
+        finally:
+            # Also when a launch raised midway: the caller releases the chunks next,
+            # and kernels queued before the failure must not write into reused slots.
+            if fast:
+                self._sync()  # the bytes must be in the buffers when this returns
         if slow:
             self._reference().read_chunks(slow)
 
     def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
         fast, slow = self._split(chunks)
-        for c, addr in fast:
-            lo, hi = c.write_range
-            if lo < hi:
-                self._launch(self.memory.lib.lmc_cuda_scatter, c, lo, hi, addr)
-        if fast:
-            self._sync()  # the chunk may be released (its slot reused) after this returns
+        try:
+            for c, addr in fast:
+                lo, hi = c.write_range
+                if lo < hi:
+                    self._launch(self.memory.lib.lmc_cuda_scatter, c, lo, hi, addr)
+        finally:
+            if fast:  # the chunks may be released (slots reused) once this returns
+                self._sync()
         if slow:
             self._reference().write_chunks(slow)

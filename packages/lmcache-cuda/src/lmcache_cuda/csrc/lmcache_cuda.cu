@@ -18,6 +18,10 @@ extern "C" const char *lmc_cuda_last_error(void) { return last_error; }
 
 static int fail(cudaError_t err, const char *what) {
     snprintf(last_error, sizeof last_error, "%s: %s", what, cudaGetErrorString(err));
+    /* A failed runtime call also leaves its error pending for cudaGetLastError; clear
+     * it here (it is reported through last_error), or the next good launch, which
+     * judges itself by cudaGetLastError, would be reported as failed. */
+    cudaGetLastError();
     return LMC_ECUDA;
 }
 
@@ -66,6 +70,8 @@ static int launch(const lmc_paged *p, const int64_t *table, uint64_t table_len, 
     dim3 grid(static_cast<unsigned>(row_hi - row_lo), p->num_planes);
     const unsigned threads = p->row_bytes >= 4096 ? 256 : 128;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
+    /* Judge this launch alone: an error some other caller left pending is not ours. */
+    cudaGetLastError();
     if (wide)
         copy_rows<ToChunk, true><<<grid, threads, 0, s>>>(a);
     else
