@@ -36,7 +36,10 @@ def main() -> int:
     args = ap.parse_args()
     model = Path(args.model)
     if not model.exists():
-        print(f"no model at {model}: run tools/bench_vllm.py once (it makes one)", file=sys.stderr)
+        print(
+            f"no model at {model}: run tools/bench_vllm.py --model random once (it makes one)",
+            file=sys.stderr,
+        )
         return 2
     docs = [prompt for _, prompt in long_doc_qa(args.docs, args.doc_words, seed=3)]
     env = {

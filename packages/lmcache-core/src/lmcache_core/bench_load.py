@@ -47,6 +47,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         rate=args.rate,
         seed=args.seed,
+        duration_s=getattr(args, "duration", None),
     )
     metrics_url = args.metrics_url or f"{args.base_url.rstrip('/')}/metrics"
     before = _scrape(metrics_url)

@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate", type=float, help="multi-round-qa: requests started per second (Poisson)"
     )
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="multi-round-qa: run this many seconds, users starting over after their rounds",
+    )
     p.add_argument("--label", help="multi-round-qa: this configuration's name in plots")
     p.add_argument("--out", help="multi-round-qa: write summary and every request as JSON")
     p.add_argument("--plot", help="multi-round-qa: write TTFT over time as SVG")

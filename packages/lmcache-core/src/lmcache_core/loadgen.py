@@ -40,6 +40,9 @@ class LoadSpec:
     concurrency: int = 2
     rate: float | None = None  # requests per second; None: as concurrency allows
     seed: int = 0
+    #: Run for this long: each user starts its conversation over (same context,
+    #: a returning user) after its last round. None: ``rounds`` once per user.
+    duration_s: float | None = None
 
     def __post_init__(self) -> None:
         problems = [
@@ -49,6 +52,8 @@ class LoadSpec:
         ]
         if self.rate is not None and not self.rate > 0:
             problems.append(f"rate={self.rate} must be > 0 requests per second")
+        if self.duration_s is not None and not self.duration_s > 0:
+            problems.append(f"duration_s={self.duration_s} must be > 0 seconds")
         if problems:
             raise ConfigError(problems, "lmcache bench serve")
 
@@ -162,29 +167,38 @@ async def run_load(
             if delay > 0:
                 await asyncio.sleep(delay)
 
+        def over() -> bool:
+            return spec.duration_s is not None and time.perf_counter() - t_run >= spec.duration_s
+
         async def user_loop(conv: Conversation) -> None:
-            for r in range(spec.rounds):
-                await admit()
-                async with slots:
-                    sample = Sample(conv.user, r, time.perf_counter() - t_run)
-                    body = {
-                        "model": model,
-                        "prompt": conv.prompt(r),
-                        "max_tokens": spec.answer_tokens,
-                        "temperature": 0,
-                        "stream": True,
-                        "stream_options": {"include_usage": True},
-                    }
-                    try:
-                        answer = await _stream(client, f"{api}/completions", body, sample)
-                    except (httpx.HTTPError, json.JSONDecodeError) as e:
-                        sample.error, answer = f"{type(e).__name__}: {e}", ""
-                samples.append(sample)
-                if on_sample is not None:
-                    on_sample(sample)
-                if sample.error:
-                    return  # the rest of this conversation would not be the same workload
-                conv.answered(r, answer)
+            while True:
+                for r in range(spec.rounds):
+                    await admit()
+                    if over():
+                        return
+                    async with slots:
+                        sample = Sample(conv.user, r, time.perf_counter() - t_run)
+                        body = {
+                            "model": model,
+                            "prompt": conv.prompt(r),
+                            "max_tokens": spec.answer_tokens,
+                            "temperature": 0,
+                            "stream": True,
+                            "stream_options": {"include_usage": True},
+                        }
+                        try:
+                            answer = await _stream(client, f"{api}/completions", body, sample)
+                        except (httpx.HTTPError, json.JSONDecodeError) as e:
+                            sample.error, answer = f"{type(e).__name__}: {e}", ""
+                    samples.append(sample)
+                    if on_sample is not None:
+                        on_sample(sample)
+                    if sample.error:
+                        return  # the rest of this conversation would not be the same workload
+                    conv.answered(r, answer)
+                if spec.duration_s is None or over():
+                    return
+                conv = Conversation(spec, conv.user, system)  # the user comes back
 
         await asyncio.gather(*(user_loop(c) for c in users))
         return samples, time.perf_counter() - t_run, model

@@ -93,6 +93,9 @@ METRICS: dict[str, MetricSpec] = {
     "lmcache:tier_healthy": _gauge("1 while a tier answers, 0 while it is skipped", T, "path"),
     "lmcache:write_queue_bytes": _gauge("Bytes waiting in a tier's write-behind queue", T),
     "lmcache:usage_bytes": _gauge("Bytes stored in a tier", T),
+    "lmcache:pinned_chunks": _gauge(
+        "Chunks pinned between a lookup and its load (0 whenever no request is in flight)", T
+    ),
     "lmcache:capacity_bytes": _gauge("Capacity of a tier", T),
     "lmcache:time_to_lookup": _latency("Seconds a lookup took"),
     "lmcache:time_to_retrieve": _latency("Seconds a retrieve took (tiers to engine memory)"),
@@ -314,9 +317,13 @@ def serve_metrics(
     ``metrics_host``). Returns the server: ``server.server_address`` has the
     bound port (port 0 picks a free one); ``server.shutdown()`` stops it.
     """
-    from prometheus_client import start_http_server
+    from prometheus_client import ProcessCollector, start_http_server
 
-    server, _thread = start_http_server(port, host, registry_for(metrics, extra_labels))
+    registry = registry_for(metrics, extra_labels)
+    # As every Prometheus exporter does: this process's resident memory, CPU time
+    # and open files (process_*), so a leak shows next to the cache's own figures.
+    ProcessCollector(registry=registry)
+    server, _thread = start_http_server(port, host, registry)
     return server
 
 

@@ -81,6 +81,7 @@ class RequestResult:
     total_s: float
     prompt_tokens: int | None
     error: str | None = None
+    text: str = ""  # the completion
 
 
 @dataclass
@@ -134,7 +135,9 @@ class OpenAIClient:
             raise RuntimeError(f"{self.host}:{self.port} serves no models")
         return models[0]
 
-    def complete(self, prompt: str, max_tokens: int = 8, label: str = "") -> RequestResult:
+    def complete(
+        self, prompt: str | list[int], max_tokens: int = 8, label: str = ""
+    ) -> RequestResult:
         body = json.dumps(
             {
                 "model": self.model,
@@ -149,6 +152,7 @@ class OpenAIClient:
         t0 = time.perf_counter()
         ttft = None
         usage = None
+        pieces: list[str] = []
         try:
             conn.request(
                 "POST", f"{self.prefix}/completions", body, {"Content-Type": "application/json"}
@@ -166,8 +170,10 @@ class OpenAIClient:
                 if line == "[DONE]":
                     break
                 event = json.loads(line)
-                if ttft is None and any(c.get("text") for c in event.get("choices", [])):
+                texts = [c.get("text") or "" for c in event.get("choices", [])]
+                if ttft is None and any(texts):
                     ttft = time.perf_counter() - t0
+                pieces.extend(texts)
                 if event.get("usage"):
                     usage = event["usage"]
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
@@ -182,6 +188,7 @@ class OpenAIClient:
             ttft if ttft is not None else total,
             total,
             usage.get("prompt_tokens") if usage else None,
+            text="".join(pieces),
         )
 
 
@@ -219,25 +226,40 @@ def run_passes(
     return results
 
 
-def scrape_metrics(url: str, prefix: str = "lmcache:") -> dict[str, float]:
-    """Sum each ``lmcache:*`` metric over its labels (ranks, tiers) from a ``/metrics`` page.
+def scrape_samples(
+    url: str, prefixes: tuple[str, ...] = ("lmcache:",)
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Each sample of the metrics named with ``prefixes`` on a ``/metrics`` page, by name and
+    labels (sorted; a ``rank`` label left out, so ranks add up).
 
     Counters read under their family name (``lmcache:num_hit_tokens``, not
     ``..._total``); a histogram gives ``<name>_count`` and ``<name>_sum``.
-    Works on lmcache's exporter and on vLLM's ``/metrics`` alike.
     """
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out: dict[str, float] = {}
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for family in text_string_to_metric_families(text):
-        if not family.name.startswith(prefix):
+        if not family.name.startswith(prefixes):
             continue
         for sample in family.samples:
             if sample.name.endswith(("_created", "_bucket")):
                 continue
             name = family.name if sample.name == f"{family.name}_total" else sample.name
-            out[name] = out.get(name, 0.0) + float(sample.value)
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "rank"))
+            out[(name, labels)] = out.get((name, labels), 0.0) + float(sample.value)
+    return out
+
+
+def scrape_metrics(url: str, prefix: str = "lmcache:") -> dict[str, float]:
+    """Sum each ``lmcache:*`` metric over its labels (ranks, tiers) from a ``/metrics`` page.
+
+    Works on lmcache's exporter and on vLLM's ``/metrics`` alike (see
+    :func:`scrape_samples`).
+    """
+    out: dict[str, float] = {}
+    for (name, _), v in scrape_samples(url, (prefix,)).items():
+        out[name] = out.get(name, 0.0) + v
     return out

@@ -40,7 +40,7 @@ def wait_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float =
 
 
 @contextmanager
-def vllm_server(
+def vllm_process(
     model: str | Path,
     role: str | None,
     env: Mapping[str, str],
@@ -50,8 +50,12 @@ def vllm_server(
     extra_config: Mapping[str, Any] | None = None,
     args: list[str] = (),  # type: ignore[assignment]
     connector: str = "LMCacheKVConnector",
-) -> Iterator[int]:
-    """vLLM's OpenAI server on a free port (yielded); ``role`` None: without lmcache.
+    max_model_len: int = 4096,
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """vLLM's OpenAI server on a free port: yields (port, process); ``role`` None: no lmcache.
+
+    The process leads its own process group (its workers are in it), so
+    :func:`lmcache_core.testing.soak.group_rss` can measure all of them.
 
     ``extra_config`` goes into ``kv_connector_extra_config``; ``args`` are more
     server arguments. vLLM's prefix cache is off unless ``args`` turn it on.
@@ -62,7 +66,7 @@ def vllm_server(
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager",
-        "--max-model-len", "4096", "--no-enable-prefix-caching", "--seed", "0", *args,
+        "--max-model-len", str(max_model_len), "--no-enable-prefix-caching", "--seed", "0", *args,
     ]  # fmt: skip
     if role is not None:
         kv = {"kv_connector": connector, "kv_role": role}
@@ -77,13 +81,34 @@ def vllm_server(
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, log)
-        yield port
+        yield port, proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def vllm_server(
+    model: str | Path,
+    role: str | None,
+    env: Mapping[str, str],
+    log: Path,
+    dtype: str = "bfloat16",
+    *,
+    extra_config: Mapping[str, Any] | None = None,
+    args: list[str] = (),  # type: ignore[assignment]
+    connector: str = "LMCacheKVConnector",
+    max_model_len: int = 4096,
+) -> Iterator[int]:
+    """:func:`vllm_process`, yielding the port only."""
+    with vllm_process(
+        model, role, env, log, dtype, extra_config=extra_config, args=args,
+        connector=connector, max_model_len=max_model_len,
+    ) as (port, _):  # fmt: skip
+        yield port
 
 
 def complete(port: int, prompt: str | list[int], max_tokens: int = 16, **body: Any) -> str:

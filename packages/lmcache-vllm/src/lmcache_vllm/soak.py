@@ -1,0 +1,139 @@
+"""A soak of vLLM with lmcache: many concurrent users for minutes, tiers under pressure.
+
+One vLLM server (prefix cache on, as everyone runs it, with KV memory that
+holds a fraction of the users' contexts) with lmcache's DRAM tier smaller
+than the working set and a tier below it: local disk, or Redis (which the
+soak kills and restarts in the middle). The load is
+:mod:`lmcache_core.loadgen`'s multi-round QA with ``duration_s``; the checks
+are :func:`lmcache_core.testing.soak.problems`. ``tools/soak.py`` runs the
+ten-minute version, ``tests/test_vllm_soak.py`` a two-minute one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcache_core.loadgen import LoadSpec
+from lmcache_core.testing.servers import RedisServer, free_port
+from lmcache_core.testing.soak import Fault, SoakReport, problems, run_soak
+
+from lmcache_vllm.testing import vllm_process
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(model: str | Path, dtype: str) -> int:
+    """KV bytes one token takes in every layer, from the checkpoint's config.json."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+@dataclass
+class SoakPlan:
+    """What to run. Sizes are lmcache config strings (``"512MiB"``)."""
+
+    model: str
+    duration_s: float = 600.0
+    users: int = 64
+    concurrency: int = 64
+    context_words: int = 250
+    rounds: int = 3
+    answer_tokens: int = 16
+    dtype: str = "float32"
+    #: vLLM's KV memory in blocks (128 tokens on the CPU); None: 1 GiB of them.
+    vllm_kv_blocks: int | None = None
+    dram: str = "512MiB"
+    disk: str | None = "4GiB"  # None: no disk tier
+    redis_fault: bool = False  # a Redis tier below DRAM, killed and restarted mid-run
+    sample_every_s: float = 5.0
+    max_rss_growth: float = 0.02
+    baseline_rss_growth: float = 0.0  # the worker's growth without lmcache, same load
+    lmcache: bool = True  # False: plain vLLM under the same load (the baseline)
+
+
+def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str], dict[str, Any]]:
+    """Run ``plan``; returns (report, problems, facts about the run for a summary)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port() if plan.lmcache else None
+    extra: dict[str, Any] = {
+        "max_local_cpu_size": plan.dram,
+        "metrics_port": metrics_port,
+        "tier_retry_max_backoff": 5,
+    }
+    if plan.disk:
+        extra |= {"local_disk": str(workdir / "disk"), "max_local_disk_size": plan.disk}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
+    }
+    args = ["--enable-prefix-caching"]
+    if plan.vllm_kv_blocks:
+        args += ["--num-gpu-blocks-override", str(plan.vllm_kv_blocks)]
+    faults: list[Fault] = []
+    recovered_at = None
+    with ExitStack() as stack:
+        if plan.redis_fault and plan.lmcache:
+            redis = stack.enter_context(RedisServer())
+            extra["remote_url"] = redis.url
+            down, up = 0.35 * plan.duration_s, 0.55 * plan.duration_s
+            faults = [
+                Fault(down, "redis killed", redis.kill),
+                Fault(up, "redis restarted", redis.start),
+            ]
+            recovered_at = up
+        port, proc = stack.enter_context(
+            vllm_process(
+                plan.model, "kv_both" if plan.lmcache else None, env, workdir / "vllm.log",
+                plan.dtype,
+                extra_config=extra, args=args,
+            )
+        )  # fmt: skip
+        spec = LoadSpec(
+            users=plan.users,
+            rounds=plan.rounds,
+            context_words=plan.context_words,
+            answer_tokens=plan.answer_tokens,
+            concurrency=plan.concurrency,
+            duration_s=plan.duration_s,
+        )
+        report = run_soak(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None,
+            spec,
+            proc.pid,
+            faults,
+            every_s=plan.sample_every_s,
+        )
+    bpt = kv_bytes_per_token(plan.model, plan.dtype)
+    if plan.lmcache:
+        found = problems(
+            report,
+            kv_bytes_per_token=bpt,
+            max_rss_growth=plan.max_rss_growth,
+            baseline_rss_growth=plan.baseline_rss_growth,
+            recovered_tier="redis" if plan.redis_fault else None,
+            recovered_at_s=recovered_at,
+        )
+    else:  # the baseline: only that it served
+        failed = report.summary["failed"]
+        found = [f"{failed} requests to plain vLLM failed"] if failed else []
+    facts = {
+        "kv_bytes_per_token": bpt,
+        # Each user's first prompt (its context) once: what all caches together would hold.
+        "working_set_bytes": int(
+            plan.users * report.summary["rounds"][0]["mean_prompt_tokens"] * bpt
+        )
+        if report.summary["rounds"]
+        else 0,
+        "log": str(workdir / "vllm.log"),
+    }
+    return report, found, facts
