@@ -34,9 +34,9 @@ def test_soak_with_redis_killed_and_restarted(smollm2_model, tmp_path):
         redis_fault=True,
         sample_every_s=3,
         # vLLM's own worker grows ~5% over this window of a two-minute run without
-        # lmcache (allocator warm-up, measured); a leak of a chunk per request would
-        # be +100%. tools/soak.py holds ten minutes to 2%.
-        max_rss_growth=0.10,
+        # lmcache (measured; ~11% over ten minutes); a leak of a chunk per request
+        # would be +100%. tools/soak.py judges ten minutes against plain vLLM + 2%.
+        max_rss_growth=0.15,
     )
     report, problems, facts = run_vllm_soak(plan, tmp_path)
     rss = [
