@@ -40,15 +40,9 @@ console = Console()
 
 
 def pick_model(name: str) -> str:
-    from make_test_model import ensure_model, smollm2_available
+    from bench_vllm import resolve_model  # the main job's choice: smollm2, random, a path
 
-    if name == "auto":
-        name = "smollm2" if smollm2_available() else "random"
-    if name == "smollm2":
-        return str(ensure_model(ROOT / ".cache/models/smollm2", preset="smollm2"))
-    if name == "random":
-        return str(ensure_model(ROOT / ".cache/models/llama-200m", preset="bench"))
-    return name
+    return resolve_model(name)[0]
 
 
 def run_phase(name: str, plan: SoakPlan, workdir: Path) -> dict:
