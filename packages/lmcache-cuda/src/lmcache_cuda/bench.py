@@ -12,7 +12,13 @@ baseline, ...), median of the rounds, since these machines drift in speed.
 * CUDA (with a GPU): device -> pinned host gather and host -> device scatter
   through a :class:`~lmcache_cuda.pinned.PinnedArena`, against
   ``cudaMemcpyAsync`` of one contiguous device buffer of the same size to
-  (from) pinned host memory (``torch`` ``copy_`` with ``non_blocking``).
+  (from) pinned host memory (``torch`` ``copy_`` with ``non_blocking``), for
+  2 KiB rows (8 KV heads) and 256-byte rows (one head, TP8).
+* Layer-wise load (``bench_layerwise``): a 4000-token cache scattered layer
+  by layer on a side stream (a host thread, as a layer-wise connector's
+  ``wait_for_layer_load`` would) while a synthetic per-layer forward of
+  about the same duration runs on the main stream, each layer's forward
+  after its load; total time against the longer of the two alone.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from lmcache_cuda.paged import CPagedKV
 
 LLAMA3_8B_FLASH = KVLayout("vllm_flash", "bfloat16", 32, 8, 128, 16)
 LLAMA3_8B_CPU = KVLayout("vllm_cpu", "bfloat16", 32, 8, 128, 128)
+#: One KV head per rank (Llama-3-8B at TP8): 256-byte rows.
+LLAMA3_8B_TP8 = KVLayout("vllm_flash", "bfloat16", 32, 1, 128, 16)
 TOKENS = 256
 
 
@@ -149,4 +157,91 @@ def bench_cuda(layout: KVLayout = LLAMA3_8B_FLASH, rounds: int = 7, reps: int = 
         **{f"{k}_gbps": n / v / 1e9 for k, v in t.items()},
         "gather_vs_memcpy_d2h": t["memcpy_d2h"] / t["cuda_gather"],
         "scatter_vs_memcpy_h2d": t["memcpy_h2d"] / t["cuda_scatter"],
+    }
+
+
+def bench_layerwise(
+    layout: KVLayout = LLAMA3_8B_FLASH, tokens: int = 4000, rounds: int = 5
+) -> dict:
+    import threading
+
+    import torch
+    from lmcache_core.pool import SlotPool
+
+    from lmcache_cuda.cuda import CudaPagedMemory
+    from lmcache_cuda.pinned import PinnedArena
+
+    one = KVLayout(layout.kind, layout.dtype, 1, layout.num_kv_heads, layout.head_size,
+                   layout.block_size)  # fmt: skip
+    nb = -(-tokens // layout.block_size) + 8
+    layers = [
+        torch.zeros(layer_shape(layout, nb), dtype=torch.int16, device="cuda")
+        for _ in range(layout.num_layers)
+    ]
+    table = torch.randperm(nb)[: -(-tokens // layout.block_size)].tolist()
+    per_layer = one.chunk_bytes(tokens)  # a layer's K and V of every token, contiguous
+    pool = SlotPool(PinnedArena(layout.num_layers * per_layer + SLOT_OFFSET + 4096), per_layer)
+    bufs = [pool.allocate(None, tokens, per_layer) for _ in range(layout.num_layers)]  # type: ignore[arg-type]
+    for b in bufs:
+        b.view[:] = b"\x01" * per_layer
+    kvs = [CudaPagedMemory(one, [t]).request(table) for t in layers]
+    side = torch.cuda.Stream()
+
+    def load_layer(i: int) -> None:
+        with torch.cuda.stream(side):
+            kvs[i].write_chunks([ChunkIO(0, tokens, bufs[i].view)])  # returns when landed
+
+    def timed(fn: Callable[[], Any]) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    load_all = lambda: [load_layer(i) for i in range(layout.num_layers)]  # noqa: E731
+    t_load = statistics.median(timed(load_all) for _ in range(3))
+    # A per-layer "forward" (square matmuls) calibrated to the per-layer load time.
+    x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    one_mm = statistics.median(timed(lambda: x @ x) for _ in range(5))
+    reps = max(1, round(t_load / layout.num_layers / one_mm))
+
+    def forward(i: int) -> None:
+        y = x
+        for _ in range(reps):
+            y = y @ x
+
+    compute_all = lambda: [forward(i) for i in range(layout.num_layers)]  # noqa: E731
+
+    def overlapped() -> None:
+        ready = [threading.Event() for _ in range(layout.num_layers)]
+
+        def loader() -> None:
+            for i in range(layout.num_layers):
+                load_layer(i)
+                ready[i].set()
+
+        th = threading.Thread(target=loader)
+        th.start()
+        for i in range(layout.num_layers):
+            ready[i].wait()
+            forward(i)  # queued on the main stream; the host moves on to wait for i+1
+        th.join()
+
+    samples: dict[str, list[float]] = {"load": [], "compute": [], "overlapped": []}
+    for _ in range(rounds):
+        samples["load"].append(timed(load_all))
+        samples["compute"].append(timed(compute_all))
+        samples["overlapped"].append(timed(overlapped))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    ok = all(bool(torch.all(layer[:, table] != 0)) for layer in layers[:2])
+    pool.close()
+    return {
+        "tokens": tokens,
+        "bytes": layout.num_layers * per_layer,
+        "load_s": t["load"],
+        "compute_s": t["compute"],
+        "overlapped_s": t["overlapped"],
+        "overlapped_vs_longer": t["overlapped"] / max(t["load"], t["compute"]),
+        "serial_vs_longer": (t["load"] + t["compute"]) / max(t["load"], t["compute"]),
+        "correct": float(ok),
     }

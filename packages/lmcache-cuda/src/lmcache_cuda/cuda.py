@@ -38,6 +38,7 @@ class CudaPagedMemory:
         # layer_planes checks shapes, dtypes and contiguity; addresses are device addresses.
         self.planes: Planes = layer_planes(layout, [_AddressOnly(t) for t in layers])
         self.lib = _ffi.cuda_lib()
+        self.base_align = base_alignment(self.planes.bases)
         self._bases = torch.tensor(
             [b - (1 << 64) if b >= 1 << 63 else b for b in self.planes.bases],
             dtype=torch.int64,
@@ -46,6 +47,20 @@ class CudaPagedMemory:
 
     def request(self, block_table: Sequence[int]) -> CudaPagedKV:
         return CudaPagedKV(self, block_table)
+
+
+def base_alignment(bases: Sequence[int], cap: int = 256) -> int:
+    """The largest power of two (up to ``cap``) dividing every plane base address.
+
+    The kernel reads the bases from device memory; it learns their alignment
+    from here before it picks a word width (a view into a tensor can start at
+    any element, and a 16-byte load from an 8-byte-aligned base faults).
+    """
+    align = cap
+    for b in bases:
+        while align > 1 and b % align:
+            align //= 2
+    return align
 
 
 class _AddressOnly:
@@ -101,6 +116,7 @@ class CudaPagedKV:
                 "row_bytes": p.row_bytes,
                 "rows_per_block": p.rows_per_block,
                 "num_blocks": p.num_blocks,
+                "base_align": m.base_align,
             },
         )
         stream = ffi.cast("void *", torch.cuda.current_stream(m.device).cuda_stream)

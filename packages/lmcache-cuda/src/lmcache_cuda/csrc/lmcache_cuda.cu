@@ -1,9 +1,11 @@
 /* CUDA implementation of the lmcache paged-KV transfer ABI (see lmcache_kernels.h).
  *
- * One CUDA block copies one row (a token's heads x head_size) of one plane;
- * its threads move 16 bytes each when the row and both addresses allow, so
- * loads from device memory and stores into pinned host memory (over PCIe,
- * through the mapped chunk) are wide and coalesced.
+ * Threads move the widest word (16, 8, 4 or 1 bytes) that the row size, both
+ * strides, the chunk address and every plane base allow, so loads from device
+ * memory and stores into pinned host memory (over PCIe, through the mapped
+ * chunk) are wide and coalesced. A CUDA block of 256 threads copies several
+ * rows when rows are narrow (a 256-byte row, one KV head at TP8, is 16 words
+ * of 16 bytes: 16 rows per block), so no thread idles.
  */
 #include "lmcache_check.h"
 #include "lmcache_kernels.h"
@@ -13,6 +15,11 @@
 #include <stdio.h>
 
 static __thread char last_error[256];
+static uint64_t launches;
+
+extern "C" uint64_t lmc_cuda_launch_count(void) {
+    return __atomic_load_n(&launches, __ATOMIC_RELAXED);
+}
 
 extern "C" const char *lmc_cuda_last_error(void) { return last_error; }
 
@@ -29,29 +36,43 @@ struct Args {
     const uint64_t *plane_base; /* device array */
     const int64_t *table;       /* device array */
     uint64_t block_stride, row_stride, row_bytes, rows_per_block;
-    uint64_t row_lo, chunk_row0, chunk_rows;
+    uint64_t row_lo, num_rows, chunk_row0, chunk_rows;
     char *chunk;
+    uint32_t lanes, rows_per_cta; /* threads per row, rows per CUDA block */
 };
 
-template <bool ToChunk, bool Wide>
+static const unsigned kThreads = 256;
+
+template <bool ToChunk, typename Word>
 __global__ void copy_rows(Args a) {
-    const uint64_t r = a.row_lo + blockIdx.x;
+    const uint32_t sub = threadIdx.x / a.lanes, lane = threadIdx.x % a.lanes;
+    const uint64_t local = static_cast<uint64_t>(blockIdx.x) * a.rows_per_cta + sub;
+    if (local >= a.num_rows) return;
+    const uint64_t r = a.row_lo + local;
     const uint32_t plane = blockIdx.y;
     const uint64_t b = r / a.rows_per_block, off = r % a.rows_per_block;
     char *paged = reinterpret_cast<char *>(a.plane_base[plane]) +
                   static_cast<uint64_t>(a.table[b]) * a.block_stride + off * a.row_stride;
     char *row = a.chunk + (static_cast<uint64_t>(plane) * a.chunk_rows + (r - a.chunk_row0)) *
                               a.row_bytes;
-    if (Wide) {
-        const uint64_t n = a.row_bytes / 16;
-        uint4 *dst = reinterpret_cast<uint4 *>(ToChunk ? row : paged);
-        const uint4 *src = reinterpret_cast<const uint4 *>(ToChunk ? paged : row);
-        for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-    } else {
-        char *dst = ToChunk ? row : paged;
-        const char *src = ToChunk ? paged : row;
-        for (uint64_t i = threadIdx.x; i < a.row_bytes; i += blockDim.x) dst[i] = src[i];
-    }
+    const uint64_t n = a.row_bytes / sizeof(Word);
+    Word *dst = reinterpret_cast<Word *>(ToChunk ? row : paged);
+    const Word *src = reinterpret_cast<const Word *>(ToChunk ? paged : row);
+    for (uint64_t i = lane; i < n; i += a.lanes) dst[i] = src[i];
+}
+
+/* The widest word every address and size of this copy is a multiple of. */
+static unsigned word_bytes(const lmc_paged *p, const char *chunk) {
+    const uint64_t all = p->row_bytes | p->block_stride | p->row_stride |
+                         reinterpret_cast<uintptr_t>(chunk) | (p->base_align ? 0 : 1);
+    for (unsigned w = 16; w > 1; w /= 2)
+        if (all % w == 0 && p->base_align % w == 0) return w;
+    return 1;
+}
+
+template <bool ToChunk, typename Word>
+static void launch_words(const Args &a, dim3 grid, cudaStream_t s) {
+    copy_rows<ToChunk, Word><<<grid, kThreads, 0, s>>>(a);
 }
 
 template <bool ToChunk>
@@ -61,23 +82,35 @@ static int launch(const lmc_paged *p, const int64_t *table, uint64_t table_len, 
     /* The table lives on the device: the caller checked its ids on the host. */
     int rc = lmc_check(p, table, table_len, row_lo, row_hi, chunk_row0, chunk_rows, 0);
     if (rc != LMC_OK || row_lo == row_hi) return rc;
-    if (!chunk || p->num_planes > 65535u || row_hi - row_lo > 0x7fffffffu) return LMC_EINVAL;
-    Args a{p->plane_base, table,  p->block_stride, p->row_stride, p->row_bytes,
-           p->rows_per_block, row_lo, chunk_row0, chunk_rows, chunk};
-    const bool wide = p->row_bytes % 16 == 0 && p->block_stride % 16 == 0 &&
-                      p->row_stride % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(chunk) % 16 == 0;
-    dim3 grid(static_cast<unsigned>(row_hi - row_lo), p->num_planes);
-    const unsigned threads = p->row_bytes >= 4096 ? 256 : 128;
+    if (!chunk || p->num_planes > 65535u) return LMC_EINVAL;
+    const unsigned w = word_bytes(p, chunk);
+    /* Threads per row: the row's words rounded up to a power of two, at most a block. */
+    const uint64_t words = p->row_bytes / w;
+    uint32_t lanes = 1;
+    while (lanes < words && lanes < kThreads) lanes *= 2;
+    Args a{p->plane_base, table, p->block_stride, p->row_stride, p->row_bytes, p->rows_per_block,
+           row_lo, row_hi - row_lo, chunk_row0, chunk_rows, chunk, lanes, kThreads / lanes};
+    const uint64_t ctas = (a.num_rows + a.rows_per_cta - 1) / a.rows_per_cta;
+    if (ctas > 0x7fffffffu) return LMC_EINVAL;
+    dim3 grid(static_cast<unsigned>(ctas), p->num_planes);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     /* Judge this launch alone: an error some other caller left pending is not ours. */
     cudaGetLastError();
-    if (wide)
-        copy_rows<ToChunk, true><<<grid, threads, 0, s>>>(a);
-    else
-        copy_rows<ToChunk, false><<<grid, threads, 0, s>>>(a);
+    switch (w) {
+        case 16: launch_words<ToChunk, uint4>(a, grid, s); break;
+        case 8: launch_words<ToChunk, uint2>(a, grid, s); break;
+        case 4: launch_words<ToChunk, uint32_t>(a, grid, s); break;
+        default: launch_words<ToChunk, char>(a, grid, s); break;
+    }
     cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? LMC_OK : fail(err, "kernel launch");
+    if (err != cudaSuccess) return fail(err, "kernel launch");
+    __atomic_fetch_add(&launches, 1, __ATOMIC_RELAXED);
+    return LMC_OK;
+}
+
+/* The word width a copy with these arguments uses (for tests and benchmarks). */
+extern "C" int lmc_cuda_word_bytes(const lmc_paged *p, const void *chunk) {
+    return static_cast<int>(word_bytes(p, static_cast<const char *>(chunk)));
 }
 
 extern "C" int lmc_cuda_gather(const lmc_paged *p, const int64_t *table, uint64_t table_len,

@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-#define LMC_ABI_VERSION 1
+#define LMC_ABI_VERSION 2
 
 /* Return codes: 0 is success; nothing is copied when an argument is bad. */
 #define LMC_OK 0
@@ -44,6 +44,9 @@ typedef struct lmc_paged {
     uint64_t row_bytes;          /* bytes of one row, contiguous */
     uint64_t rows_per_block;     /* rows (tokens) in a block; 1 for whole-block copies */
     uint64_t num_blocks;         /* blocks in each plane: ids must be below it */
+    uint64_t base_align;         /* CUDA: a power of two dividing every plane base (the
+                                    bases are device memory the launcher cannot read);
+                                    0: unknown, copies go byte by byte. CPU: unused */
 } lmc_paged;
 
 int lmc_abi_version(void);
@@ -68,6 +71,10 @@ int lmc_cuda_scatter(const lmc_paged *paged, const int64_t *block_table, uint64_
                      uint64_t row_lo, uint64_t row_hi, const void *chunk, uint64_t chunk_row0,
                      uint64_t chunk_rows, void *stream);
 const char *lmc_cuda_last_error(void);
+/* The word (16, 8, 4 or 1 bytes) a copy with these arguments moves per thread. */
+int lmc_cuda_word_bytes(const lmc_paged *paged, const void *chunk);
+/* Kernels launched successfully by this process: proof that the kernel path ran. */
+uint64_t lmc_cuda_launch_count(void);
 
 /* CUDA runtime helpers (the runtime is linked into the CUDA library, so
  * Python needs no libcudart of its own). */
