@@ -117,17 +117,28 @@ def main() -> int:
     step("gpu-marked tests", lambda: pytest("-m", "gpu", str(cuda_tests / "test_build_and_gpu.py")))
     step(
         "kernel property tests (host side and CPU twins too)",
-        lambda: pytest(str(cuda_tests / "test_cuda_kernel_properties.py")),
+        lambda: pytest(
+            str(cuda_tests / "test_cuda_kernel_properties.py"),
+            str(cuda_tests / "test_strided_layouts.py"),
+        ),
     )
 
     def bandwidth() -> dict:
-        from lmcache_cuda.bench import LLAMA3_8B_FLASH, LLAMA3_8B_TP8, bench_cuda
+        from lmcache_cuda.bench import (
+            LLAMA3_8B_FLASH,
+            LLAMA3_8B_TP8,
+            LLAMA3_8B_VLLM,
+            bench_cuda,
+        )
 
         wide = bench_cuda(LLAMA3_8B_FLASH)
         narrow = bench_cuda(LLAMA3_8B_TP8)
+        # vLLM 0.32's own views (default order): rows of 8 runs of 256 bytes.
+        vllm_views = bench_cuda(LLAMA3_8B_VLLM)
         return {
             "rows_2KiB": wide,
             "rows_256B": narrow,
+            "vllm_bhnc_LBNHC": vllm_views,
             "targets": {"rows_2KiB": 0.9, "rows_256B": 0.8},
             "met": {
                 "rows_2KiB": min(wide["gather_vs_memcpy_d2h"], wide["scatter_vs_memcpy_h2d"])

@@ -55,6 +55,12 @@ class LayoutKind(str, Enum):
     VLLM_FLASH_BLOCKS_FIRST = "vllm_flash_blocks_first"
     #: vLLM CPU: ``[num_blocks, heads, block_size, 2*head_size]``, blocks opaque.
     VLLM_CPU = "vllm_cpu"
+    #: vLLM's per-layer view since its KV cache layouts (``VLLM_KV_CACHE_LAYOUT``):
+    #: ``[num_blocks, heads, block_size, 2*head_size]``, each token's K then V in the
+    #: last dimension, with the strides of the layout in use (NHD or HND inside a
+    #: block, layers or blocks outermost), so usually not contiguous. Only the
+    #: last dimension must be dense.
+    VLLM_BHNC = "vllm_bhnc"
     #: Multi-head latent attention: ``[num_blocks, block_size, head_size]``.
     MLA = "mla"
     #: SGLang: K and V buffers ``[slots, heads, head_size]`` per layer, paged by page size.

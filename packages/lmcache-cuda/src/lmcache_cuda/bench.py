@@ -40,7 +40,26 @@ LLAMA3_8B_FLASH = KVLayout("vllm_flash", "bfloat16", 32, 8, 128, 16)
 LLAMA3_8B_CPU = KVLayout("vllm_cpu", "bfloat16", 32, 8, 128, 128)
 #: One KV head per rank (Llama-3-8B at TP8): 256-byte rows.
 LLAMA3_8B_TP8 = KVLayout("vllm_flash", "bfloat16", 32, 1, 128, 16)
+#: What vLLM 0.32 hands a connector on GPUs: strided [blocks, heads, 16, K|V] views
+#: in its default order (LBNHC): a token's K is 8 runs of 256 bytes, 512 bytes apart.
+LLAMA3_8B_VLLM = KVLayout("vllm_bhnc", "bfloat16", 32, 8, 128, 16)
 TOKENS = 256
+
+
+def device_layers(layout: KVLayout, nb: int, *, fill: bool = True) -> list[Any]:
+    """Per-layer CUDA KV tensors of ``layout`` (vLLM's default order for ``vllm_bhnc``)."""
+    import torch
+
+    if layout.kind.value == "vllm_bhnc":
+        from lmcache_cuda.strided import strided_layers
+
+        return strided_layers(layout, nb, device="cuda", fill=fill)[0]
+    shape = layer_shape(layout, nb)
+    if not fill:
+        return [torch.zeros(shape, dtype=torch.int16, device="cuda")
+                for _ in range(layout.num_layers)]  # fmt: skip
+    return [torch.randint(1, 2**15 - 1, shape, dtype=torch.int16, device="cuda")
+            for _ in range(layout.num_layers)]  # fmt: skip
 
 
 def _median_time(fn: Callable[[], Any], reps: int) -> float:
@@ -116,10 +135,7 @@ def bench_cuda(layout: KVLayout = LLAMA3_8B_FLASH, rounds: int = 7, reps: int = 
     from lmcache_cuda.pinned import PinnedArena
 
     nb = 4 * TOKENS // layout.block_size + 8
-    layers = [
-        torch.randint(1, 2**15 - 1, layer_shape(layout, nb), dtype=torch.int16, device="cuda")
-        for _ in range(layout.num_layers)
-    ]
+    layers = device_layers(layout, nb)
     table = torch.randperm(nb)[: TOKENS // layout.block_size].tolist()
     n = layout.chunk_bytes(TOKENS)
     pool = SlotPool(PinnedArena(2 * n + SLOT_OFFSET + 4096), n)
@@ -174,10 +190,7 @@ def bench_layerwise(
     one = KVLayout(layout.kind, layout.dtype, 1, layout.num_kv_heads, layout.head_size,
                    layout.block_size)  # fmt: skip
     nb = -(-tokens // layout.block_size) + 8
-    layers = [
-        torch.zeros(layer_shape(layout, nb), dtype=torch.int16, device="cuda")
-        for _ in range(layout.num_layers)
-    ]
+    layers = device_layers(layout, nb, fill=False)
     table = torch.randperm(nb)[: -(-tokens // layout.block_size)].tolist()
     per_layer = one.chunk_bytes(tokens)  # a layer's K and V of every token, contiguous
     pool = SlotPool(PinnedArena(layout.num_layers * per_layer + SLOT_OFFSET + 4096), per_layer)
@@ -233,7 +246,9 @@ def bench_layerwise(
         samples["compute"].append(timed(compute_all))
         samples["overlapped"].append(timed(overlapped))
     t = {k: statistics.median(v) for k, v in samples.items()}
-    ok = all(bool(torch.all(layer[:, table] != 0)) for layer in layers[:2])
+    block_dim = 1 if layout.kind.value == "vllm_flash" else 0
+    ok = all(bool(torch.all(layer.index_select(block_dim, torch.tensor(table, device="cuda"))
+                            != 0)) for layer in layers[:2])  # fmt: skip
     pool.close()
     return {
         "tokens": tokens,

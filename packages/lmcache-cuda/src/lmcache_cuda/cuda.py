@@ -35,7 +35,7 @@ class CudaPagedMemory:
         self.layout = layout
         self.layers = list(layers)
         self.device = layers[0].device
-        # layer_planes checks shapes, dtypes and contiguity; addresses are device addresses.
+        # layer_planes checks shapes, dtypes and strides; addresses are device addresses.
         self.planes: Planes = layer_planes(layout, [_AddressOnly(t) for t in layers])
         self.lib = _ffi.cuda_lib()
         self.base_align = base_alignment(self.planes.bases)
@@ -80,6 +80,9 @@ class _AddressOnly:
     def is_contiguous(self) -> bool:
         return bool(self._t.is_contiguous())
 
+    def stride(self) -> tuple[int, ...]:
+        return tuple(self._t.stride())
+
 
 class CudaPagedKV:
     def __init__(self, memory: CudaPagedMemory, block_table: Sequence[int]) -> None:
@@ -117,6 +120,8 @@ class CudaPagedKV:
                 "rows_per_block": p.rows_per_block,
                 "num_blocks": p.num_blocks,
                 "base_align": m.base_align,
+                "row_segments": p.row_segments,
+                "segment_stride": p.segment_stride,
             },
         )
         stream = ffi.cast("void *", torch.cuda.current_stream(m.device).cuda_stream)

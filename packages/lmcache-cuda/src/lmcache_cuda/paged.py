@@ -34,22 +34,83 @@ class Planes:
     row_bytes: int
     rows_per_block: int
     num_blocks: int
+    #: A row in paged memory is ``row_segments`` runs of ``row_bytes // row_segments``
+    #: bytes, ``segment_stride`` apart (one per KV head in vLLM's strided views).
+    row_segments: int = 1
+    segment_stride: int = 0
 
 
-def _tensor_info(t: Any, i: int) -> tuple[int, tuple[int, ...], int, bool]:
-    """(address, shape, element size, contiguous) of a numpy array or a torch tensor."""
+@dataclass(frozen=True)
+class _TensorInfo:
+    addr: int
+    shape: tuple[int, ...]
+    element_size: int
+    contiguous: bool
+    strides: tuple[int, ...]  # in bytes
+
+
+def _tensor_info(t: Any, i: int) -> _TensorInfo:
+    """Address, shape, element size, contiguity and byte strides of an array or tensor."""
     if isinstance(t, np.ndarray):
-        return (
+        return _TensorInfo(
             int(t.__array_interface__["data"][0]),
             tuple(t.shape),
             t.dtype.itemsize,
             bool(t.flags.c_contiguous),
+            tuple(int(s) for s in t.strides),
         )
     if hasattr(t, "data_ptr") and hasattr(t, "element_size"):
         if getattr(t, "device", None) is not None and t.device.type != "cpu":
             raise LayoutError(f"layer {i} is on {t.device}; CPagedKV moves host memory only")
-        return int(t.data_ptr()), tuple(t.shape), int(t.element_size()), bool(t.is_contiguous())
+        es = int(t.element_size())
+        return _TensorInfo(
+            int(t.data_ptr()),
+            tuple(t.shape),
+            es,
+            bool(t.is_contiguous()),
+            tuple(int(s) * es for s in t.stride()),
+        )
     raise LayoutError(f"layer {i} is a {type(t).__name__}, not a numpy array or torch tensor")
+
+
+def _bhnc_planes(layout: KVLayout, infos: list[_TensorInfo]) -> Planes:
+    """Planes of vLLM's strided ``[blocks, heads, block_size, K|V]`` views.
+
+    A token's K in one layer is one run of ``head_size`` elements per head, the
+    heads ``stride(1)`` apart; V is the same ``head_size`` elements further on.
+    Every layer must share the strides (vLLM's layouts do).
+    """
+    bs, h, d, es = layout.block_size, layout.num_kv_heads, layout.head_size, layout.element_size
+    first = infos[0]
+    bases: list[int] = []
+    for i, info in enumerate(infos):
+        if info.shape != (first.shape[0], h, bs, 2 * d):
+            raise LayoutError(
+                f"layer {i} has shape {info.shape}, expected "
+                f"{(first.shape[0], h, bs, 2 * d)} for {layout.kind.value}"
+            )
+        if info.strides != first.strides:
+            raise LayoutError(
+                f"layer {i} has byte strides {info.strides}, layer 0 {first.strides}; "
+                "lmcache needs one layout for every layer"
+            )
+        bases += [info.addr, info.addr + d * es]
+    block, head, token, elem = first.strides
+    if elem != es or min(block, head, token) <= 0:
+        raise LayoutError(
+            f"the last dimension (K|V of one head) must be dense and the other strides "
+            f"positive; byte strides are {first.strides}"
+        )
+    return Planes(
+        tuple(bases),
+        block_stride=block,
+        row_stride=token,
+        row_bytes=h * d * es,
+        rows_per_block=bs,
+        num_blocks=first.shape[0],
+        row_segments=h,
+        segment_stride=head if h > 1 else 0,
+    )
 
 
 def layer_planes(layout: KVLayout, layers: Sequence[Any]) -> Planes:
@@ -58,16 +119,21 @@ def layer_planes(layout: KVLayout, layers: Sequence[Any]) -> Planes:
         raise LayoutError(f"expected {layout.num_layers} layer tensors, got {len(layers)}")
     kind = layout.kind
     bs, h, d, es = layout.block_size, layout.num_kv_heads, layout.head_size, layout.element_size
+    infos = [_tensor_info(t, i) for i, t in enumerate(layers)]
+    for i, info in enumerate(infos):
+        if info.element_size != es:
+            raise LayoutError(
+                f"layer {i} has {info.element_size}-byte elements, layout says {es} "
+                f"({layout.dtype})"
+            )
+    if kind is LayoutKind.VLLM_BHNC:
+        return _bhnc_planes(layout, infos)
     bases: list[int] = []
     num_blocks = None
-    for i, t in enumerate(layers):
-        addr, shape, elt, contiguous = _tensor_info(t, i)
-        if not contiguous:
+    for i, info in enumerate(infos):
+        addr, shape = info.addr, info.shape
+        if not info.contiguous:
             raise LayoutError(f"layer {i} must be contiguous (call .contiguous() on it)")
-        if elt != es:
-            raise LayoutError(
-                f"layer {i} has {elt}-byte elements, layout says {es} ({layout.dtype})"
-            )
         nb = shape[1] if kind is LayoutKind.VLLM_FLASH else shape[0]
         expect = {
             LayoutKind.VLLM_FLASH: (2, nb, bs, h, d),
@@ -157,6 +223,8 @@ class CPagedMemory:
                 "row_bytes": planes.row_bytes,
                 "rows_per_block": planes.rows_per_block,
                 "num_blocks": planes.num_blocks,
+                "row_segments": planes.row_segments,
+                "segment_stride": planes.segment_stride,
             },
         )
 

@@ -39,9 +39,13 @@ class TorchPagedKV:
             raise LayoutError(f"block table refers to blocks outside [0, {num_blocks})")
 
     def _planes(self, layer: torch.Tensor) -> list[torch.Tensor]:
-        """Per K/V plane, a view ``[num_blocks, block_size, row_bytes]`` of raw bytes."""
+        """Per K/V plane, a view ``[num_blocks, block_size, row_bytes]`` of raw bytes
+        (``[num_blocks, block_size, heads, head_bytes]`` for vLLM's strided views)."""
         raw = layer.view(torch.uint8) if layer.dtype != torch.uint8 else layer
         kind = self.layout.kind
+        if kind is LayoutKind.VLLM_BHNC:
+            half = self.layout.head_size * self.layout.element_size
+            return [raw[..., :half].transpose(1, 2), raw[..., half:].transpose(1, 2)]
         if kind is LayoutKind.VLLM_FLASH:
             return [raw[p].reshape(raw.shape[1], raw.shape[2], -1) for p in (0, 1)]
         if kind is LayoutKind.VLLM_FLASH_BLOCKS_FIRST:
@@ -67,7 +71,7 @@ class TorchPagedKV:
                 for p, pv in enumerate(planes):
                     sel = pv.index_select(0, blocks)
                     if self.layout.kind is not LayoutKind.VLLM_CPU:
-                        sel = sel.reshape(-1, sel.shape[-1])[lo:hi]
+                        sel = sel.reshape(sel.shape[0] * sel.shape[1], -1)[lo:hi]
                     dst = out[i * per_layer + p * per_plane : i * per_layer + (p + 1) * per_plane]
                     dst.copy_(sel.reshape(-1))
 
@@ -92,10 +96,10 @@ class TorchPagedKV:
                         data = part.reshape(len(blocks), 1, -1)[b0:b1].to(self.device)
                         pv.index_copy_(0, blocks[b0:b1], data)
                         continue
-                    rows = part.reshape(hi - lo, -1)[first - lo : last - lo].to(self.device)
+                    rows = part.reshape(hi - lo, *pv.shape[2:])[first - lo : last - lo]
                     # Token positions inside the selected blocks -> (block, row) pairs.
                     pos = torch.arange(first, last, device=self.device)
-                    pv[blocks[pos // bs], pos % bs] = rows
+                    pv[blocks[pos // bs], pos % bs] = rows.to(self.device)
 
 
 class TorchTokenPlanesKV:

@@ -42,8 +42,18 @@ def detect_layout(
     if first.dtype not in TORCH_DTYPES:
         raise LayoutError(f"KV dtype {first.dtype} is not supported")
     bs, h, d = block_size, num_kv_heads, head_size
-    if len(shape) == 4 and shape[1:] == (h, bs, 2 * d):
+    on_cpu = first.device.type == "cpu"
+    if len(shape) == 4 and shape[1:] == (h, bs, 2 * d) and on_cpu and first.is_contiguous():
+        # vLLM's CPU backend: blocks packed for the matrix units, copied whole.
         kind = LayoutKind.VLLM_CPU
+    elif len(shape) == 4 and shape[1:] == (h, bs, 2 * d):
+        # vLLM's per-layer view on GPUs, with the strides of VLLM_KV_CACHE_LAYOUT.
+        kind = LayoutKind.VLLM_BHNC
+        if first.stride(-1) != 1:
+            raise LayoutError(
+                f"KV cache of {name} has strides {tuple(first.stride())}; lmcache needs each "
+                "head's K|V dense (the last stride 1)"
+            )
     elif len(shape) == 5 and shape[0] == 2 and shape[2:] == (bs, h, d):
         kind = LayoutKind.VLLM_FLASH
     elif len(shape) == 5 and shape[1] == 2 and shape[2:] == (bs, h, d):
@@ -55,14 +65,18 @@ def detect_layout(
         raise LayoutError(
             f"unsupported vLLM KV cache shape {shape} for block_size={bs}, "
             f"num_kv_heads={h}, head_size={d}; supported per-layer layouts: "
-            "[num_blocks, heads, block_size, 2*head_size] (CPU), "
+            "[num_blocks, heads, block_size, 2*head_size] (vLLM's views, any strides with the "
+            "last dimension dense; contiguous on the CPU backend), "
             "[2, num_blocks, block_size, heads, head_size] and "
             "[num_blocks, 2, block_size, heads, head_size] (flash), "
             "[num_blocks, block_size, head_size] (MLA)"
         )
     for lname, t in layers:
-        if not t.is_contiguous():
-            raise LayoutError(f"KV cache of {lname} is not contiguous; lmcache needs it to be")
+        if kind is not LayoutKind.VLLM_BHNC and not t.is_contiguous():
+            raise LayoutError(
+                f"KV cache of {lname} is not contiguous; lmcache reads this shape only when it "
+                "is (or as [num_blocks, heads, block_size, 2*head_size] with any strides)"
+            )
     return KVLayout(
         kind=kind,
         dtype=TORCH_DTYPES[first.dtype],

@@ -12,7 +12,13 @@ static inline int lmc_check(const lmc_paged *p, const int64_t *table, uint64_t t
         return LMC_EINVAL;
     if (row_lo > row_hi || row_lo < chunk_row0 || row_hi > chunk_row0 + chunk_rows)
         return LMC_EINVAL;
-    if (p->rows_per_block > 1 && p->row_stride < p->row_bytes) return LMC_EINVAL;
+    if (p->row_segments > 1) {
+        if (p->row_bytes % p->row_segments) return LMC_EINVAL;
+        /* runs of one row must not overlap each other */
+        if (p->segment_stride < p->row_bytes / p->row_segments) return LMC_EINVAL;
+    } else if (p->rows_per_block > 1 && p->row_stride < p->row_bytes) {
+        return LMC_EINVAL;
+    }
     if (row_hi == row_lo) return LMC_OK;
     if (!table) return LMC_EINVAL;
     uint64_t last_block = (row_hi - 1) / p->rows_per_block;

@@ -19,8 +19,9 @@ typedef struct {
 static void copy_planes(const job_t *j) {
     const lmc_paged *p = j->p;
     const uint64_t rpb = p->rows_per_block, rb = p->row_bytes;
+    const uint64_t segs = p->row_segments > 1 ? p->row_segments : 1, sb = rb / segs;
     /* Rows of a block are one run when they are packed back to back. */
-    const int packed = rpb == 1 || p->row_stride == rb;
+    const int packed = segs == 1 && (rpb == 1 || p->row_stride == rb);
     for (uint32_t pl = j->plane_lo; pl < j->plane_hi; pl++) {
         char *base = (char *)(uintptr_t)p->plane_base[pl];
         char *rows = j->chunk + ((uint64_t)pl * j->chunk_rows + (j->row_lo - j->chunk_row0)) * rb;
@@ -39,10 +40,13 @@ static void copy_planes(const job_t *j) {
             } else {
                 for (uint64_t i = 0; i < n; i++) {
                     char *src = blk + (off + i) * p->row_stride;
-                    if (j->to_chunk)
-                        memcpy(rows + i * rb, src, rb);
-                    else
-                        memcpy(src, rows + i * rb, rb);
+                    for (uint64_t sg = 0; sg < segs; sg++) {
+                        char *a = src + sg * p->segment_stride, *c = rows + i * rb + sg * sb;
+                        if (j->to_chunk)
+                            memcpy(c, a, sb);
+                        else
+                            memcpy(a, c, sb);
+                    }
                 }
             }
             rows += n * rb;

@@ -5,7 +5,9 @@
  * memory and stores into pinned host memory (over PCIe, through the mapped
  * chunk) are wide and coalesced. A CUDA block of 256 threads copies several
  * rows when rows are narrow (a 256-byte row, one KV head at TP8, is 16 words
- * of 16 bytes: 16 rows per block), so no thread idles.
+ * of 16 bytes: 16 rows per block), so no thread idles. A row made of several
+ * runs in paged memory (a head's K, then the next head's) is copied word by
+ * word all the same: each word finds its run by division.
  */
 #include "lmcache_check.h"
 #include "lmcache_kernels.h"
@@ -36,6 +38,7 @@ struct Args {
     const uint64_t *plane_base; /* device array */
     const int64_t *table;       /* device array */
     uint64_t block_stride, row_stride, row_bytes, rows_per_block;
+    uint64_t seg_words, seg_stride; /* words per run of a row, bytes between runs */
     uint64_t row_lo, num_rows, chunk_row0, chunk_rows;
     char *chunk;
     uint32_t lanes, rows_per_cta; /* threads per row, rows per CUDA block */
@@ -55,15 +58,27 @@ __global__ void copy_rows(Args a) {
                   static_cast<uint64_t>(a.table[b]) * a.block_stride + off * a.row_stride;
     char *row = a.chunk + (static_cast<uint64_t>(plane) * a.chunk_rows + (r - a.chunk_row0)) *
                               a.row_bytes;
-    const uint64_t n = a.row_bytes / sizeof(Word);
-    Word *dst = reinterpret_cast<Word *>(ToChunk ? row : paged);
-    const Word *src = reinterpret_cast<const Word *>(ToChunk ? paged : row);
-    for (uint64_t i = lane; i < n; i += a.lanes) dst[i] = src[i];
+    /* Both fit in 32 bits (the launcher checks): a 32-bit division is cheap. */
+    const uint32_t n = static_cast<uint32_t>(a.row_bytes / sizeof(Word));
+    const uint32_t sw = static_cast<uint32_t>(a.seg_words);
+    Word *chunk_words = reinterpret_cast<Word *>(row);
+    Word *paged_words = reinterpret_cast<Word *>(paged);
+    for (uint32_t i = lane; i < n; i += a.lanes) {
+        /* Word i of the row sits in run i / sw of it in paged memory. */
+        Word *pw = sw >= n ? paged_words + i
+                           : reinterpret_cast<Word *>(paged + (i / sw) * a.seg_stride) + i % sw;
+        if (ToChunk)
+            chunk_words[i] = *pw;
+        else
+            *pw = chunk_words[i];
+    }
 }
 
 /* The widest word every address and size of this copy is a multiple of. */
 static unsigned word_bytes(const lmc_paged *p, const char *chunk) {
+    const uint64_t segs = p->row_segments > 1 ? p->row_segments : 1;
     const uint64_t all = p->row_bytes | p->block_stride | p->row_stride |
+                         (segs > 1 ? (p->row_bytes / segs) | p->segment_stride : 0) |
                          reinterpret_cast<uintptr_t>(chunk) | (p->base_align ? 0 : 1);
     for (unsigned w = 16; w > 1; w /= 2)
         if (all % w == 0 && p->base_align % w == 0) return w;
@@ -86,9 +101,12 @@ static int launch(const lmc_paged *p, const int64_t *table, uint64_t table_len, 
     const unsigned w = word_bytes(p, chunk);
     /* Threads per row: the row's words rounded up to a power of two, at most a block. */
     const uint64_t words = p->row_bytes / w;
+    if (words > 0xffffffffu) return LMC_EINVAL;
     uint32_t lanes = 1;
     while (lanes < words && lanes < kThreads) lanes *= 2;
+    const uint64_t segs = p->row_segments > 1 ? p->row_segments : 1;
     Args a{p->plane_base, table, p->block_stride, p->row_stride, p->row_bytes, p->rows_per_block,
+           words / segs, segs > 1 ? p->segment_stride : 0,
            row_lo, row_hi - row_lo, chunk_row0, chunk_rows, chunk, lanes, kThreads / lanes};
     const uint64_t ctas = (a.num_rows + a.rows_per_cta - 1) / a.rows_per_cta;
     if (ctas > 0x7fffffffu) return LMC_EINVAL;

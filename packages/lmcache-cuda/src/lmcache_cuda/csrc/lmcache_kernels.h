@@ -16,6 +16,12 @@
  * plane, plane after plane, each plane's rows contiguous (lmcache's
  * "neutral-v1" chunk format when a row is a token's heads x head_size).
  *
+ * A row need not be contiguous in the engine's memory: it is `row_segments`
+ * runs of row_bytes / row_segments bytes, `segment_stride` bytes apart (vLLM's
+ * [blocks, heads, block_size, K|V] views keep each head's K apart from the
+ * next head's, by the V between them or by a whole block of tokens). In the
+ * chunk the runs are back to back.
+ *
  * Whole-block layouts (vLLM's CPU backend packs blocks for the matrix units)
  * use rows_per_block = 1 and row_bytes = the block's bytes.
  */
@@ -28,7 +34,7 @@
 extern "C" {
 #endif
 
-#define LMC_ABI_VERSION 2
+#define LMC_ABI_VERSION 3
 
 /* Return codes: 0 is success; nothing is copied when an argument is bad. */
 #define LMC_OK 0
@@ -41,12 +47,14 @@ typedef struct lmc_paged {
     const uint64_t *plane_base;  /* address of block 0, row 0 of each plane */
     uint64_t block_stride;       /* bytes from one block to the next, in a plane */
     uint64_t row_stride;         /* bytes from one row to the next, inside a block */
-    uint64_t row_bytes;          /* bytes of one row, contiguous */
+    uint64_t row_bytes;          /* bytes of one row (in the chunk, contiguous) */
     uint64_t rows_per_block;     /* rows (tokens) in a block; 1 for whole-block copies */
     uint64_t num_blocks;         /* blocks in each plane: ids must be below it */
     uint64_t base_align;         /* CUDA: a power of two dividing every plane base (the
                                     bases are device memory the launcher cannot read);
                                     0: unknown, copies go byte by byte. CPU: unused */
+    uint64_t row_segments;       /* runs a row is made of in paged memory (0 or 1: one) */
+    uint64_t segment_stride;     /* bytes from one run of a row to the next (if several) */
 } lmc_paged;
 
 int lmc_abi_version(void);

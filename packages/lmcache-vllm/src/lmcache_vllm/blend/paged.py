@@ -108,6 +108,9 @@ class PagedKV:
             flat = kv.view(kv.shape[0], -1).index_select(0, ids)
             both = flat[:, self._gather.to(flat.device)]  # [blocks, 2, bs, heads, dim]
             both = both.transpose(0, 1)
+        elif kind is LayoutKind.VLLM_BHNC:  # [blocks, heads, bs, K|V], strided
+            sel = kv.index_select(0, ids).transpose(1, 2)  # [blocks, bs, heads, 2*dim]
+            both = torch.stack((sel[..., : self.dim], sel[..., self.dim :]))
         elif kind is LayoutKind.VLLM_FLASH:
             both = kv.index_select(1, ids)  # [2, blocks, bs, heads, dim]
         else:  # VLLM_FLASH_BLOCKS_FIRST
