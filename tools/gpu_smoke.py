@@ -120,6 +120,8 @@ def main() -> int:
         lambda: pytest(
             str(cuda_tests / "test_cuda_kernel_properties.py"),
             str(cuda_tests / "test_strided_layouts.py"),
+            str(cuda_tests / "test_cuda_async_saves.py"),
+            str(cuda_tests / "test_layerwise_units.py"),
         ),
     )
 
@@ -155,15 +157,24 @@ def main() -> int:
 
         r = bench_layerwise()
         r["target"] = 1.2
-        r["met"] = r["overlapped_vs_longer"] <= 1.2
+        # The connector's own scheme (events per layer); the host-thread loader beside it.
+        r["met"] = r["evented_vs_longer"] <= 1.2
         r["ok"] = bool(r["correct"])
         return r
 
     step("layer-wise load overlapped with a synthetic forward", layerwise)
+
+    def save_overhead() -> dict:
+        from lmcache_cuda.bench import bench_save_overhead
+
+        r = bench_save_overhead()
+        r["target"] = 1.02
+        r["met"] = r["async_vs_none"] <= 1.02
+        r["ok"] = r["stored_tokens"] > 0
+        return r
+
+    step("saving in a decode-step loop (async and sync saves)", save_overhead)
     report["not_yet_built"] = [
-        "non-blocking saves (event on vLLM's stream, gather on a side stream, get_finished): "
-        "the decode-step save overhead figure needs them",
-        "the vLLM connector's layer-wise path (wait_for_layer_load / save_kv_layer)",
         "vLLM end to end on the GPU (this machine has no vLLM)",
     ]
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -31,7 +31,8 @@ def test_an_lmcache_yaml_file_loads_unchanged(tmp_path, caplog):
         c = CacheConfig.from_file(f)
     assert c.max_local_cpu_size == 5 * 1024**3
     assert c.save_unfull_chunk is False
-    assert "use_layerwise" in caplog.text and "no effect here" in caplog.text
+    assert "pre_caching_hash_algorithm" in caplog.text and "no effect here" in caplog.text
+    assert c.use_layerwise is False
 
 
 def test_environment_overrides_the_file(tmp_path):

@@ -24,7 +24,7 @@ def test_each_upstream_config_loads(path, caplog, monkeypatch, tmp_path):
     assert config.chunk_size == 256
     text = path.read_text()
     ignored = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
-    if "pd_role" in text or "enable_controller" in text or "use_layerwise" in text:
+    if "pd_role" in text or "enable_controller" in text:
         assert ignored, "upstream keys lmcache does not use must be named in a warning"
 
 

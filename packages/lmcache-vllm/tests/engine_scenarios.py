@@ -20,15 +20,18 @@ os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "512MiB")
 def make_llm(model: str, llm_kw: dict | None = None, **kw):
     from vllm import LLM
 
-    return LLM(
-        model=model,
-        enforce_eager=True,
-        max_model_len=4096,
-        dtype=os.environ.get("LMC_TEST_DTYPE", "bfloat16"),
-        seed=0,
-        max_num_batched_tokens=2048,
-        enable_prefix_caching=True,
+    args = {
+        "model": model,
+        "enforce_eager": True,
+        "max_model_len": 4096,
+        "dtype": os.environ.get("LMC_TEST_DTYPE", "bfloat16"),
+        "seed": 0,
+        "max_num_batched_tokens": 2048,
+        "enable_prefix_caching": True,
         **(llm_kw or {}),
+    }
+    return LLM(
+        **args,
         kv_transfer_config={
             "kv_connector": "LMCacheKVConnector",
             "kv_role": "kv_both",
@@ -67,14 +70,13 @@ class Harness:
         return [r for r in self.worker.recent if r[0] == kind][-1]
 
     def kv_bytes(self, block_ids, lo, hi):
-        import torch
         from lmcache_core.transfer import ChunkIO
-        from lmcache_core.transfer_numpy import NumpyPagedKV
+        from lmcache_cuda.reference import TorchPagedKV
 
-        # Core's numpy reference reads vLLM's tensors independently of the kernels.
-        np_layers = [t.view(torch.int16).numpy() for t in self.worker.layers]
+        # The pure-torch reference reads vLLM's tensors (on any device, in any of
+        # its layouts) independently of the kernels.
         buf = bytearray(self.engine.layout.chunk_bytes(hi - lo))
-        kv = NumpyPagedKV(self.engine.layout, np_layers, block_ids)
+        kv = TorchPagedKV(self.engine.layout, self.worker.layers, block_ids)
         kv.read_chunks([ChunkIO(lo, hi, memoryview(buf))])
         return bytes(buf)
 
@@ -99,7 +101,33 @@ def tokens(seed: int, n: int, vocab: int = 4000) -> list[int]:
 
 def scenario_random(model: str) -> dict:
     """Same split, byte-exact KV, shared prefixes, counters (random-weight model)."""
-    h = Harness(make_llm(model))
+    return _random(Harness(make_llm(model)))
+
+
+def scenario_layerwise(model: str) -> dict:
+    """The same with use_layerwise: each layer copied at vLLM's per-layer hooks."""
+    h = Harness(make_llm(model, kv_connector_extra_config={"use_layerwise": True}))
+    calls = {"wait_for_layer_load": 0, "save_kv_layer": 0, "layers_written": 0, "layers_read": 0}
+    worker = h.worker
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            calls["layers_written"] += sum(1 for w in worker._step_writers if w.ios)
+            calls["layers_read"] += sum(1 for r in worker._step_readers if r.ios)
+            return fn(*a, **k)
+
+        return wrapped
+
+    worker.wait_for_layer_load = count("wait_for_layer_load", worker.wait_for_layer_load)
+    worker.save_kv_layer = count("save_kv_layer", worker.save_kv_layer)
+    r = _random(h)
+    r.update(calls, layerwise=worker.layerwise, held_loads=len(worker._held_loads))
+    r["num_layers"] = len(worker.layers)
+    return r
+
+
+def _random(h: Harness) -> dict:
     r = {}
     p1 = tokens(1, 513)
     r["cold"] = h.gen(p1)
@@ -131,6 +159,7 @@ def scenario_random(model: str) -> dict:
     r["hit_tokens_total"] = h.m.get("lmcache:num_lookup_hits")
     r["lookups"] = h.m.get("lmcache:num_lookup_requests")
     r["transfer"] = type(h.worker.kv([0])).__name__
+    r["block_size"] = h.worker.block_size
     return r
 
 
@@ -339,6 +368,51 @@ def scenario_real_p2p_reader(model: str) -> dict:
         "loaded": h.retrieved() - before,
         "from_peer": h.m.get("lmcache:num_promotions", tier="p2p"),
         "authenticated": h.m.get("lmcache:tier_authenticated", tier="p2p"),
+    }
+
+
+def scenario_async_saves(model: str) -> dict:
+    """Saves that finish after the step, forced on the CPU backend: vLLM keeps each
+    finished request's blocks until the worker reports its saves done. With KV for
+    only a few requests, blocks never given back would stall the engine."""
+    import torch
+    from vllm import SamplingParams
+
+    block = 16 if torch.cuda.is_available() else 128  # vLLM's default block size there
+    h = Harness(
+        make_llm(
+            model,
+            # KV for ~4 requests (and one of the longest allowed)
+            llm_kw={"num_gpu_blocks_override": 4 * -(-520 // block) + 2, "max_model_len": 2048},
+            kv_connector_extra_config={"async_saves": True},
+        )
+    )
+    reported: list[str] = []
+    get_finished = h.worker.get_finished
+
+    def spy(finished):
+        done = get_finished(finished)
+        reported.extend(done)
+        return done
+
+    h.worker.get_finished = spy
+    prompts = [tokens(100 + i, 513) for i in range(12)]
+    cold = [h.gen(p) for p in prompts[:4]]  # one at a time
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    batch = h.llm.generate([{"prompt_token_ids": p} for p in prompts[4:]], sp, use_tqdm=False)
+    h.llm.reset_prefix_cache()
+    before = h.retrieved()
+    again = h.gen(prompts[0])
+    return {
+        "async": h.worker.async_saves,
+        "finished_batch": sum(1 for o in batch if o.finished),
+        "reported": len(set(reported)),
+        "still_finishing": len(h.worker._finishing),
+        "still_saving": len(h.worker._saved_reqs),
+        "pending_saves": len(h.worker.saves),
+        "loaded": h.retrieved() - before,
+        "same_answer": again == cold[0],
+        "stored": h.m.get("lmcache:num_stored_tokens"),
     }
 
 

@@ -16,6 +16,17 @@ pytestmark = pytest.mark.slow
 SCENARIOS = Path(__file__).with_name("engine_scenarios.py")
 
 
+def on_gpu() -> bool:
+    """A GPU build of vLLM runs these on the GPU (block size 16, strided KV views)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+#: vLLM's default block size where these run: 16 on GPUs, 128 on the CPU backend.
+BLOCK = 16 if on_gpu() else 128
+
+
 def run_scenario(name: str, model: Path, **env: str) -> dict:
     proc = subprocess.run(
         [sys.executable, str(SCENARIOS), name, str(model)],
@@ -60,8 +71,27 @@ def owner_then_reader(
 
 
 def test_lmcache_hit_equals_vllm_prefix_hit_and_kv_is_byte_exact(tiny_model):
-    r = run_scenario("random", tiny_model)
-    assert r["transfer"] == "CPagedKV", "vLLM's CPU KV moves through lmcache-cuda's C kernels"
+    check_random_scenario(run_scenario("random", tiny_model))
+
+
+def test_layerwise_copies_at_each_layer_give_the_same_kv_and_output(tiny_model):
+    """use_layerwise: layer i lands at vLLM's wait_for_layer_load(i) (into zeroed
+    memory: the output is right only if each layer was in place for its attention)
+    and is saved at save_kv_layer(i); every check of the whole-chunk path holds."""
+    r = run_scenario("layerwise", tiny_model)
+    assert r["layerwise"]
+    check_random_scenario(r)
+    # vLLM called the hooks for every layer, and they had copies to do.
+    assert r["wait_for_layer_load"] >= r["num_layers"] and r["save_kv_layer"] >= r["num_layers"]
+    assert r["layers_written"] >= 2 * r["num_layers"]  # the 512-token and the 256-token hit
+    assert r["layers_read"] >= r["num_layers"]
+    assert r["held_loads"] == 0, "a load's chunks are released once it landed"
+
+
+def check_random_scenario(r: dict) -> None:
+    # vLLM's KV moves through lmcache-cuda's kernels: C on the CPU, CUDA on a GPU.
+    assert r["transfer"] == ("CudaPagedKV" if on_gpu() else "CPagedKV")
+    assert r["block_size"] == BLOCK
     # The chunks lmcache stored are, byte for byte, the KV vLLM computed ...
     assert r["stored_equals_computed"] == [True, True]
     # ... and what it loads into other blocks later is the same bytes again.
@@ -97,17 +127,20 @@ def test_hit_matches_a_full_recompute_and_corruption_recomputes(peaked_model):
 
 def test_chunk_size_that_splits_blocks_is_refused_at_start(tiny_model):
     r = run_scenario("bad_chunk_size", tiny_model)
-    assert r["error"] and "chunk_size=200 is not a multiple of vLLM's block size 128" in r["error"]
-    assert "LMCACHE_CHUNK_SIZE=256" in r["error"]
+    assert (
+        r["error"]
+        and f"chunk_size=200 is not a multiple of vLLM's block size {BLOCK}" in (r["error"])
+    )
+    assert f"LMCACHE_CHUNK_SIZE={round(200 / BLOCK) * BLOCK}" in r["error"]
 
 
 def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
     env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
     first = run_scenario("restart", peaked_model, **env)
     assert first["tiers"] == ["cpu", "disk"]
-    assert first["loaded"] == 0 and first["disk_chunks"] == 3  # 2 full chunks + 1 block of 128
+    assert first["loaded"] == 0 and first["disk_chunks"] == 3  # 2 full chunks + whole blocks
     second = run_scenario("restart", peaked_model, **env)
-    assert second["loaded"] == 640  # 699 computable tokens -> 5 whole blocks come from disk
+    assert second["loaded"] == 699 // BLOCK * BLOCK  # the computable tokens' whole blocks
     assert second["out"] == first["out"]
 
 
@@ -124,7 +157,19 @@ def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peak
         }
         first, second = owner_then_reader("p2p_owner", "p2p_reader", peaked_model, env)
     assert first["tiers"] == ["cpu", "p2p"]
-    # 699 computable tokens -> 5 whole 128-token blocks come from the other instance.
+    # 699 computable tokens -> their whole blocks come from the other instance.
     assert second["from_peer"] >= 3
-    assert second["loaded"] == 640
+    assert second["loaded"] == 699 // BLOCK * BLOCK
     assert second["out"] == first["out"], "a p2p hit must give the output of computing it"
+
+
+def test_async_saves_keep_blocks_until_reported_and_give_them_all_back(tiny_model):
+    """The GPU save protocol, run on the CPU backend with async_saves forced on."""
+    r = run_scenario("async_saves", tiny_model)
+    assert r["async"]
+    assert r["finished_batch"] == 8, "with blocks for ~4 requests, 12 ran: all were given back"
+    # Every request that saved was reported (the 12 prompts and the repeat; none left).
+    assert r["reported"] >= 12
+    assert (r["still_finishing"], r["pending_saves"]) == (0, 0)
+    assert r["stored"] >= 12 * 512
+    assert r["loaded"] == 512 and r["same_answer"]

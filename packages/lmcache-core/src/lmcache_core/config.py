@@ -50,7 +50,6 @@ HASH_ALGORITHMS = ("sha256", "blake3", "xxh3_128")
 #: that have no effect here (yet). They are logged once at start.
 LMCACHE_COMPAT_KEYS = frozenset(
     {
-        "use_layerwise",
         "pre_caching_hash_algorithm",
         "py_enable_gc",
         "numa_mode",
@@ -302,6 +301,12 @@ class CacheConfig:
     remote_serde: str = _opt("str", "naive", "serde for remote tiers (an lmcache.serdes plugin)")
     save_unfull_chunk: bool = _opt("bool", True, "also store the trailing partial chunk")
     save_decode_cache: bool = _opt("bool", False, "also store KV produced while decoding")
+    use_layerwise: bool = _opt(
+        "bool",
+        False,
+        "move KV layer by layer around the engine's attention (vLLM's wait_for_layer_load / "
+        "save_kv_layer): on GPUs, loads of layer i+1 and saves of layer i run under compute",
+    )
     cache_policy: str = _opt("str", "LRU", "eviction policy (an lmcache.eviction_policies plugin)")
     hash_algorithm: str = _opt("str", "sha256", "chunk key hash: sha256, blake3 or xxh3_128")
     pin_timeout: float = _opt("float", 60.0, "seconds before a pin left behind expires")

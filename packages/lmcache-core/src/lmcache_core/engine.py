@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from lmcache_core import staged_load, staged_store
 from lmcache_core.arena import AnonymousArena, Arena
 from lmcache_core.auth import load_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
@@ -37,8 +38,9 @@ from lmcache_core.keys import (
 )
 from lmcache_core.layout import KVLayout
 from lmcache_core.metrics import Metrics
-from lmcache_core.pool import SLOT_OFFSET, Chunk, SlotPool
+from lmcache_core.pool import SLOT_OFFSET, SlotPool
 from lmcache_core.sizes import format_size
+from lmcache_core.staged_load import StagedLoad
 from lmcache_core.tier_cascade import TierCascade, Watcher
 from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
 
@@ -260,11 +262,10 @@ class CacheEngine:
         unreachable by a prefix lookup.
         """
         self.metrics.inc("lmcache:num_store_requests")
-        with self.metrics.timer("lmcache:time_to_store"):
-            spans = self.spans(tokens, cache_salt=cache_salt)
-            if not spans:
-                return 0
-            return self._store_chunks(self.keys(spans), spans, reader)
+        spans = self.spans(tokens, cache_salt=cache_salt)
+        if not spans:
+            return 0
+        return self._store_chunks(self.keys(spans), spans, reader)  # times itself
 
     def store_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
@@ -274,53 +275,38 @@ class CacheEngine:
         For engines that hash their own pages (SGLang's page keys); ``store``
         is this with lmcache's own prefix keys. Returns tokens newly stored.
         """
-        with self.metrics.timer("lmcache:time_to_store"):
-            return self._store_chunks(keys, spans, reader)
+        return self._store_chunks(keys, spans, reader)
 
     def _store_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
     ) -> int:
-        first_tier = self.tiers[0] if self.tiers else None
-        if first_tier is None:
-            return 0
-        try:
-            present = first_tier.contains(keys)
-        except Exception:
-            self.cascade.tier_failed(first_tier, "contains")
-            present = [False] * len(keys)
-        todo: list[tuple[ChunkSpan, Chunk]] = []
-        for span, key, ok in zip(spans, keys, present, strict=True):
-            if ok:
-                continue
-            chunk = self._allocate(key, span.num_tokens, self.layout.chunk_bytes(span.num_tokens))
-            if chunk is None:
-                break
-            todo.append((span, chunk))
-        if not todo:
-            return 0
-        chunks = [c for _, c in todo]
-        try:
-            try:
-                reader.read_chunks([ChunkIO(s.start, s.end, c.view) for s, c in todo])
-            except Exception:
-                logger.exception("reading KV from the engine failed; nothing stored")
-                self.metrics.inc("lmcache:num_failures", op="read_kv")
-                return 0
-            stored = 0
-            for tier in self.tiers:
-                try:
-                    ok = tier.put(chunks)
-                except Exception:
-                    self.cascade.tier_failed(tier, "put")
-                    continue
-                if tier is first_tier:
-                    stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
-                self.cascade.stored(tier, chunks, ok)
-            self.metrics.inc("lmcache:num_stored_tokens", stored)
-            return stored
-        finally:
-            for c in chunks:
-                c.release()
+        staged = staged_store.stage(self, keys, spans, reader, asynchronous=False)
+        return 0 if staged is None else staged_store.commit(self, staged)
+
+    def store_async(
+        self,
+        tokens: Sequence[int] | Any,
+        reader: KVReader,
+        *,
+        cache_salt: str | None = None,
+    ) -> staged_store.StagedStore | None:
+        """Start storing the KV of ``tokens``; the copy may still be in flight on return.
+
+        With a reader that can start copies without waiting (a GPU reader),
+        the engine's step is not held up by the device. The chunks reach the
+        tiers only in :meth:`finish_store` (or through a
+        :class:`~lmcache_core.staged_store.SaveQueue`); None when there is
+        nothing to store.
+        """
+        self.metrics.inc("lmcache:num_store_requests")
+        spans = self.spans(tokens, cache_salt=cache_salt)
+        if not spans:
+            return None
+        return staged_store.stage(self, self.keys(spans), spans, reader, asynchronous=True)
+
+    def finish_store(self, staged: staged_store.StagedStore) -> int:
+        """Wait for a started store's copy and commit it; returns tokens newly stored."""
+        return staged_store.commit(self, staged)
 
     # ------------------------------------------------------------------ retrieve
 
@@ -356,40 +342,41 @@ class CacheEngine:
         max_tokens: int | None,
         pin_owner: str | None,
     ) -> int:
-        chunks: list[Chunk] = []
-        try:
-            spans = self.spans(tokens, cache_salt=cache_salt)
-            if max_tokens is not None:
-                spans = [s for s in spans if s.start < max_tokens]
-            if not spans:
-                return 0
-            wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
-            self.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
-            chunks = self.cascade.get_prefix(self.keys(spans), spans)
-            if not chunks:
-                return 0
-            ios = [
-                ChunkIO(s.start, s.end, c.view, write_from, max_tokens)
-                for s, c in zip(spans, chunks)
-            ]
-            ios = [io for io in ios if io.write_range[0] < io.write_range[1]]
-            try:
-                if ios:
-                    writer.write_chunks(ios)
-            except Exception:
-                logger.exception("writing KV into the engine failed; it will recompute")
-                self.metrics.inc("lmcache:num_failures", op="write_kv")
-                return 0
-            end = spans[len(chunks) - 1].end
-            if max_tokens is not None:
-                end = min(end, max_tokens)
-            self.metrics.inc("lmcache:num_hit_tokens", max(0, end - write_from))
-            return end
-        finally:
-            for c in chunks:
-                c.release()
-            if pin_owner is not None:
-                self.unpin(pin_owner)
+        end, staged = staged_load.fetch_and_write(
+            self, tokens, writer, cache_salt, write_from, max_tokens, pin_owner, asynchronous=False
+        )
+        if staged is not None:
+            staged.release()
+        return end
+
+    def retrieve_async(
+        self,
+        tokens: Sequence[int] | Any,
+        writer: KVWriter,
+        *,
+        cache_salt: str | None = None,
+        write_from: int = 0,
+        max_tokens: int | None = None,
+        pin_owner: str | None = None,
+    ) -> tuple[int, StagedLoad | None]:
+        """``retrieve`` for writers that copy later (layer by layer): the chunks stay held.
+
+        Returns the end of the prefix that will be in engine memory once the
+        writer's completion is done, and the staged load (None when nothing
+        is loaded), whose ``release`` frees the chunks once the copy is done.
+        """
+        self.metrics.inc("lmcache:num_retrieve_requests")
+        with self.metrics.timer("lmcache:time_to_retrieve"):
+            return staged_load.fetch_and_write(
+                self,
+                tokens,
+                writer,
+                cache_salt,
+                write_from,
+                max_tokens,
+                pin_owner,
+                asynchronous=True,
+            )
 
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         """How many leading ``keys`` some tier holds (key-level ``lookup``)."""

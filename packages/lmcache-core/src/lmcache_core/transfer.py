@@ -63,6 +63,50 @@ class KVReader(Protocol):
         """
 
 
+class Completion(Protocol):
+    """A copy started without waiting for it (a GPU kernel queued on a stream)."""
+
+    def done(self) -> bool:
+        """Has the copy finished? Never blocks."""
+
+    def wait(self) -> None:
+        """Block until it has; raises if it failed."""
+
+
+class Finished:
+    """The completion of a copy that finished before it was returned."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+@runtime_checkable
+class AsyncKVReader(Protocol):
+    """A reader that can start a copy and return before it finishes (GPU readers).
+
+    Until the completion reports done the buffers must not be read, and the
+    engine memory the copy reads must not be reused: the adapter keeps the
+    engine from overwriting those blocks (on a GPU, by ordering its stream
+    after the copy).
+    """
+
+    def start_read(self, chunks: Sequence[ChunkIO]) -> Completion: ...
+
+
+@runtime_checkable
+class AsyncKVWriter(Protocol):
+    """A writer that can start a copy and return before it finishes (layer-wise loads).
+
+    The chunk buffers stay valid (their slots held) until the completion
+    reports done; the adapter orders the engine's reads of that KV after it.
+    """
+
+    def start_write(self, chunks: Sequence[ChunkIO]) -> Completion: ...
+
+
 @runtime_checkable
 class KVWriter(Protocol):
     """Writes chunks into engine memory (used by ``CacheEngine.retrieve``)."""

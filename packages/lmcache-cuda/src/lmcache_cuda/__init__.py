@@ -37,7 +37,9 @@ def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]]
 
     Checks the tensors once. CUDA tensors use the CUDA kernels, host tensors
     the C kernels; where a library is missing, the torch reference is used
-    with a warning (never an import error).
+    with a warning (never an import error). On CUDA the factory is a
+    :class:`~lmcache_cuda.cuda.CudaPagedMemory`, whose ``fence_saves`` an
+    adapter calls before the engine's next step (see ``start_read``).
     """
     first = layers[0]
     on_gpu = getattr(getattr(first, "device", None), "type", "cpu") == "cuda"
@@ -56,12 +58,11 @@ def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]]
                 RuntimeWarning,
                 stacklevel=2,
             )
-        mem = CudaPagedMemory(layout, layers)
-        return mem.request
+        return CudaPagedMemory(layout, layers)  # callable: block_table -> reader/writer
     if avail["c"]:
         from lmcache_cuda.paged import CPagedMemory
 
-        return CPagedMemory(layout, layers).request
+        return CPagedMemory(layout, layers)
     warnings.warn(
         "lmcache-cuda's C kernels are not built (no C compiler); using the torch reference",
         RuntimeWarning,

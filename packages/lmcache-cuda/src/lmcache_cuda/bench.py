@@ -15,10 +15,12 @@ baseline, ...), median of the rounds, since these machines drift in speed.
   (from) pinned host memory (``torch`` ``copy_`` with ``non_blocking``), for
   2 KiB rows (8 KV heads) and 256-byte rows (one head, TP8).
 * Layer-wise load (``bench_layerwise``): a 4000-token cache scattered layer
-  by layer on a side stream (a host thread, as a layer-wise connector's
-  ``wait_for_layer_load`` would) while a synthetic per-layer forward of
-  about the same duration runs on the main stream, each layer's forward
-  after its load; total time against the longer of the two alone.
+  by layer as lmcache-vllm's ``use_layerwise`` does on a GPU (every layer's
+  ``start_write`` queued at once on the load stream, the main stream waiting
+  for layer ``i``'s event before layer ``i``'s forward) while a synthetic
+  per-layer forward of about the same duration runs on the main stream;
+  total time against the longer of the two alone (also with the host-thread
+  loader of a connector that copies synchronously per layer).
 """
 
 from __future__ import annotations
@@ -225,6 +227,17 @@ def bench_layerwise(
 
     compute_all = lambda: [forward(i) for i in range(layout.num_layers)]  # noqa: E731
 
+    def evented() -> None:
+        # What the connector does: all layers queued on the load stream now, and
+        # wait_for_layer_load(i) = the main stream waits for layer i's event.
+        done = [
+            kvs[i].start_write([ChunkIO(0, tokens, bufs[i].view)]) for i in range(layout.num_layers)
+        ]
+        main = torch.cuda.current_stream()
+        for i in range(layout.num_layers):
+            main.wait_event(done[i].event)
+            forward(i)
+
     def overlapped() -> None:
         ready = [threading.Event() for _ in range(layout.num_layers)]
 
@@ -240,11 +253,14 @@ def bench_layerwise(
             forward(i)  # queued on the main stream; the host moves on to wait for i+1
         th.join()
 
-    samples: dict[str, list[float]] = {"load": [], "compute": [], "overlapped": []}
+    samples: dict[str, list[float]] = {
+        "load": [], "compute": [], "overlapped": [], "evented": []
+    }  # fmt: skip
     for _ in range(rounds):
         samples["load"].append(timed(load_all))
         samples["compute"].append(timed(compute_all))
         samples["overlapped"].append(timed(overlapped))
+        samples["evented"].append(timed(evented))
     t = {k: statistics.median(v) for k, v in samples.items()}
     block_dim = 1 if layout.kind.value == "vllm_flash" else 0
     ok = all(bool(torch.all(layer.index_select(block_dim, torch.tensor(table, device="cuda"))
@@ -257,6 +273,95 @@ def bench_layerwise(
         "compute_s": t["compute"],
         "overlapped_s": t["overlapped"],
         "overlapped_vs_longer": t["overlapped"] / max(t["load"], t["compute"]),
+        "evented_s": t["evented"],
+        "evented_vs_longer": t["evented"] / max(t["load"], t["compute"]),
         "serial_vs_longer": (t["load"] + t["compute"]) / max(t["load"], t["compute"]),
         "correct": float(ok),
+    }
+
+
+def bench_save_overhead(
+    layout: KVLayout = LLAMA3_8B_VLLM, steps: int = 40, rounds: int = 5, step_ms: float = 10.0
+) -> dict:
+    """What saving costs a decode-step loop on the GPU (issue 15: at most 2%).
+
+    Each step runs a synthetic forward (matmuls, about ``step_ms``) and ends by
+    synchronising its stream (the sampled tokens go to the host), as vLLM's
+    step does; with saves, each step also stores one 256-token chunk through
+    a CacheEngine with a pinned DRAM tier: asynchronously (the gather queued
+    on the save stream, committed at a later step's poll), and, for
+    comparison, synchronously (the step waits for the copy).
+    """
+    import itertools
+
+    import torch
+    from lmcache_core.config import CacheConfig
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.staged_store import SaveQueue
+
+    from lmcache_cuda.cuda import CudaPagedMemory
+    from lmcache_cuda.pinned import PinnedArena
+
+    chunk = 256
+    config = CacheConfig.from_dict({"chunk_size": chunk, "max_local_cpu_size": "2GiB"})
+    engine = CacheEngine(
+        config,
+        model="bench/save",
+        layout=layout,
+        arena=PinnedArena(config.max_local_cpu_size + SLOT_OFFSET),
+    )
+    queue = SaveQueue(engine)
+    nb = chunk // layout.block_size + 8
+    memory = CudaPagedMemory(layout, device_layers(layout, nb))
+    table = list(range(chunk // layout.block_size))
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        x @ x
+    torch.cuda.synchronize()
+    reps = max(1, round(step_ms / 1e3 / ((time.perf_counter() - t0) / 20)))
+    counter = itertools.count()
+
+    def step(mode: str) -> None:
+        if mode == "async":
+            queue.poll()
+        y = x
+        for _ in range(reps):
+            y = y @ x
+        if mode != "none":
+            n = next(counter)
+            tokens = list(range(n * chunk, (n + 1) * chunk))  # a new chunk every step
+            if mode == "async":
+                staged = engine.store_async(tokens, memory(table))
+                if staged is not None:
+                    queue.add(str(n), staged)
+            else:
+                engine.store(tokens, memory(table))
+        torch.cuda.current_stream().synchronize()
+
+    def loop(mode: str) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(mode)
+        elapsed = time.perf_counter() - t0
+        queue.drain()
+        return elapsed
+
+    loop("none"), loop("async"), loop("sync")  # warm: arena pages, kernels, caches
+    samples: dict[str, list[float]] = {"none": [], "async": [], "sync": []}
+    for _ in range(rounds):
+        for mode in samples:
+            samples[mode].append(loop(mode))
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    stored = engine.metrics.get("lmcache:num_stored_tokens")
+    engine.close()
+    return {
+        "steps": steps,
+        "step_s": t["none"] / steps,
+        "chunk_bytes": layout.chunk_bytes(chunk),
+        "async_vs_none": t["async"] / t["none"],
+        "sync_vs_none": t["sync"] / t["none"],
+        "stored_tokens": stored,
     }

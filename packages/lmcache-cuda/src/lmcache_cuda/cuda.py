@@ -45,8 +45,37 @@ class CudaPagedMemory:
             device=self.device,
         )
 
+        #: Side stream for saves, and the event of the last save copy queued on it.
+        self._save_stream: Any = None
+        self._load_stream: Any = None
+        self._last_save: Any = None
+
     def request(self, block_table: Sequence[int]) -> CudaPagedKV:
         return CudaPagedKV(self, block_table)
+
+    __call__ = request  # the factory ``paged_memory`` returns
+
+    def save_stream(self) -> Any:
+        if self._save_stream is None:
+            self._save_stream = torch.cuda.Stream(device=self.device)
+        return self._save_stream
+
+    def load_stream(self) -> Any:
+        if self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(device=self.device)
+        return self._load_stream
+
+    def fence_saves(self) -> None:
+        """Order the engine's stream after every save copy queued so far.
+
+        Call before the engine's next step can write KV: a request whose saves
+        are still being copied may have finished and its blocks may be handed
+        to another request, which must not overwrite them before the copy read
+        them. GPU-side ordering: the host does not wait.
+        """
+        if self._last_save is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_save)
+            self._last_save = None
 
 
 def base_alignment(bases: Sequence[int], cap: int = 256) -> int:
@@ -92,7 +121,10 @@ class CudaPagedKV:
         if table and (min(table) < 0 or max(table) >= nb):
             raise LayoutError(f"block table refers to blocks outside [0, {nb})")
         self.table_host = table
-        self.table = torch.tensor(table, dtype=torch.int64, device=memory.device)
+        # From pinned memory without waiting: a pageable copy would stall the engine's
+        # stream and its host thread at every step that saves or loads.
+        staged = torch.tensor(table, dtype=torch.int64).pin_memory()
+        self.table = staged.to(memory.device, non_blocking=True)
         self._fallback: TorchPagedKV | None = None
 
     def _reference(self) -> TorchPagedKV:
@@ -100,7 +132,9 @@ class CudaPagedKV:
             self._fallback = TorchPagedKV(self.memory.layout, self.memory.layers, self.table_host)
         return self._fallback
 
-    def _launch(self, fn: Any, chunk: ChunkIO, lo: int, hi: int, buf_addr: int) -> None:
+    def _launch(
+        self, fn: Any, chunk: ChunkIO, lo: int, hi: int, buf_addr: int, stream: Any = None
+    ) -> None:
         m = self.memory
         ffi = _ffi.ffi()
         p = m.planes
@@ -124,7 +158,8 @@ class CudaPagedKV:
                 "segment_stride": p.segment_stride,
             },
         )
-        stream = ffi.cast("void *", torch.cuda.current_stream(m.device).cuda_stream)
+        if stream is None:
+            stream = torch.cuda.current_stream(m.device)
         rc = fn(
             desc,
             ffi.cast("int64_t *", self.table.data_ptr()),
@@ -134,7 +169,7 @@ class CudaPagedKV:
             ffi.cast("void *", buf_addr),
             chunk.start,
             chunk.num_tokens,
-            stream,
+            ffi.cast("void *", stream.cuda_stream),
         )
         if rc != 0:
             err = ffi.string(m.lib.lmc_cuda_last_error()).decode() if rc == -3 else ""
@@ -173,6 +208,69 @@ class CudaPagedKV:
         if slow:
             self._reference().read_chunks(slow)
 
+    def start_read(self, chunks: Sequence[ChunkIO]) -> Any:
+        """Gather on the save stream after the work queued so far on the engine's stream;
+        return at once with a completion (``lmcache_core.transfer.AsyncKVReader``).
+
+        The engine's step does not wait for the copy. Until it is done the
+        blocks it reads must not be rewritten: ``CudaPagedMemory.fence_saves``
+        orders the engine's next step after it.
+        """
+        from lmcache_core.transfer import Finished
+
+        fast, slow = self._split(chunks)
+        if slow:
+            self._reference().read_chunks(slow)  # synchronous torch copies
+        if not fast:
+            return Finished()
+        m = self.memory
+        side = m.save_stream()
+        computed = torch.cuda.Event()
+        computed.record(torch.cuda.current_stream(m.device))
+        side.wait_event(computed)  # the KV this step computed is written first
+        self.table.record_stream(side)  # not reused while the side stream reads it
+        try:
+            for c, addr in fast:
+                self._launch(m.lib.lmc_cuda_gather, c, c.start, c.end, addr, stream=side)
+        except BaseException:
+            side.synchronize()  # the caller frees the slots: nothing may still write them
+            raise
+        done = torch.cuda.Event()
+        done.record(side)
+        m._last_save = done
+        return EventCompletion(done)
+
+    def start_write(self, chunks: Sequence[ChunkIO]) -> Any:
+        """Scatter on the load stream after the work queued so far on the engine's stream;
+        return at once with a completion whose ``event`` the engine's stream waits on
+        before it reads this KV (layer-wise loads: ``wait_for_layer_load``)."""
+        from lmcache_core.transfer import Finished
+
+        fast, slow = self._split(chunks)
+        if slow:
+            self._reference().write_chunks(slow)
+        if not fast:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.memory.device))
+            return EventCompletion(done) if slow else Finished()
+        m = self.memory
+        stream = m.load_stream()
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(m.device))
+        stream.wait_event(ready)  # the blocks are allocated and nothing earlier writes them
+        self.table.record_stream(stream)
+        try:
+            for c, addr in fast:
+                lo, hi = c.write_range
+                if lo < hi:
+                    self._launch(m.lib.lmc_cuda_scatter, c, lo, hi, addr, stream=stream)
+        except BaseException:
+            stream.synchronize()
+            raise
+        done = torch.cuda.Event()
+        done.record(stream)
+        return EventCompletion(done)
+
     def write_chunks(self, chunks: Sequence[ChunkIO]) -> None:
         fast, slow = self._split(chunks)
         try:
@@ -185,3 +283,16 @@ class CudaPagedKV:
                 self._sync()
         if slow:
             self._reference().write_chunks(slow)
+
+
+class EventCompletion:
+    """A gather queued on a CUDA stream, done when its event is."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def done(self) -> bool:
+        return bool(self.event.query())
+
+    def wait(self) -> None:
+        self.event.synchronize()

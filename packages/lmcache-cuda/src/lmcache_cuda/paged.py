@@ -233,6 +233,8 @@ class CPagedMemory:
         kv._bind(self, block_table)
         return kv
 
+    __call__ = request  # the factory ``paged_memory`` returns
+
 
 class CPagedKV:
     """Reader and writer over an engine's host KV memory and one request's block table."""

@@ -99,7 +99,9 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish in start_load_kv, before the forward pass
+        """With use_layerwise, layer ``layer_name``'s loads land before its attention."""
+        if self.worker is not None:
+            self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self,
@@ -108,13 +110,22 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return  # chunks are stored whole in wait_for_save
+        """With use_layerwise, this layer's part of the step's saves is copied out now."""
+        if self.worker is not None:
+            self.worker.save_kv_layer(layer_name)
 
     def wait_for_save(self) -> None:
         assert self.worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, LMCacheConnectorMetadata)
         self.worker.wait_for_save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Commit saves whose copies finished; report finished requests whose blocks
+        vLLM kept for them (async saves, see :mod:`lmcache_vllm.worker_side`)."""
+        if self.worker is None:
+            return None, None
+        return self.worker.get_finished(finished_req_ids) or None, None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """This rank's metric changes since the last step (vLLM sums the ranks)."""
@@ -190,8 +201,7 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
-        self.scheduler.request_finished(request)
-        return False, None
+        return self.scheduler.request_finished(request), None
 
 
 #: The name the issue and LMCache users know; with ``kv_connector_module_path``

@@ -50,3 +50,6 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     blend_loads: list[BlendLoadSpec] = field(default_factory=list)
     blend_saves: list[BlendSaveSpec] = field(default_factory=list)
+    #: A request with saves was preempted (its blocks freed, perhaps reallocated in
+    #: this step): order vLLM's stream after every save copy before it writes KV.
+    fence: bool = False

@@ -16,14 +16,13 @@ from lmcache_core.errors import ConfigError
 logger = logging.getLogger("vllm.lmcache")
 
 #: Keys of ``kv_connector_extra_config`` that are the adapter's, not cache config keys.
-ADAPTER_KEYS = frozenset({"model_id"})
+ADAPTER_KEYS = frozenset({"model_id", "async_saves"})
 #: Keys upstream LMCache's vLLM adapter reads from ``kv_connector_extra_config`` that
 #: have no effect here: accepted with a warning, so upstream deployments start.
 UPSTREAM_IGNORED_KEYS = {
     "lmcache_rpc_port": "lookups go over a Unix socket per engine (LMCACHE_SOCKET_DIR)",
     "skip_last_n_tokens": "the last block is always recomputed, as vLLM's prefix cache does",
     "use_native": "there is one connector implementation",
-    "use_layerwise": "loads and stores are whole-chunk on this path",
     "lmcache_instance_id": "instances are told apart by their engine id",
 }
 
@@ -65,6 +64,23 @@ def check_chunk_size(config: CacheConfig, block_size: int) -> None:
             ],
             "lmcache-vllm",
         )
+
+
+def async_saves(vllm_config: Any) -> bool:
+    """Do saves finish after the step (GPU), holding a finished request's blocks until then?
+
+    ``kv_connector_extra_config.async_saves``: ``auto`` (the default: on GPUs,
+    where copies are kernels on a side stream; off on the CPU backend, whose
+    copies are synchronous), ``true`` or ``false``. The scheduler side and
+    every worker read the same value: they must agree on which requests'
+    blocks vLLM keeps until the workers report their saves done.
+    """
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    value = extra.get("async_saves", "auto")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+        return device == "cuda"
+    return parse_bool(value, "kv_connector_extra_config.async_saves")
 
 
 def model_id(vllm_config: Any, config: CacheConfig, extra: dict[str, Any] | None) -> str:

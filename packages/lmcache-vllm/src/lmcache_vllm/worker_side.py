@@ -4,6 +4,23 @@ It owns the :class:`~lmcache_core.CacheEngine` of its rank, serves the
 scheduler's lookups, loads before the forward pass (``start_load_kv``) and
 stores after it (``wait_for_save``); with blending, it runs the blend pass
 (:mod:`lmcache_vllm.blend.worker`).
+
+Saves do not hold up the step on a GPU (``async_saves``, see
+:func:`lmcache_vllm.settings.async_saves`): ``wait_for_save`` queues the
+gather on a side stream after the step's kernels and returns; the chunks
+reach the tiers when the copy is done (polled every step). Until then the
+blocks it reads must not be rewritten:
+
+* a request that finishes keeps its blocks (the scheduler side answers
+  ``request_finished`` with "delay") until ``get_finished`` reports it, which
+  a worker does once none of its saves is in flight;
+* a request preempted while saving frees its blocks at once, so the step's
+  metadata says ``fence`` and ``start_load_kv`` orders vLLM's stream after
+  every queued copy (on the GPU; the host does not wait).
+
+Both sides apply the same rule to the same metadata: a request is delayed
+iff a save of it was ever planned. On the CPU backend copies are synchronous
+and each save is committed in its own step.
 """
 
 from __future__ import annotations
@@ -19,13 +36,16 @@ from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import ChunkedPrompt
 from lmcache_core.metrics import start_exporter
+from lmcache_core.staged_load import StagedLoad
+from lmcache_core.staged_store import SaveQueue, StagedStore
+from lmcache_cuda.layerwise import LayerMemories, LayerwiseReader, LayerwiseWriter
 
 from lmcache_vllm.kv_events import WorkerEvents, events_enabled
 from lmcache_vllm.layouts import detect_layout, ordered_layers
 from lmcache_vllm.lookup import LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata
 from lmcache_vllm.request_keys import namespace_extra
-from lmcache_vllm.settings import check_chunk_size, load_cache_config, model_id
+from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config, model_id
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,6 +85,17 @@ class WorkerSide:
         self.metrics_server: Any = None
         self.layers: list[torch.Tensor] = []
         self._paged: Any = None  # block_ids -> reader/writer (lmcache-cuda's kernels)
+        self._fence: Any = None  # orders vLLM's stream after queued save copies (GPU)
+        self.saves: SaveQueue | None = None
+        self.async_saves = async_saves(vllm_config)
+        self._saved_reqs: set[str] = set()  # requests a save was planned for
+        #: use_layerwise: per-layer copies at vLLM's wait_for_layer_load / save_kv_layer.
+        self.layerwise = self.config.use_layerwise
+        self._layer_mem: LayerMemories | None = None
+        self._step_writers: list[LayerwiseWriter] = []
+        self._step_readers: list[LayerwiseReader] = []
+        self._held_loads: list[StagedLoad] = []
+        self._finishing: set[str] = set()  # finished, blocks kept until saves are done
         self._failed_blocks: set[int] = set()
         self.blend: Any = None  # BlendWorker when enable_blending
         #: KV cache events for routers, when vLLM publishes events (--kv-events-config).
@@ -90,6 +121,10 @@ class WorkerSide:
         # C kernels for the CPU backend, CUDA kernels into pinned memory on GPUs;
         # the torch reference where a kernel library is missing.
         self._paged = lmcache_cuda.paged_memory(layout, self.layers)
+        self._fence = getattr(self._paged, "fence_saves", None)
+        if self.layerwise:
+            names = [name for name, _ in ordered_layers(kv_caches)]
+            self._layer_mem = LayerMemories(layout, self.layers, names, whole=self._paged)
         rank = self.rank = get_tensor_model_parallel_rank()
         world = get_tensor_model_parallel_world_size()
         self.engine = CacheEngine(
@@ -101,6 +136,7 @@ class WorkerSide:
             rank=rank,
             arena=_pinned_arena(self.config) if self.layers[0].device.type == "cuda" else None,
         )
+        self.saves = SaveQueue(self.engine, on_commit=self._saved)
         if self.events is not None:
             self.engine.watch(self.events)
         if self.config.enable_blending:
@@ -168,18 +204,40 @@ class WorkerSide:
     def start_load_kv(self, meta: LMCacheConnectorMetadata) -> None:
         if self.engine is None:
             return
+        self.poll_saves()
+        if meta.fence and self._fence is not None:
+            self._fence()  # a preempted request's blocks, still being saved, are reused
+            if self._layer_mem is not None:
+                self._layer_mem.fence()
         for bspec in meta.blend_loads:
             self._blend_load(bspec)
         bs = self.block_size
         for spec in meta.loads:
             t0 = time.perf_counter()
-            got = self.engine.retrieve(
-                spec.prompt.prompt(),
-                self.kv(spec.block_ids),
-                write_from=spec.load_from,
-                max_tokens=spec.load_until,
-                pin_owner=spec.req_id,
-            )
+            if self._layer_mem is not None:
+                writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
+                bs_ = self.block_size
+                writer.blocks_if_failed = spec.block_ids[
+                    spec.load_from // bs_ : -(-spec.load_until // bs_)
+                ]
+                got, held = self.engine.retrieve_async(
+                    spec.prompt.prompt(),
+                    writer,
+                    write_from=spec.load_from,
+                    max_tokens=spec.load_until,
+                    pin_owner=spec.req_id,
+                )
+                if held is not None:
+                    self._held_loads.append(held)
+                    self._step_writers.append(writer)
+            else:
+                got = self.engine.retrieve(
+                    spec.prompt.prompt(),
+                    self.kv(spec.block_ids),
+                    write_from=spec.load_from,
+                    max_tokens=spec.load_until,
+                    pin_owner=spec.req_id,
+                )
             self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
             if got > spec.load_from:
                 logger.info(
@@ -203,6 +261,25 @@ class WorkerSide:
                 )
                 self._failed_blocks.update(bad)
                 self.recent.append(("failed", spec.req_id, bad, (got, spec.load_until)))
+        if self._layer_mem is not None:
+            for spec in meta.saves:  # slots now; each layer is copied after its attention
+                reader = LayerwiseReader(self._layer_mem, spec.block_ids)
+                if self._stage_save(spec, reader):
+                    self._step_readers.append(reader)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._layer_mem is None or not self._step_writers:
+            return
+        i = self._layer_mem.index[layer_name]
+        for writer in self._step_writers:
+            writer.wait_layer(i)
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        if self._layer_mem is None or not self._step_readers:
+            return
+        i = self._layer_mem.index[layer_name]
+        for reader in self._step_readers:
+            reader.read_layer(i)
 
     def _blend_load(self, spec: Any) -> None:
         try:
@@ -222,6 +299,9 @@ class WorkerSide:
             self.recent.append(("failed", spec.req_id, bad, (spec.start, spec.until)))
 
     def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
+        # First, whatever happens next: the scheduler side delays these requests.
+        self._saved_reqs.update(s.req_id for s in meta.saves)
+        self._saved_reqs.update(s.req_id for s in meta.blend_saves)
         if self.engine is None:
             return
         for bspec in meta.blend_saves:
@@ -231,28 +311,88 @@ class WorkerSide:
                     self.recent.append(("blend_save", bspec.req_id, bspec.block_ids, (0, 0)))
             except Exception:
                 logger.exception("lmcache: storing the segments of %s failed", bspec.req_id)
-        for spec in meta.saves:
-            prompt = spec.prompt.prompt()
-            if self.events is not None and spec.blocks is not None:
-                for i, key in enumerate(prompt.keys(self.engine.namespace)):
-                    self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
-            t0 = time.perf_counter()
-            stored = self.engine.store(prompt, self.kv(spec.block_ids))
-            self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
-            if stored:
-                logger.info(
-                    "lmcache: stored %d new tokens of %s (up to %d) in %.1f ms",
-                    stored,
-                    spec.req_id,
-                    spec.prompt.num_tokens,
-                    (time.perf_counter() - t0) * 1e3,
-                )
+        if self._layer_mem is not None:
+            for writer in self._step_writers:
+                writer.finish()  # layers vLLM did not wait for
+                if writer.error is not None:
+                    logger.error(
+                        "lmcache: a layer-wise load failed (%s); vLLM recomputes %d blocks",
+                        writer.error,
+                        len(writer.blocks_if_failed),
+                    )
+                    self._failed_blocks.update(writer.blocks_if_failed)
+            for reader in self._step_readers:
+                reader.finish()  # the saves staged in start_load_kv: every layer copied
+            self._step_writers, self._step_readers = [], []
+        else:
+            for spec in meta.saves:
+                self._stage_save(spec, self.kv(spec.block_ids))
+        if self.saves is not None and not self.async_saves:
+            self.saves.drain()  # synchronous saves: committed before the step ends
+        self.poll_saves()
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Finished requests whose blocks vLLM kept for their saves and may free now."""
+        try:
+            self.poll_saves()
+        except Exception:
+            logger.exception("lmcache: committing finished saves failed")
+        if not self.async_saves:
+            return set()
+        self._finishing.update(r for r in finished_req_ids if r in self._saved_reqs)
+        busy = self.saves.owners() if self.saves is not None else set()
+        done = {r for r in self._finishing if r not in busy}
+        self._finishing -= done
+        self._saved_reqs -= done
+        return done
+
+    def _stage_save(self, spec: Any, reader: Any) -> bool:
+        """Start storing a save spec's chunks through ``reader``; False if nothing to store."""
+        assert self.engine is not None
+        prompt = spec.prompt.prompt()
+        if self.events is not None and spec.blocks is not None:
+            for i, key in enumerate(prompt.keys(self.engine.namespace)):
+                self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
+        staged = self.engine.store_async(prompt, reader)
+        self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
+        if staged is None or self.saves is None:
+            return False
+        self.saves.add(spec.req_id, staged)
+        return True
+
+    def poll_saves(self) -> int:
+        """Commit the saves whose copies are done (all of them on the CPU backend), and
+        free the chunks of layer-wise loads that have landed."""
+        if self._held_loads:
+            landed = [h for h in self._held_loads if h.done()]
+            self._held_loads = [h for h in self._held_loads if not h.done()]
+            for h in landed:
+                h.release()
+        return self.saves.poll() if self.saves is not None else 0
+
+    def _saved(self, req_id: str, staged: StagedStore, stored: int) -> None:
+        if stored:
+            logger.info(
+                "lmcache: stored %d new tokens of %s in %.1f ms of host time",
+                stored,
+                req_id,
+                staged.host_seconds * 1e3,
+            )
 
     def take_failed_blocks(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
     def close(self) -> None:
+        for held in self._held_loads:
+            held.release()
+        self._held_loads = []
+        if self.saves is not None:
+            try:
+                self.saves.drain()
+            except Exception:
+                logger.exception("lmcache: committing the last saves failed")
+            self.saves = None
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -1,0 +1,102 @@
+"""Loads in two steps: the chunks fetched from the tiers and handed to a writer that
+may copy them later (layer by layer, on a GPU stream), then released.
+
+``CacheEngine.retrieve`` is both steps at once; ``CacheEngine.retrieve_async``
+returns a :class:`StagedLoad` that holds the chunks' slots until the copy is
+done, so a layer-wise adapter can scatter layer ``i`` just before the
+engine's attention of layer ``i`` needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmcache_core.transfer import AsyncKVWriter, ChunkIO, Completion, Finished, KVWriter
+
+if TYPE_CHECKING:
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.pool import Chunk
+
+logger = logging.getLogger("lmcache_core.engine")
+
+
+class StagedLoad:
+    """Chunks a load is (perhaps still) copying into the engine: held until released.
+
+    ``release`` waits for the copy first (a no-op once done): a slot freed
+    while a copy still reads it could be refilled under it.
+    """
+
+    def __init__(self, chunks: list[Chunk], completion: Completion) -> None:
+        self.chunks = chunks
+        self.completion = completion
+        self._released = False
+
+    def done(self) -> bool:
+        return self.completion.done()
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.completion.wait()
+        except Exception:
+            logger.exception("a copy into the engine failed after it started")
+        finally:
+            for c in self.chunks:
+                c.release()
+
+
+def fetch_and_write(
+    engine: CacheEngine,
+    tokens: Sequence[int] | Any,
+    writer: KVWriter,
+    cache_salt: str | None,
+    write_from: int,
+    max_tokens: int | None,
+    pin_owner: str | None,
+    *,
+    asynchronous: bool,
+) -> tuple[int, StagedLoad | None]:
+    chunks: list[Chunk] = []
+    handed_over = False
+    try:
+        spans = engine.spans(tokens, cache_salt=cache_salt)
+        if max_tokens is not None:
+            spans = [s for s in spans if s.start < max_tokens]
+        if not spans:
+            return 0, None
+        wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
+        engine.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
+        chunks = engine.cascade.get_prefix(engine.keys(spans), spans)
+        if not chunks:
+            return 0, None
+        ios = [
+            ChunkIO(s.start, s.end, c.view, write_from, max_tokens) for s, c in zip(spans, chunks)
+        ]
+        ios = [io for io in ios if io.write_range[0] < io.write_range[1]]
+        completion: Completion = Finished()
+        try:
+            if ios and asynchronous and isinstance(writer, AsyncKVWriter):
+                completion = writer.start_write(ios)
+            elif ios:
+                writer.write_chunks(ios)
+        except Exception:
+            logger.exception("writing KV into the engine failed; it will recompute")
+            engine.metrics.inc("lmcache:num_failures", op="write_kv")
+            return 0, None
+        end = spans[len(chunks) - 1].end
+        if max_tokens is not None:
+            end = min(end, max_tokens)
+        engine.metrics.inc("lmcache:num_hit_tokens", max(0, end - write_from))
+        handed_over = True
+        return end, StagedLoad(chunks, completion)
+    finally:
+        if not handed_over:
+            for c in chunks:
+                c.release()
+        if pin_owner is not None:
+            engine.unpin(pin_owner)
