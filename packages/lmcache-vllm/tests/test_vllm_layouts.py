@@ -130,3 +130,34 @@ def test_lmcache_cuda_knows_every_order_vllm_has():
     from lmcache_cuda.strided import ORDERS
 
     assert {layout.name: layout.value for layout in KVCacheLayout} == ORDERS
+
+
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBHNC, KVCacheLayout.BLHNC], ids=lambda x: x.name)
+def test_mla_latent_views_are_recognised_and_gathered(layout):
+    """DeepSeek-style MLA: vLLM views each layer's latent cache as [blocks, 1, bs, dim]."""
+    from lmcache_core.transfer import ChunkIO
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    dim = 24
+    spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=dim, dtype=torch.bfloat16)
+    layer_stride, block_stride, *_ = compute_layout_strides(spec, BLOCKS, LAYERS, layout)
+    size = spec.page_size_bytes * BLOCKS * LAYERS
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randint(-128, 127, (size,), dtype=torch.int8, generator=g)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    tensor = KVCacheTensor(size=size, layers=names, layer_stride=layer_stride,
+                           block_stride=block_stride)  # fmt: skip
+    views = dict(zip(names, create_kv_cache_views(raw, spec, BLOCKS, layout, tensor)))
+    assert tuple(views[names[0]].shape) == (BLOCKS, 1, BLOCK, dim)
+    lay = detect_layout(views, block_size=BLOCK, num_kv_heads=1, head_size=dim)
+    assert lay.kind is LayoutKind.MLA
+    table = [3, 0, 8]
+    kv = paged_memory(lay, [t for _, t in ordered_layers(views)])(table)
+    lo, hi = 3, 40
+    buf = bytearray(lay.chunk_bytes(hi - lo))
+    kv.read_chunks([ChunkIO(lo, hi, memoryview(buf))])
+    chunk = torch.frombuffer(buf, dtype=torch.int16).view(LAYERS, hi - lo, dim)
+    for layer, (_, v) in enumerate(ordered_layers(views)):
+        for t in range(lo, hi):
+            want = v[table[t // BLOCK], 0, t % BLOCK].view(torch.int16)
+            assert torch.equal(chunk[layer, t - lo], want)

@@ -331,23 +331,13 @@ class CacheEngine:
         """
         self.metrics.inc("lmcache:num_retrieve_requests")
         with self.metrics.timer("lmcache:time_to_retrieve"):
-            return self._retrieve(tokens, writer, cache_salt, write_from, max_tokens, pin_owner)
-
-    def _retrieve(
-        self,
-        tokens: Sequence[int] | Any,
-        writer: KVWriter,
-        cache_salt: str | None,
-        write_from: int,
-        max_tokens: int | None,
-        pin_owner: str | None,
-    ) -> int:
-        end, staged = staged_load.fetch_and_write(
-            self, tokens, writer, cache_salt, write_from, max_tokens, pin_owner, asynchronous=False
-        )
-        if staged is not None:
-            staged.release()
-        return end
+            end, staged = staged_load.fetch_and_write(
+                self, tokens, writer, cache_salt, write_from, max_tokens, pin_owner,
+                asynchronous=False,
+            )  # fmt: skip
+            if staged is not None:
+                staged.release()
+            return end
 
     def retrieve_async(
         self,

@@ -113,6 +113,33 @@ def _bhnc_planes(layout: KVLayout, infos: list[_TensorInfo]) -> Planes:
     )
 
 
+def _mla_planes(layout: KVLayout, infos: list[_TensorInfo]) -> Planes:
+    """Planes of MLA's latent caches: ``[blocks, block_size, dim]``, or vLLM's
+    ``[blocks, 1, block_size, dim]`` views, with any strides (the last dense)."""
+    bs, d, es = layout.block_size, layout.head_size, layout.element_size
+    first = infos[0]
+    for i, info in enumerate(infos):
+        nb = info.shape[0] if info.shape else 0
+        if info.shape not in ((nb, bs, d), (nb, 1, bs, d)) or info.shape != first.shape:
+            raise LayoutError(
+                f"layer {i} has shape {info.shape}, expected ({nb}, {bs}, {d}) or "
+                f"({nb}, 1, {bs}, {d}) for mla, the same for every layer"
+            )
+        if info.strides != first.strides:
+            raise LayoutError(
+                f"layer {i} has byte strides {info.strides}, layer 0 {first.strides}; "
+                "lmcache needs one layout for every layer"
+            )
+    block, token, elem = first.strides[0], first.strides[-2], first.strides[-1]
+    if elem != es or min(block, token) <= 0:
+        raise LayoutError(
+            f"the latent dimension must be dense and the other strides positive; byte "
+            f"strides are {first.strides}"
+        )
+    row = d * es
+    return Planes(tuple(i.addr for i in infos), block, token, row, bs, first.shape[0])
+
+
 def layer_planes(layout: KVLayout, layers: Sequence[Any]) -> Planes:
     """Describe per-layer tensors of ``layout`` as planes, checking every tensor."""
     if len(layers) != layout.num_layers:
@@ -128,6 +155,8 @@ def layer_planes(layout: KVLayout, layers: Sequence[Any]) -> Planes:
             )
     if kind is LayoutKind.VLLM_BHNC:
         return _bhnc_planes(layout, infos)
+    if kind is LayoutKind.MLA:
+        return _mla_planes(layout, infos)
     bases: list[int] = []
     num_blocks = None
     for i, info in enumerate(infos):

@@ -51,7 +51,7 @@ class TorchPagedKV:
         if kind is LayoutKind.VLLM_FLASH_BLOCKS_FIRST:
             return [raw[:, p].reshape(raw.shape[0], raw.shape[2], -1) for p in (0, 1)]
         if kind is LayoutKind.MLA:
-            return [raw]
+            return [raw[:, 0] if raw.dim() == 4 else raw]  # vLLM's [blocks, 1, bs, dim] views
         # vllm_cpu: whole blocks as one opaque plane of [num_blocks, 1, block_bytes]
         return [raw.reshape(raw.shape[0], 1, -1)]
 

@@ -46,6 +46,8 @@ def detect_layout(
     if len(shape) == 4 and shape[1:] == (h, bs, 2 * d) and on_cpu and first.is_contiguous():
         # vLLM's CPU backend: blocks packed for the matrix units, copied whole.
         kind = LayoutKind.VLLM_CPU
+    elif len(shape) == 4 and h == 1 and shape[1:] == (1, bs, d):
+        kind = LayoutKind.MLA  # vLLM's view of a latent cache: [blocks, 1, bs, dim]
     elif len(shape) == 4 and shape[1:] == (h, bs, 2 * d):
         # vLLM's per-layer view on GPUs, with the strides of VLLM_KV_CACHE_LAYOUT.
         kind = LayoutKind.VLLM_BHNC
@@ -69,10 +71,11 @@ def detect_layout(
             "last dimension dense; contiguous on the CPU backend), "
             "[2, num_blocks, block_size, heads, head_size] and "
             "[num_blocks, 2, block_size, heads, head_size] (flash), "
-            "[num_blocks, block_size, head_size] (MLA)"
+            "[num_blocks, block_size, head_size] and [num_blocks, 1, block_size, head_size] "
+            "(MLA, any strides)"
         )
     for lname, t in layers:
-        if kind is not LayoutKind.VLLM_BHNC and not t.is_contiguous():
+        if kind not in (LayoutKind.VLLM_BHNC, LayoutKind.MLA) and not t.is_contiguous():
             raise LayoutError(
                 f"KV cache of {lname} is not contiguous; lmcache reads this shape only when it "
                 "is (or as [num_blocks, heads, block_size, 2*head_size] with any strides)"
