@@ -183,3 +183,49 @@ def test_a_failed_launch_still_waits_for_the_kernels_queued_before_it(direction)
         (kv.read_chunks if direction == "read" else kv.write_chunks)(chunks)
     fn = "g" if direction == "read" else "s"
     assert calls == [("launch", fn, 0), ("launch", fn, 16), ("sync",)]
+
+
+class _RefusingLib:
+    """A CUDA library as one built for another driver behaves: every launch fails."""
+
+    LMC_ABI_VERSION = 3
+
+    def lmc_cuda_gather(self, *args):
+        return -3
+
+    lmc_cuda_scatter = lmc_cuda_gather
+
+    def lmc_cuda_last_error(self):
+        return _ffi.ffi().new("char[]", b"kernel launch: CUDA driver version is insufficient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lib", ["missing", "refusing"])
+def test_unusable_cuda_kernels_fail_at_start_unless_the_torch_fallback_is_chosen(
+    lib, monkeypatch, caplog
+):
+    """Not a silent slow path: the worker refuses to start and says what to do."""
+    import logging
+
+    import torch
+    from lmcache_core.errors import LayoutError
+    from lmcache_core.transfer import ChunkIO
+    from lmcache_cuda import cuda
+    from lmcache_cuda.reference import TorchPagedKV
+
+    monkeypatch.setattr(_ffi, "cuda_lib", lambda: None if lib == "missing" else _RefusingLib())
+    layout = KVLayout("vllm_flash", "bfloat16", 2, 2, 64, 16)
+    layers = [torch.randint(1, 999, (2, 8, 16, 2, 64), dtype=torch.int16, device="cuda")
+              for _ in range(2)]  # fmt: skip
+    monkeypatch.delenv(cuda.FALLBACK_ENV, raising=False)
+    with pytest.raises(LayoutError, match="LMCACHE_CUDA_FALLBACK=torch") as e:
+        cuda.CudaPagedMemory(layout, layers)
+    assert ("not built" if lib == "missing" else "driver version") in str(e.value)
+    monkeypatch.setenv(cuda.FALLBACK_ENV, "torch")
+    with caplog.at_level(logging.WARNING):
+        mem = cuda.CudaPagedMemory(layout, layers)
+    assert mem.lib is None and "much slower" in caplog.text
+    got, ref = bytearray(layout.chunk_bytes(32)), bytearray(layout.chunk_bytes(32))
+    mem.request([3, 5]).read_chunks([ChunkIO(0, 32, memoryview(got))])
+    TorchPagedKV(layout, layers, [3, 5]).read_chunks([ChunkIO(0, 32, memoryview(ref))])
+    assert got == ref  # the fallback works, slowly

@@ -35,9 +35,11 @@ def kernels_available() -> dict[str, bool]:
 def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]], Any]:
     """A factory ``block_table -> reader/writer`` for an engine's per-layer KV tensors.
 
-    Checks the tensors once. CUDA tensors use the CUDA kernels, host tensors
-    the C kernels; where a library is missing, the torch reference is used
-    with a warning (never an import error). On CUDA the factory is a
+    Checks the tensors once. CUDA tensors use the CUDA kernels (checked by a
+    test launch at start: missing or unusable kernels are an error naming the
+    fix, or the torch reference with ``LMCACHE_CUDA_FALLBACK=torch``), host
+    tensors the C kernels (the torch reference, with a warning, where no C
+    compiler built them). On CUDA the factory is a
     :class:`~lmcache_cuda.cuda.CudaPagedMemory`, whose ``fence_saves`` an
     adapter calls before the engine's next step (see ``start_read``).
     """
@@ -47,19 +49,13 @@ def paged_memory(layout: Any, layers: Sequence[Any]) -> Callable[[Sequence[int]]
 
     # Only the library these tensors need: a CPU worker must not build the CUDA
     # one (minutes of nvcc) just because nvcc is installed.
-    avail = {"cuda": _ffi.cuda_lib() is not None} if on_gpu else {"c": _ffi.cpu_lib() is not None}
     if on_gpu:
         from lmcache_cuda.cuda import CudaPagedMemory
 
-        if not avail["cuda"]:
-            warnings.warn(
-                "lmcache-cuda's CUDA kernels are not built (no nvcc at install); using the "
-                "torch reference, which is slower",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        # Refuses to start when the kernels are missing or do not run on this GPU,
+        # unless LMCACHE_CUDA_FALLBACK=torch (see CudaPagedMemory).
         return CudaPagedMemory(layout, layers)  # callable: block_table -> reader/writer
-    if avail["c"]:
+    if _ffi.cpu_lib() is not None:
         from lmcache_cuda.paged import CPagedMemory
 
         return CPagedMemory(layout, layers)

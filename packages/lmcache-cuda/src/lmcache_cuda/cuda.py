@@ -12,6 +12,8 @@ stream, and a small device copy of the block table and plane addresses.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +27,23 @@ from lmcache_cuda.paged import Planes, layer_planes
 from lmcache_cuda.pinned import is_pinned
 from lmcache_cuda.reference import TorchPagedKV
 
+logger = logging.getLogger(__name__)
+
+
+#: ``torch``: run on the torch reference (slow: per-layer index_select, synchronous
+#: copies) when the CUDA kernels are missing or do not work on this GPU, instead of
+#: refusing to start.
+FALLBACK_ENV = "LMCACHE_CUDA_FALLBACK"
+
 
 class CudaPagedMemory:
-    """An engine's device KV tensors, described once; ``request(table)`` per request."""
+    """An engine's device KV tensors, described once; ``request(table)`` per request.
+
+    At construction one tiny gather is launched and checked against the torch
+    reference: a library built for another driver or GPU architecture fails
+    here, at start, with what to do, not later as a slow path nobody notices
+    (``LMCACHE_CUDA_FALLBACK=torch`` accepts the torch reference instead).
+    """
 
     def __init__(self, layout: KVLayout, layers: Sequence[torch.Tensor]) -> None:
         if not layers or layers[0].device.type != "cuda":
@@ -49,6 +65,42 @@ class CudaPagedMemory:
         self._save_stream: Any = None
         self._load_stream: Any = None
         self._last_save: Any = None
+        whole_blocks = self.planes.rows_per_block == 1 and layout.block_size > 1
+        problem = None if whole_blocks else self._self_test()
+        if problem is not None:
+            if os.environ.get(FALLBACK_ENV, "").strip().lower() != "torch":
+                raise LayoutError(
+                    f"lmcache-cuda's CUDA kernels cannot run here: {problem}. Rebuild them "
+                    "for this GPU and driver (pip install --force-reinstall --no-deps "
+                    "./packages/lmcache-cuda on a machine whose nvcc matches the driver), or "
+                    f"set {FALLBACK_ENV}=torch to run on the torch reference (much slower)"
+                )
+            logger.warning(
+                "lmcache: CUDA kernels unusable (%s); %s=torch: every transfer uses the "
+                "torch reference, which is much slower",
+                problem,
+                FALLBACK_ENV,
+            )
+            self.lib = None
+
+    def _self_test(self) -> str | None:
+        """Gather token 0 of block 0 with the kernel and with torch: why they differ, or None."""
+        if self.lib is None:
+            return "the library was not built (no nvcc when lmcache-cuda was installed)"
+        kv = self.request([0])
+        n = self.layout.chunk_bytes(1)
+        out = torch.zeros(n, dtype=torch.uint8, device=self.device)
+        try:
+            kv._launch(self.lib.lmc_cuda_gather, ChunkIO(0, 1, memoryview(b"")), 0, 1,
+                       int(out.data_ptr()))  # fmt: skip
+            torch.cuda.current_stream(self.device).synchronize()
+        except Exception as e:  # a launch refused, or an error surfacing at the sync
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        ref = bytearray(n)
+        TorchPagedKV(self.layout, self.layers, [0]).read_chunks([ChunkIO(0, 1, memoryview(ref))])
+        if bytes(out.cpu().numpy().tobytes()) != bytes(ref):
+            return "a test gather gave other bytes than the torch reference"
+        return None
 
     def request(self, block_table: Sequence[int]) -> CudaPagedKV:
         return CudaPagedKV(self, block_table)
