@@ -8,7 +8,11 @@ generator (``lmcache_core.loadgen``) against
 
 1. vLLM alone;
 2. vLLM with lmcache, DRAM tier (large enough for everything);
-3. vLLM with lmcache, a DRAM tier smaller than the working set with local disk below.
+3. vLLM with lmcache, a DRAM tier smaller than the working set with local disk below;
+4. (``--configs ...,vllm-offload``) vLLM with its own ``SimpleCPUOffloadConnector``
+   and the same DRAM (``cpu_bytes_to_use``), the alternative a vLLM user has. It
+   fails at start on vLLM's CPU backend; the failure is reported and the other
+   configurations still run.
 
 One server at a time (two would fight over the cores). ``--rounds 4,8`` runs
 the workload once per round count on each server (other users each time, so
@@ -34,11 +38,23 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
+from lmcache_core.sizes import parse_size
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_failure(message: str) -> str:
+    """The line of a server's log that says why it did not start: the root cause, the
+    first ``XxxError: ...`` that is not vLLM's generic "see root cause above"."""
+    lines = [ln.split("] ", 1)[-1].strip() for ln in message.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"\w+(Error|Exception): ", ln)]
+    causes = [ln for ln in causes if "root cause" not in ln] or causes
+    return (causes or lines or ["unknown"])[0][:300]
 
 
 def main() -> int:
@@ -108,9 +124,9 @@ def main() -> int:
         "--max-num-batched-tokens",
         "4096",
     ]
-    configs = {
-        "vllm": (None, {}),
-        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": args.dram}),
+    configs: dict[str, tuple[str | None, dict, str, dict]] = {
+        "vllm": (None, {}, "", {}),
+        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": args.dram}, "LMCacheKVConnector", {}),
         "lmcache-disk": (
             "kv_both",
             {
@@ -118,16 +134,37 @@ def main() -> int:
                 "LMCACHE_LOCAL_DISK": str(out_dir / "disk"),
                 "LMCACHE_MAX_LOCAL_DISK_SIZE": "20GiB",
             },
+            "LMCacheKVConnector",
+            {},
+        ),
+        # vLLM's own CPU offloading, with the same DRAM (a user's alternative to lmcache).
+        "vllm-offload": (
+            "kv_both",
+            {},
+            "SimpleCPUOffloadConnector",
+            {"cpu_bytes_to_use": parse_size(args.dram)},
         ),
     }
     results: dict[str, dict] = {}
     runs: dict[str, list] = {}
     probes: dict[str, dict] = {}
+    failed_to_start: dict[str, str] = {}
     for name in args.configs.split(","):
-        role, env = configs[name]
+        role, env, connector, extra = configs[name]
         console.print(f"[bold]{name}[/]: starting vLLM ({model}, {dtype})")
         log = out_dir / f"{name}.log"
-        with vllm_server(model, role, {**base_env, **env}, log, dtype, args=server_args) as port:
+        server = vllm_server(
+            model, role, {**base_env, **env}, log, dtype, args=server_args,
+            connector=connector or "LMCacheKVConnector", extra_config=extra,
+        )  # fmt: skip
+        try:
+            port = server.__enter__()
+        except (RuntimeError, TimeoutError) as e:  # vllm-offload on vLLM's CPU backend
+            reason = _start_failure(log.read_text() if log.exists() else str(e))
+            failed_to_start[name] = reason
+            console.print(f"[red]{name}: the server failed at start: {reason}[/]")
+            continue
+        try:
             url = f"http://127.0.0.1:{port}"
             for rounds, spec in specs.items():
                 key = f"{name}/{rounds}r"
@@ -161,6 +198,8 @@ def main() -> int:
                     except RuntimeError as e:  # a failed probe: report it, keep the load runs
                         console.print(f"[red]{name}: cached-TTFT probe failed: {e}[/]")
                         probes[name] = {"error": str(e)}
+        finally:
+            server.__exit__(None, None, None)
     write_ttft_svg(out_dir / "ttft.svg", runs)
 
     for rounds, spec in specs.items():
@@ -205,9 +244,12 @@ def main() -> int:
             f"{p['engine_prefix_cache_reset']})"
         )
     results["probes"] = probes
+    results["failed_to_start"] = failed_to_start  # type: ignore[assignment]
+    for name, reason in failed_to_start.items():
+        console.print(f"{name}: [red]did not start[/]: {reason}")
     (out_dir / "summary.json").write_text(json.dumps(results, indent=2))
     console.print(f"runs, logs and ttft.svg in {out_dir}")
-    failed = any(s.get("failed") for s in results.values())
+    failed = any(s.get("failed") for k, s in results.items() if k.count("/"))
     return 1 if failed or any("error" in p for p in probes.values()) else 0
 
 

@@ -60,7 +60,9 @@ def vllm_process(
     ``extra_config`` goes into ``kv_connector_extra_config``; ``args`` are more
     server arguments. vLLM's prefix cache is off unless ``args`` turn it on.
     ``connector="LMCacheConnectorV1"`` uses vLLM's built-in name with no module
-    path, as upstream LMCache's quick start does (answered by ``lmcache``'s shim).
+    path, as upstream LMCache's quick start does (answered by ``lmcache``'s shim);
+    any other name but ``LMCacheKVConnector`` is one of vLLM's own connectors
+    (``SimpleCPUOffloadConnector``, for comparisons).
     """
     port = free_port()
     cmd = [
@@ -70,7 +72,7 @@ def vllm_process(
     ]  # fmt: skip
     if role is not None:
         kv = {"kv_connector": connector, "kv_role": role}
-        if connector != "LMCacheConnectorV1":
+        if connector == "LMCacheKVConnector":  # others are vLLM's (or the lmcache shim's)
             kv["kv_connector_module_path"] = "lmcache_vllm"
         if extra_config:
             kv["kv_connector_extra_config"] = dict(extra_config)
