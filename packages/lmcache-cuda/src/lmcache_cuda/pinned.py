@@ -64,3 +64,20 @@ class PinnedArena(AnonymousArena):
             self._lib.lmc_cuda_host_unregister(_ffi.ffi().cast("void *", self._range[0]))
             self._range = None
         super().close()
+
+
+def dram_tier_arena(capacity: int) -> PinnedArena | None:
+    """Pinned memory for a DRAM tier of ``capacity`` bytes (plus the pool's slot offset),
+    so GPU kernels copy straight into it; None (pageable memory, torch copies) when it
+    cannot be pinned, with a warning that says so."""
+    import logging
+
+    from lmcache_core.pool import SLOT_OFFSET
+
+    try:
+        return PinnedArena(capacity + SLOT_OFFSET)
+    except (CudaUnavailableError, OSError) as e:
+        logging.getLogger("vllm.lmcache").warning(
+            "lmcache: DRAM tier not pinned (%s); GPU transfers use torch copies", e
+        )
+        return None

@@ -19,6 +19,7 @@ from lmcache_vllm.kv_events import EventGate, block_info, events_enabled
 from lmcache_vllm.lookup import LookupClient
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
 from lmcache_vllm.request_keys import request_identity
+from lmcache_vllm.save_tracker import SaveTracker
 from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config
 
 if TYPE_CHECKING:
@@ -67,8 +68,7 @@ class SchedulerSide:
         self.requests: dict[str, _RequestState] = {}
         #: Saves may finish after the step (GPU): requests that had one keep their
         #: blocks when they finish until the workers report the saves done.
-        self.async_saves = async_saves(vllm_config)
-        self._saving: set[str] = set()
+        self.tracker = SaveTracker(async_saves(vllm_config))
         self.events = EventGate(pc.tensor_parallel_size) if events_enabled(vllm_config) else None
         self.blend = (
             BlendScheduler(self.config, vllm_config, self.chunker)
@@ -147,7 +147,7 @@ class SchedulerSide:
     def build_connector_meta(self, so: SchedulerOutput) -> LMCacheConnectorMetadata:
         meta = LMCacheConnectorMetadata()
         preempted = getattr(so, "preempted_req_ids", None) or set()
-        if self.async_saves and self._saving & preempted:
+        if self.tracker.fence_needed(preempted):
             meta.fence = True  # their blocks may be rewritten in this very step
         for new in so.scheduled_new_reqs:
             st = self.requests.get(new.req_id)
@@ -205,7 +205,7 @@ class SchedulerSide:
                 bspec = self.blend.save_spec(req_id, st.blend, st.block_ids)
                 if bspec is not None:
                     meta.blend_saves.append(bspec)
-                    self._saving.add(req_id)
+                    self.tracker.planned([req_id])
             return
         if computed >= st.prompt_len:
             ready = len(st.prompt)  # prefill done: every chunk, the partial one too
@@ -218,7 +218,7 @@ class SchedulerSide:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
             meta.saves.append(SaveSpec(req_id, ref, list(st.block_ids), blocks))
             st.saved_chunks = ready
-            self._saving.add(req_id)
+            self.tracker.planned([req_id])
 
     def request_finished(self, request: Request) -> bool:
         """Forget the request; True when vLLM must keep its blocks until the workers
@@ -226,9 +226,7 @@ class SchedulerSide:
         st = self.requests.pop(request.request_id, None)
         if st is not None and st.pinned:
             self.client.unpin(request.request_id)
-        had_saves = request.request_id in self._saving
-        self._saving.discard(request.request_id)
-        return self.async_saves and had_saves
+        return self.tracker.delay(request.request_id)
 
     def close(self) -> None:
         self.client.close()

@@ -9,18 +9,12 @@ Saves do not hold up the step on a GPU (``async_saves``, see
 :func:`lmcache_vllm.settings.async_saves`): ``wait_for_save`` queues the
 gather on a side stream after the step's kernels and returns; the chunks
 reach the tiers when the copy is done (polled every step). Until then the
-blocks it reads must not be rewritten:
-
-* a request that finishes keeps its blocks (the scheduler side answers
-  ``request_finished`` with "delay") until ``get_finished`` reports it, which
-  a worker does once none of its saves is in flight;
-* a request preempted while saving frees its blocks at once, so the step's
-  metadata says ``fence`` and ``start_load_kv`` orders vLLM's stream after
-  every queued copy (on the GPU; the host does not wait).
-
-Both sides apply the same rule to the same metadata: a request is delayed
-iff a save of it was ever planned. On the CPU backend copies are synchronous
-and each save is committed in its own step.
+blocks it reads must not be rewritten: a request that finishes keeps them
+until ``get_finished`` reports it (:mod:`lmcache_vllm.save_tracker`), and a
+request preempted while saving makes the step's metadata say ``fence``:
+``start_load_kv`` then orders vLLM's stream after every queued copy (on the
+GPU; the host does not wait). On the CPU backend copies are synchronous and
+each save is committed in its own step.
 """
 
 from __future__ import annotations
@@ -39,12 +33,14 @@ from lmcache_core.metrics import start_exporter
 from lmcache_core.staged_load import StagedLoad
 from lmcache_core.staged_store import SaveQueue, StagedStore
 from lmcache_cuda.layerwise import LayerMemories, LayerwiseReader, LayerwiseWriter
+from lmcache_cuda.pinned import dram_tier_arena
 
 from lmcache_vllm.kv_events import WorkerEvents, events_enabled
 from lmcache_vllm.layouts import detect_layout, ordered_layers
 from lmcache_vllm.lookup import LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata
 from lmcache_vllm.request_keys import namespace_extra
+from lmcache_vllm.save_tracker import SaveTracker
 from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config, model_id
 
 if TYPE_CHECKING:
@@ -88,14 +84,13 @@ class WorkerSide:
         self._fence: Any = None  # orders vLLM's stream after queued save copies (GPU)
         self.saves: SaveQueue | None = None
         self.async_saves = async_saves(vllm_config)
-        self._saved_reqs: set[str] = set()  # requests a save was planned for
+        self.tracker = SaveTracker(self.async_saves)
         #: use_layerwise: per-layer copies at vLLM's wait_for_layer_load / save_kv_layer.
         self.layerwise = self.config.use_layerwise
         self._layer_mem: LayerMemories | None = None
         self._step_writers: list[LayerwiseWriter] = []
         self._step_readers: list[LayerwiseReader] = []
         self._held_loads: list[StagedLoad] = []
-        self._finishing: set[str] = set()  # finished, blocks kept until saves are done
         self._failed_blocks: set[int] = set()
         self.blend: Any = None  # BlendWorker when enable_blending
         #: KV cache events for routers, when vLLM publishes events (--kv-events-config).
@@ -127,6 +122,7 @@ class WorkerSide:
             self._layer_mem = LayerMemories(layout, self.layers, names, whole=self._paged)
         rank = self.rank = get_tensor_model_parallel_rank()
         world = get_tensor_model_parallel_world_size()
+        on_gpu = self.layers[0].device.type == "cuda"
         self.engine = CacheEngine(
             self.config,
             model=model_id(self.vllm_config, self.config, self.extra),
@@ -134,7 +130,7 @@ class WorkerSide:
             layout=layout,
             world_size=world,
             rank=rank,
-            arena=_pinned_arena(self.config) if self.layers[0].device.type == "cuda" else None,
+            arena=dram_tier_arena(self.config.max_local_cpu_size) if on_gpu else None,
         )
         self.saves = SaveQueue(self.engine, on_commit=self._saved)
         if self.events is not None:
@@ -300,8 +296,8 @@ class WorkerSide:
 
     def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
         # First, whatever happens next: the scheduler side delays these requests.
-        self._saved_reqs.update(s.req_id for s in meta.saves)
-        self._saved_reqs.update(s.req_id for s in meta.blend_saves)
+        self.tracker.planned(s.req_id for s in meta.saves)
+        self.tracker.planned(s.req_id for s in meta.blend_saves)
         if self.engine is None:
             return
         for bspec in meta.blend_saves:
@@ -337,14 +333,8 @@ class WorkerSide:
             self.poll_saves()
         except Exception:
             logger.exception("lmcache: committing finished saves failed")
-        if not self.async_saves:
-            return set()
-        self._finishing.update(r for r in finished_req_ids if r in self._saved_reqs)
         busy = self.saves.owners() if self.saves is not None else set()
-        done = {r for r in self._finishing if r not in busy}
-        self._finishing -= done
-        self._saved_reqs -= done
-        return done
+        return self.tracker.done(finished_req_ids, busy)
 
     def _stage_save(self, spec: Any, reader: Any) -> bool:
         """Start storing a save spec's chunks through ``reader``; False if nothing to store."""
@@ -405,14 +395,3 @@ class WorkerSide:
         if self in WORKERS:
             WORKERS.remove(self)
 
-
-def _pinned_arena(config: Any) -> Any:
-    """The DRAM tier's memory pinned for the CUDA kernels; None (pageable) if that fails."""
-    from lmcache_core.pool import SLOT_OFFSET
-    from lmcache_cuda.pinned import CudaUnavailableError, PinnedArena
-
-    try:
-        return PinnedArena(config.max_local_cpu_size + SLOT_OFFSET)
-    except (CudaUnavailableError, OSError) as e:
-        logger.warning("lmcache: DRAM tier not pinned (%s); GPU transfers use torch copies", e)
-        return None
