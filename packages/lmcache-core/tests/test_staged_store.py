@@ -232,3 +232,21 @@ def test_an_asynchronous_load_holds_its_chunks_until_released():
         assert engine.pool.free_slots == free
         assert dst.tokens_kv(t_dst, 16, 48) == src.tokens_kv(t_src, 16, 48)
         assert engine.retrieve_async(list(range(9000, 9048)), writer) == (0, None)
+
+
+def test_two_stores_of_one_prefix_in_flight_store_it_once():
+    """Two requests with the same prefix a step apart: both copies start before either
+    is committed; the chunks are stored (and counted) once."""
+    src = PagedKVMemory(LAYOUT, seed=9)
+    tokens = list(range(500, 548))
+    stream = FakeStream()
+    with make_engine() as engine:
+        free = engine.pool.free_slots
+        first = engine.store_async(tokens, AsyncReader(src.kv(src.table(48, 0)), stream))
+        second = engine.store_async(tokens, AsyncReader(src.kv(src.table(48, 1)), stream))
+        assert first is not None and second is not None  # neither was in a tier yet
+        stream.run_all()
+        assert engine.finish_store(first) == 48
+        assert engine.finish_store(second) == 0
+        assert engine.metrics.get("lmcache:num_stored_tokens") == 48
+        assert engine.pool.free_slots == free - 3  # one copy kept, the other freed

@@ -117,6 +117,16 @@ def commit(engine: CacheEngine, staged: StagedStore) -> int:
             return 0
         stored = 0
         first_tier = engine.tiers[0]
+        # A store of the same chunks may have been committed while this one's copy ran
+        # (two requests with one prefix, a step apart): those are not stored twice.
+        try:
+            present = first_tier.contains([c.key for c in chunks])
+        except Exception:
+            present = [False] * len(chunks)
+        todo = [(s, c) for (s, c), p in zip(staged.todo, present) if not p]
+        chunks = [c for _, c in todo]
+        if not chunks:
+            return 0
         for tier in engine.tiers:
             try:
                 ok = tier.put(chunks)
@@ -124,7 +134,7 @@ def commit(engine: CacheEngine, staged: StagedStore) -> int:
                 engine.cascade.tier_failed(tier, "put")
                 continue
             if tier is first_tier:
-                stored = sum(s.num_tokens for (s, _), good in zip(staged.todo, ok) if good)
+                stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
             engine.cascade.stored(tier, chunks, ok)
         engine.metrics.inc("lmcache:num_stored_tokens", stored)
         return stored
