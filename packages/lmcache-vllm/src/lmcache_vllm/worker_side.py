@@ -212,9 +212,8 @@ class WorkerSide:
             t0 = time.perf_counter()
             if self._layer_mem is not None:
                 writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
-                bs_ = self.block_size
                 writer.blocks_if_failed = spec.block_ids[
-                    spec.load_from // bs_ : -(-spec.load_until // bs_)
+                    spec.load_from // bs : -(-spec.load_until // bs)
                 ]
                 got, held = self.engine.retrieve_async(
                     spec.prompt.prompt(),
@@ -266,14 +265,18 @@ class WorkerSide:
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._layer_mem is None or not self._step_writers:
             return
-        i = self._layer_mem.index[layer_name]
+        i = self._layer_mem.index.get(layer_name)
+        if i is None:  # not a layer of this cache (a draft model's): nothing to wait for
+            return
         for writer in self._step_writers:
             writer.wait_layer(i)
 
     def save_kv_layer(self, layer_name: str) -> None:
         if self._layer_mem is None or not self._step_readers:
             return
-        i = self._layer_mem.index[layer_name]
+        i = self._layer_mem.index.get(layer_name)
+        if i is None:
+            return
         for reader in self._step_readers:
             reader.read_layer(i)
 
@@ -394,4 +397,3 @@ class WorkerSide:
             self.engine = None
         if self in WORKERS:
             WORKERS.remove(self)
-
