@@ -102,8 +102,10 @@ class CudaPagedMemory:
             return "a test gather gave other bytes than the torch reference"
         return None
 
-    def request(self, block_table: Sequence[int]) -> CudaPagedKV:
-        return CudaPagedKV(self, block_table)
+    def request(self, block_table: Sequence[int], device_table: Any = None) -> CudaPagedKV:
+        """``device_table``: the same table already on the device (another layer's, in
+        layer-wise copies), so it is not sent again."""
+        return CudaPagedKV(self, block_table, device_table)
 
     __call__ = request  # the factory ``paged_memory`` returns
 
@@ -166,7 +168,9 @@ class _AddressOnly:
 
 
 class CudaPagedKV:
-    def __init__(self, memory: CudaPagedMemory, block_table: Sequence[int]) -> None:
+    def __init__(
+        self, memory: CudaPagedMemory, block_table: Sequence[int], device_table: Any = None
+    ) -> None:
         self.memory = memory
         table = [int(b) for b in block_table]
         nb = memory.planes.num_blocks
@@ -175,8 +179,11 @@ class CudaPagedKV:
         self.table_host = table
         # From pinned memory without waiting: a pageable copy would stall the engine's
         # stream and its host thread at every step that saves or loads.
-        staged = torch.tensor(table, dtype=torch.int64).pin_memory()
-        self.table = staged.to(memory.device, non_blocking=True)
+        if device_table is not None and device_table.numel() == len(table):
+            self.table = device_table
+        else:
+            staged = torch.tensor(table, dtype=torch.int64).pin_memory()
+            self.table = staged.to(memory.device, non_blocking=True)
         self._fallback: TorchPagedKV | None = None
 
     def _reference(self) -> TorchPagedKV:

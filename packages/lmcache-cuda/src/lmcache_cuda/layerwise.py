@@ -64,7 +64,12 @@ class LayerMemories:
         """Layer ``layer``'s reader/writer for these blocks, made once per request."""
         kv = cache.get(layer)
         if kv is None:
-            kv = cache[layer] = self.memories[layer](block_ids)
+            if self.on_gpu and cache:  # one device copy of the table for every layer
+                shared = next(iter(cache.values())).table
+                kv = self.memories[layer].request(block_ids, shared)
+            else:
+                kv = self.memories[layer](block_ids)
+            cache[layer] = kv
         return kv
 
     def slices(self, ios: Sequence[ChunkIO], layer: int) -> list[ChunkIO]:
