@@ -1,0 +1,147 @@
+"""Issue 16's main figure with vLLM's own client, in one command: vLLM alone, then
+vLLM with lmcache, each measured by ``vllm bench serve`` (prefix_repetition).
+
+    .venv/bin/python tools/bench_vllm_serve_ab.py            # the issue's setting
+    .venv/bin/python tools/bench_vllm_serve_ab.py --configs vllm,vllm-offload,lmcache
+
+The setting (issue 16): 16 prefixes of 3000 tokens + 100, 64 prompts, 16
+output tokens, concurrency 2, KV space 1 GiB (``VLLM_CPU_KVCACHE_SPACE``),
+vLLM's prefix caching on, the local random ~200M Llama in bf16 (where the
+CPU has AVX512-BF16/AMX), lmcache with a 4 GiB DRAM tier. One server at a
+time, the same seed for both, so both serve the same prompts; prints
+duration, request throughput, TTFT median/p99 and failures with the ratio
+against vLLM alone, and writes vLLM's own result files to ``--out-dir``.
+``vllm-offload`` is vLLM's SimpleCPUOffloadConnector with the same DRAM (it
+fails at start on vLLM's CPU backend; that is reported and the run goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_load import _start_failure
+    from bench_vllm import default_dtype
+    from lmcache_core.sizes import parse_size
+    from lmcache_vllm.testing import vllm_server
+    from make_test_model import ensure_model
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", help="default: the local random ~200M Llama")
+    ap.add_argument("--dtype", help="default: bfloat16 where the CPU has AVX512-BF16/AMX")
+    ap.add_argument("--configs", default="vllm,lmcache")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--prefixes", type=int, default=16)
+    ap.add_argument("--prefix-len", type=int, default=3000)
+    ap.add_argument("--suffix-len", type=int, default=100)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--kv-space-gib", default="1")
+    ap.add_argument("--dram", default="4GiB")
+    ap.add_argument("--out-dir")
+    args = ap.parse_args()
+
+    console = Console(width=150)
+    model = args.model or str(
+        ensure_model(ROOT / ".cache" / "models" / "llama-200m", preset="bench")
+    )
+    dtype = args.dtype or default_dtype()
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="lmcache-vllm-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
+    }
+    configs = {
+        "vllm": (None, {}, "LMCacheKVConnector", {}),
+        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": args.dram}, "LMCacheKVConnector", {}),
+        "vllm-offload": (
+            "kv_both", {}, "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": parse_size(args.dram)}
+        ),
+    }  # fmt: skip
+    results: dict[str, dict] = {}
+    for name in args.configs.split(","):
+        role, extra_env, connector, extra = configs[name]
+        console.print(f"[bold]{name}[/]: starting vLLM ({model}, {dtype})")
+        log = out_dir / f"{name}.log"
+        server = vllm_server(
+            model, role, {**env, **extra_env}, log, dtype, args=["--enable-prefix-caching"],
+            connector=connector, extra_config=extra,
+        )  # fmt: skip
+        try:
+            port = server.__enter__()
+        except (RuntimeError, TimeoutError) as e:
+            results[name] = {"error": _start_failure(log.read_text() if log.exists() else str(e))}
+            console.print(f"[red]{name}: did not start: {results[name]['error']}[/]")
+            continue
+        try:
+            cmd = [
+                sys.executable, str(ROOT / "tools" / "vllm_bench_serve.py"),
+                "--base-url", f"http://127.0.0.1:{port}", "--model", model,
+                "--dataset-name", "prefix_repetition", "--num-prompts", str(args.num_prompts),
+                "--prefix-repetition-num-prefixes", str(args.prefixes),
+                "--prefix-repetition-prefix-len", str(args.prefix_len),
+                "--prefix-repetition-suffix-len", str(args.suffix_len),
+                "--prefix-repetition-output-len", str(args.output_len),
+                "--max-concurrency", str(args.concurrency), "--request-rate", "inf",
+                "--seed", "0", "--percentile-metrics", "ttft,itl",
+                "--metric-percentiles", "50,99", "--save-result",
+                "--result-dir", str(out_dir), "--result-filename", f"{name}.json",
+            ]  # fmt: skip
+            with console.status(f"{name}: vllm bench serve, {args.num_prompts} prompts"):
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            (out_dir / f"{name}-bench.txt").write_text(r.stdout + r.stderr)
+            if r.returncode != 0:
+                results[name] = {"error": f"vllm bench serve failed ({r.returncode})"}
+                console.print(f"[red]{name}: {results[name]['error']}[/]\n{r.stderr[-2000:]}")
+                continue
+            results[name] = json.loads((out_dir / f"{name}.json").read_text())
+        finally:
+            server.__exit__(None, None, None)
+
+    base = results.get("vllm", {})
+    table = Table(title="vllm bench serve, prefix_repetition: "
+                  f"{args.prefixes} prefixes x {args.prefix_len}+{args.suffix_len} tokens, "
+                  f"{args.num_prompts} prompts, concurrency {args.concurrency}")  # fmt: skip
+    for col in ("config", "duration s", "req/s", "x vLLM", "TTFT median", "TTFT p99",
+                "ITL median", "completed", "failed"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for name, r in results.items():
+        if "error" in r:
+            table.add_row(name, "did not run: " + r["error"][:80], *[""] * 7)
+            continue
+        ratio = (
+            base["duration"] / r["duration"] if base.get("duration") else float("nan")
+        )  # by duration: the same prompts in both
+        table.add_row(
+            name,
+            f"{r['duration']:.1f}",
+            f"{r['request_throughput']:.3f}",
+            f"{ratio:.2f}",
+            f"{r['median_ttft_ms'] / 1e3:.2f} s",
+            f"{r['p99_ttft_ms'] / 1e3:.2f} s",
+            f"{r['median_itl_ms']:.0f} ms",
+            str(r["completed"]),
+            str(r.get("failed", args.num_prompts - r["completed"])),
+        )
+    console.print(table)
+    console.print(f"results and logs in {out_dir}")
+    ran = [r for r in results.values() if "error" not in r]
+    return 0 if ran and all(r["completed"] == args.num_prompts for r in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
