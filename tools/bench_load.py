@@ -42,6 +42,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lmcache_core.sizes import parse_size
 
@@ -55,6 +56,41 @@ def _start_failure(message: str) -> str:
     causes = [ln for ln in lines if re.match(r"\w+(Error|Exception): ", ln)]
     causes = [ln for ln in causes if "root cause" not in ln] or causes
     return (causes or lines or ["unknown"])[0][:300]
+
+
+def server_configs(
+    dram: str, small_dram: str | None = None, disk_dir: Path | None = None
+) -> dict[str, tuple[str | None, dict, str, dict]]:
+    """The servers these benchmarks compare: name -> (lmcache role or None, environment,
+    connector, kv_connector_extra_config)."""
+    configs: dict[str, tuple[str | None, dict, str, dict]] = {
+        "vllm": (None, {}, "LMCacheKVConnector", {}),
+        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": dram}, "LMCacheKVConnector", {}),
+        # vLLM's own CPU offloading, with the same DRAM (a user's alternative to lmcache).
+        "vllm-offload": (
+            "kv_both", {}, "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": parse_size(dram)}
+        ),
+    }  # fmt: skip
+    if small_dram and disk_dir is not None:
+        configs["lmcache-disk"] = (
+            "kv_both",
+            {
+                "LMCACHE_MAX_LOCAL_CPU_SIZE": small_dram,
+                "LMCACHE_LOCAL_DISK": str(disk_dir),
+                "LMCACHE_MAX_LOCAL_DISK_SIZE": "20GiB",
+            },
+            "LMCacheKVConnector",
+            {},
+        )
+    return configs
+
+
+def start(server: Any, log: Path) -> tuple[int | None, str | None]:
+    """Enter a ``vllm_server`` context: (port, None), or (None, why it did not start)."""
+    try:
+        return server.__enter__(), None
+    except (RuntimeError, TimeoutError) as e:  # vllm-offload on vLLM's CPU backend
+        return None, _start_failure(log.read_text() if log.exists() else str(e))
 
 
 def main() -> int:
@@ -124,27 +160,7 @@ def main() -> int:
         "--max-num-batched-tokens",
         "4096",
     ]
-    configs: dict[str, tuple[str | None, dict, str, dict]] = {
-        "vllm": (None, {}, "", {}),
-        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": args.dram}, "LMCacheKVConnector", {}),
-        "lmcache-disk": (
-            "kv_both",
-            {
-                "LMCACHE_MAX_LOCAL_CPU_SIZE": args.small_dram,
-                "LMCACHE_LOCAL_DISK": str(out_dir / "disk"),
-                "LMCACHE_MAX_LOCAL_DISK_SIZE": "20GiB",
-            },
-            "LMCacheKVConnector",
-            {},
-        ),
-        # vLLM's own CPU offloading, with the same DRAM (a user's alternative to lmcache).
-        "vllm-offload": (
-            "kv_both",
-            {},
-            "SimpleCPUOffloadConnector",
-            {"cpu_bytes_to_use": parse_size(args.dram)},
-        ),
-    }
+    configs = server_configs(args.dram, args.small_dram, out_dir / "disk")
     results: dict[str, dict] = {}
     runs: dict[str, list] = {}
     probes: dict[str, dict] = {}
@@ -155,12 +171,10 @@ def main() -> int:
         log = out_dir / f"{name}.log"
         server = vllm_server(
             model, role, {**base_env, **env}, log, dtype, args=server_args,
-            connector=connector or "LMCacheKVConnector", extra_config=extra,
+            connector=connector, extra_config=extra,
         )  # fmt: skip
-        try:
-            port = server.__enter__()
-        except (RuntimeError, TimeoutError) as e:  # vllm-offload on vLLM's CPU backend
-            reason = _start_failure(log.read_text() if log.exists() else str(e))
+        port, reason = start(server, log)
+        if reason is not None:
             failed_to_start[name] = reason
             console.print(f"[red]{name}: the server failed at start: {reason}[/]")
             continue

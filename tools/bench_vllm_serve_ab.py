@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_load import _start_failure
+    from bench_load import server_configs, start
     from bench_vllm import default_dtype
-    from lmcache_core.sizes import parse_size
     from lmcache_vllm.testing import vllm_server
     from make_test_model import ensure_model
     from rich.console import Console
@@ -65,13 +64,7 @@ def main() -> int:
         "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
         "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
     }
-    configs = {
-        "vllm": (None, {}, "LMCacheKVConnector", {}),
-        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": args.dram}, "LMCacheKVConnector", {}),
-        "vllm-offload": (
-            "kv_both", {}, "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": parse_size(args.dram)}
-        ),
-    }  # fmt: skip
+    configs = server_configs(args.dram)
     results: dict[str, dict] = {}
     for name in args.configs.split(","):
         role, extra_env, connector, extra = configs[name]
@@ -81,11 +74,10 @@ def main() -> int:
             model, role, {**env, **extra_env}, log, dtype, args=["--enable-prefix-caching"],
             connector=connector, extra_config=extra,
         )  # fmt: skip
-        try:
-            port = server.__enter__()
-        except (RuntimeError, TimeoutError) as e:
-            results[name] = {"error": _start_failure(log.read_text() if log.exists() else str(e))}
-            console.print(f"[red]{name}: did not start: {results[name]['error']}[/]")
+        port, reason = start(server, log)
+        if reason is not None:
+            results[name] = {"error": reason}
+            console.print(f"[red]{name}: did not start: {reason}[/]")
             continue
         try:
             cmd = [
