@@ -61,6 +61,9 @@ def fetch_and_write(
     *,
     asynchronous: bool,
 ) -> tuple[int, StagedLoad | None]:
+    """Fetch the longest cached prefix of ``tokens`` and hand it to ``writer`` (started
+    only, with ``asynchronous`` and a writer that can); the end of the prefix, and
+    the chunks held until the copy is done (None when nothing is loaded)."""
     chunks: list[Chunk] = []
     handed_over = False
     try:
