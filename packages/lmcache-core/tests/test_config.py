@@ -247,7 +247,7 @@ def test_config_files_that_are_not_utf8_or_use_aliases_are_refused_fast(tmp_path
 def test_local_disk_urls_read_as_upstream_reads_them():
     from pathlib import Path
 
-    from lmcache_core.backends.disk import path_from_url
+    from lmcache_core.backends.chunk_files import path_from_url
 
     assert path_from_url("file://local_disk/") == Path("local_disk")  # upstream's example
     assert path_from_url("file:///var/cache/kv/") == Path("/var/cache/kv")

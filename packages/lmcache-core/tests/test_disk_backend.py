@@ -184,7 +184,7 @@ def test_unwritable_paths_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot create"):
         LocalDiskBackend(blocker / "sub", 1 << 20)
     with pytest.raises(ConfigError, match="file:///path/"):
-        from lmcache_core.backends.disk import path_from_url
+        from lmcache_core.backends.chunk_files import path_from_url
 
         path_from_url("s3://bucket/x")
 

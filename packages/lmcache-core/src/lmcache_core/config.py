@@ -15,260 +15,41 @@ Sources, lowest precedence first:
 Validation happens once, at start, and reports every problem in one
 :class:`~lmcache_core.errors.ConfigError`: an unknown key names the closest
 valid key, a bad value says what is allowed.
+
+Beside this module: ``config_values`` parses a value by its kind,
+``config_sources`` reads the file and the environment (and knows upstream's
+key names), ``config_checks`` holds the checks that span keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import itertools
-import json
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lmcache_core.config_checks import config_problems
+from lmcache_core.config_sources import (
+    CONFIG_FILE_ENV,
+    LMCACHE_COMPAT_KEYS,
+    LMCACHE_RENAMED_KEYS,
+    env_values,
+    read_config_file,
+    unknown_key_message,
+)
+from lmcache_core.config_values import COERCERS, parse_bool, to_float, to_int
 from lmcache_core.errors import ConfigError
-from lmcache_core.sizes import format_size, parse_size
+from lmcache_core.sizes import format_size
 
 logger = logging.getLogger(__name__)
 
-ENV_PREFIX = "LMCACHE_"
-CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
-
-#: Hash algorithms for chunk keys. sha256 and blake3 are cryptographic, so no
-#: one can craft a collision to read or poison another tenant's KV; xxh3_128
-#: is faster and only for deployments where every prompt is trusted.
-HASH_ALGORITHMS = ("sha256", "blake3", "xxh3_128")
-
-#: LMCache keys that lmcache accepts so an LMCache config loads unchanged, but
-#: that have no effect here (yet). They are logged once at start.
-LMCACHE_COMPAT_KEYS = frozenset(
-    {
-        "pre_caching_hash_algorithm",
-        "py_enable_gc",
-        "numa_mode",
-        "external_lookup_client",
-        "priority_limit",
-        "enable_lazy_memory_allocator",
-        "lazy_memory_initial_ratio",
-        "lazy_memory_expand_trigger_ratio",
-        "lazy_memory_step_ratio",
-        "lazy_memory_safe_size",
-        "reserve_local_cpu_size",
-        "blend_thresholds",
-        "lookup_url",
-        "distributed_url",
-        "enable_controller",
-        "lmcache_instance_id",
-        "controller_url",
-        "lmcache_worker_port",
-        "enable_pd",
-        "transfer_channel",
-        "pd_role",
-        "pd_buffer_size",
-        "pd_buffer_device",
-        "nixl_backends",
-        "pd_peer_host",
-        "pd_peer_init_port",
-        "pd_peer_alloc_port",
-        "pd_proxy_host",
-        "pd_proxy_port",
-        "weka_path",
-        "gds_path",
-        "cufile_buffer_size",
-        "internal_api_server_enabled",
-        "internal_api_server_host",
-        "internal_api_server_port_start",
-        "internal_api_server_include_index_list",
-        "internal_api_server_socket_path_prefix",
-        "plugin_locations",
-        "audit_actual_remote_url",
-        "local_device",
-        "use_experimental",
-        # The rest of upstream LMCache's keys (its v1 config, ~109 keys): features
-        # lmcache does differently or not at all.
-        *"""app_id chunk_statistics_auto_exit_target_unique_chunks
-        chunk_statistics_auto_exit_timeout_hours chunk_statistics_auto_start_statistics
-        chunk_statistics_strategy controller_pull_url controller_reply_url cost_aware_ewma_alpha
-        cost_aware_half_life_seconds enable_async_loading enable_chunk_statistics
-        enable_hidden_state_cache enable_kv_events enable_scheduler_bypass_lookup enable_xpyd
-        external_backends gds_backend gds_buffer_size gds_path_sharding hidden_state_layers
-        hidden_states_retrieve_mode hit_miss_ratio lmcache_worker_heartbeat_delay_time
-        lmcache_worker_heartbeat_time lmcache_worker_ids lmcache_worker_ports
-        local_cpu_use_hugepages local_disk_path_sharding lookup_server_worker_ids
-        lookup_timeout_ms maru_path maru_pool_size max_hidden_state_cpu_size min_retrieve_tokens
-        mp_host mp_port nixl_buffer_device nixl_buffer_size nixl_peer_alloc_port nixl_peer_host
-        nixl_peer_init_port nixl_peer_port nixl_proxy_host nixl_proxy_port nixl_role p2p_host
-        p2p_init_ports p2p_lookup_ports pd_allocation_timeout_sec pd_backend_mode
-        pd_bidirectional pd_condition_poll_interval_sec pd_max_prefill_len pd_peer_query_port
-        pd_shutdown_timeout_sec pd_skip_proxy_notification pin_check_interval_sec
-        remote_config_url remote_storage_plugins retrieve_locations runtime_plugin_locations
-        script_allowed_imports storage_plugins store_location use_gds
-        use_gpu_connector_v3""".split(),
-    }
-)
-
-#: Upstream LMCache's names for keys lmcache has under another name (same meaning).
-LMCACHE_RENAMED_KEYS = {"pin_timeout_sec": "pin_timeout"}
-
-#: ``LMCACHE_*`` variables that are not config keys and must not be reported.
-_NON_KEY_ENV = frozenset(
-    {
-        CONFIG_FILE_ENV,
-        "LMCACHE_LOG_LEVEL",
-        "LMCACHE_USE_EXPERIMENTAL",
-        "LMCACHE_REDIS_PASSWORD",
-        "LMCACHE_REDIS_USERNAME",
-        "LMCACHE_AUTH_SECRET",
-    }
-)
-
-
 #: Keys someone might write the deployment secret under; refused with the fix.
 _SECRET_KEYS = frozenset({"auth_secret", "secret", "lmcache_auth_secret"})
-
-
-# --------------------------------------------------------------------------- coercion
-
-
-def _to_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-    raise ValueError(f"{key}={value!r} is not a boolean; use true or false")
-
-
-def _to_int(value: Any, key: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be an integer, not a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"{key}={value!r} must be an integer")
-
-
-def _to_float(value: Any, key: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be a number, not a boolean")
-    number: float | None = None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            pass
-    if number is None:
-        raise ValueError(f"{key}={value!r} must be a number")
-    if not math.isfinite(number):  # a NaN timeout never expires, a NaN backoff never ends
-        raise ValueError(f"{key}={value!r} must be a finite number")
-    return number
-
-
-def _to_size(value: Any, key: str) -> int:
-    return parse_size(value.strip() if isinstance(value, str) else value, what=key)
-
-
-def _to_opt_str(value: Any, key: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        v = value.strip()
-        return None if v.lower() in ("", "none", "null") else v
-    raise ValueError(f"{key}={value!r} must be a string or null")
-
-
-def _to_opt_int(value: Any, key: str) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        return None
-    return _to_int(value, key)
-
-
-def _to_str(value: Any, key: str) -> str:
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    raise ValueError(f"{key}={value!r} must be a non-empty string")
-
-
-def _to_raw_str(value: Any, key: str) -> str:
-    """A string kept exactly as given: separators such as ``" # # "`` live in their spaces."""
-    if isinstance(value, str) and value:
-        return value
-    raise ValueError(f"{key}={value!r} must be a non-empty string")
-
-
-def _as_list(value: Any, key: str) -> list[Any]:
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{key}={value!r} is not a list, e.g. [1] or 1,2 ({e})") from None
-        else:
-            value = [v for v in text.split(",") if v.strip()]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{key}={value!r} must be a non-empty list, e.g. [1] or 1,2")
-    return list(value)
-
-
-def _to_int_list(value: Any, key: str) -> tuple[int, ...]:
-    return tuple(_to_int(v, key) for v in _as_list(value, key))
-
-
-def _to_float_list(value: Any, key: str) -> tuple[float, ...]:
-    return tuple(_to_float(v, key) for v in _as_list(value, key))
-
-
-def _to_dict(value: Any, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{key} must be a JSON object, e.g. '{{\"k\": 1}}' ({e})") from None
-        if isinstance(parsed, dict):
-            return parsed
-    raise ValueError(f"{key}={value!r} must be a mapping (a JSON object in the environment)")
-
-
-_COERCE: dict[str, Callable[[Any, str], Any]] = {
-    "bool": _to_bool,
-    "int": _to_int,
-    "float": _to_float,
-    "size": _to_size,
-    "str": _to_str,
-    "raw_str": _to_raw_str,
-    "int_list": _to_int_list,
-    "float_list": _to_float_list,
-    "opt_str": _to_opt_str,
-    "opt_int": _to_opt_int,
-    "dict": _to_dict,
-}
 
 
 def _opt(kind: str, default: Any, doc: str) -> Any:
@@ -421,7 +202,7 @@ class CacheConfig:
                 key = LMCACHE_RENAMED_KEYS[key]
             if key in fields:
                 try:
-                    kwargs[key] = _COERCE[fields[key].metadata["kind"]](value, key)
+                    kwargs[key] = COERCERS[fields[key].metadata["kind"]](value, key)
                 except ValueError as e:
                     problems.append(str(e))
             elif key in LMCACHE_COMPAT_KEYS:
@@ -432,7 +213,7 @@ class CacheConfig:
                     "or auth_secret_file (a file only this service can read)"
                 )
             else:
-                problems.append(_unknown_key_message(key, list(fields)))
+                problems.append(unknown_key_message(key, list(fields)))
         if ignored:
             logger.warning(
                 "%s: upstream LMCache keys that have no effect here (accepted): %s",
@@ -460,7 +241,7 @@ class CacheConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> CacheConfig:
-        return cls.from_dict(_read_file(Path(path)), source=str(path))
+        return cls.from_dict(read_config_file(Path(path)), source=str(path))
 
     @classmethod
     def load(
@@ -475,11 +256,11 @@ class CacheConfig:
         sources: list[str] = []
         file_name = env.get(CONFIG_FILE_ENV)
         if file_name:
-            values.update(_read_file(Path(file_name)))
+            values.update(read_config_file(Path(file_name)))
             sources.append(file_name)
-        env_values = _env_values(env)
-        if env_values:
-            values.update(env_values)
+        from_env = env_values(env, cls.keys())
+        if from_env:
+            values.update(from_env)
             sources.append("LMCACHE_* environment")
         if overrides:
             values.update(overrides)
@@ -489,73 +270,7 @@ class CacheConfig:
     # ------------------------------------------------------------------ validation
 
     def _problems(self) -> list[str]:
-        from lmcache_core.plugins import EVICTION_POLICIES, SERDES, installed_names
-
-        p: list[str] = []
-        if not 1 <= self.chunk_size <= 1 << 20:
-            p.append(f"chunk_size={self.chunk_size} must be between 1 and {1 << 20} tokens")
-        if self.hash_algorithm not in HASH_ALGORITHMS:
-            p.append(
-                f"hash_algorithm={self.hash_algorithm!r} is not one of {', '.join(HASH_ALGORITHMS)}"
-            )
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            p.append(f"metrics_port={self.metrics_port} must be a TCP port in [0, 65535]")
-        if self.pin_timeout <= 0:
-            p.append(f"pin_timeout={self.pin_timeout} must be > 0 seconds")
-        if self.blocking_timeout_secs <= 0:
-            p.append(f"blocking_timeout_secs={self.blocking_timeout_secs} must be > 0 seconds")
-        if self.tier_retry_backoff <= 0:
-            p.append(f"tier_retry_backoff={self.tier_retry_backoff} must be > 0 seconds")
-        if self.tier_retry_max_backoff < self.tier_retry_backoff:
-            p.append(
-                f"tier_retry_max_backoff={self.tier_retry_max_backoff} must be >= "
-                f"tier_retry_backoff={self.tier_retry_backoff}"
-            )
-        policies = installed_names(EVICTION_POLICIES)
-        if self.cache_policy.lower() not in policies:
-            p.append(
-                f"cache_policy={self.cache_policy!r} is not an installed eviction policy; "
-                f"installed: {', '.join(sorted(policies))}"
-            )
-        serdes = installed_names(SERDES)
-        if self.remote_serde.lower() not in serdes:
-            p.append(
-                f"remote_serde={self.remote_serde!r} is not an installed serde; "
-                f"installed: {', '.join(sorted(serdes))}"
-            )
-        if self.local_disk is not None and "://" in self.local_disk:
-            if not self.local_disk.startswith("file://"):
-                p.append(f"local_disk={self.local_disk!r} must be a path or a file:///path/ URL")
-        if self.local_disk is not None and self.max_local_disk_size == 0:
-            p.append("local_disk is set but max_local_disk_size is 0; give it a size, e.g. 20GiB")
-        if self.enable_p2p and not self.p2p_index_url:
-            p.append("enable_p2p is set but p2p_index_url is not; e.g. redis://index-host:6379")
-        if self.p2p_peer_ttl <= 0:
-            p.append(f"p2p_peer_ttl={self.p2p_peer_ttl} must be > 0 seconds")
-        p.extend(self._blend_problems())
-        p.extend(_remote_url_problems(self.remote_url))
-        return p
-
-    def _blend_problems(self) -> list[str]:
-        p: list[str] = []
-        layers, ratios = self.blend_check_layers, self.blend_recompute_ratios
-        if len(layers) != len(ratios):
-            p.append(
-                f"blend_check_layers={list(layers)} and blend_recompute_ratios={list(ratios)} "
-                "must have one ratio per check layer"
-            )
-        if any(b <= a for a, b in itertools.pairwise(layers)) or any(x < 0 for x in layers):
-            p.append(f"blend_check_layers={list(layers)} must be increasing layer numbers >= 0")
-        if any(not 0.0 <= r <= 1.0 for r in ratios):  # NaN fails this too
-            p.append(f"blend_recompute_ratios={list(ratios)} must lie in [0, 1]")
-        elif any(b > a for a, b in itertools.pairwise(ratios)):
-            p.append(
-                f"blend_recompute_ratios={list(ratios)} must not grow from one check layer "
-                "to the next (each keeps a subset of the tokens before it)"
-            )
-        if self.blend_min_tokens < 1:
-            p.append(f"blend_min_tokens={self.blend_min_tokens} must be >= 1")
-        return p
+        return config_problems(self)
 
     # ------------------------------------------------------------------ views
 
@@ -599,7 +314,7 @@ def extra_number(
         return default
     name = f"extra_config.{key}"
     try:
-        value = _to_int(raw, name) if integer else _to_float(raw, name)
+        value = to_int(raw, name) if integer else to_float(raw, name)
     except ValueError as e:
         raise ConfigError([str(e)], "cache config") from None
     if value < minimum or (value == minimum and not inclusive):
@@ -614,122 +329,3 @@ def extra_bool(config: CacheConfig, key: str, default: bool = False) -> bool:
     if raw is None:
         return default
     return parse_bool(raw, f"extra_config.{key}")
-
-
-def parse_bool(value: Any, key: str) -> bool:
-    """true/false, 1/0, yes/no, on/off; anything else is a ConfigError naming ``key``."""
-    try:
-        return _to_bool(value, key)
-    except ValueError as e:
-        raise ConfigError([str(e)], "cache config") from None
-
-
-#: Tiers that are not remote, named as a ``remote_url`` scheme: the key that means them.
-_LOCAL_SCHEMES = {
-    "cpu": "local_cpu",
-    "disk": "local_disk",
-    "file": "local_disk",
-    "p2p": "enable_p2p",
-}
-#: Upstream LMCache's remote connectors that lmcache has no tier for.
-_UPSTREAM_SCHEMES = {
-    "lm": "upstream LMCache's lmcache_server, which lmcache does not serve; use redis://, "
-    "s3:// or fs://",
-    "resp": "upstream LMCache's RESP connector; use redis:// or valkey://",
-    "redis-sentinel": "Redis Sentinel, not supported; point redis:// at the primary or use "
-    "redis+cluster://",
-    "infinistore": "InfiniStore, not supported",
-    "mooncakestore": "Mooncake Store, not supported",
-    "blackhole": "upstream LMCache's test connector; leave remote_url unset",
-}
-
-
-def _remote_url_problems(url: str | None) -> list[str]:
-    from lmcache_core.plugins import BACKENDS, KNOWN_PLUGINS, installed_names
-
-    if url is None:
-        return []
-    if "://" not in url:
-        return [f"remote_url={url!r} must be a URL such as redis://host:6379 or s3://bucket/prefix"]
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in _LOCAL_SCHEMES:
-        return [
-            f"remote_url={url!r}: {scheme} is not a remote tier; set {_LOCAL_SCHEMES[scheme]} "
-            "for it and remote_url for a shared store (redis://, s3://, fs://)"
-        ]
-    installed = installed_names(BACKENDS)
-    if scheme in installed:
-        return []
-    if scheme in _UPSTREAM_SCHEMES:
-        why = f"{scheme}:// is {_UPSTREAM_SCHEMES[scheme]}"
-    elif scheme in KNOWN_PLUGINS[BACKENDS]:
-        why = f"the {scheme} tier is not installed: {KNOWN_PLUGINS[BACKENDS][scheme]}"
-    else:
-        why = f"no installed tier serves {scheme}://"
-    remote = [s for s in installed if s not in _LOCAL_SCHEMES]
-    return [f"remote_url={url!r}: {why} (installed: {', '.join(remote)})"]
-
-
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid + sorted(LMCACHE_COMPAT_KEYS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown key {key!r}{hint} (valid keys: {', '.join(valid)})"
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without aliases: ``*a`` nested a few levels deep expands to billions of
-    nodes for whoever walks the result (the "billion laughs"); a cache config has no
-    use for them."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.YAMLError(
-                f"YAML aliases (*name) are not allowed in a cache config (line {mark.line + 1}); "
-                "write the value out"
-            )
-        return super().compose_node(parent, index)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            [f"cannot read config file {path} ({e.strerror}); check {CONFIG_FILE_ENV}"], str(path)
-        ) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            [f"not UTF-8 text (byte {e.start}): save the config file as UTF-8"], str(path)
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: plain data only
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [f"expected a mapping of keys at the top, got {type(data).__name__}"], str(path)
-        )
-    return data
-
-
-def _env_values(env: Mapping[str, str]) -> dict[str, str]:
-    keys = CacheConfig.keys()
-    out: dict[str, str] = {}
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in _NON_KEY_ENV:
-            continue
-        key = name[len(ENV_PREFIX) :].lower()
-        if key in keys or key in LMCACHE_COMPAT_KEYS or key in LMCACHE_RENAMED_KEYS:
-            out[key] = value
-        else:
-            # Environments are shared with other tools, so a stray LMCACHE_*
-            # variable is a warning, not a failed start.
-            close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
-            hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
-            logger.warning("ignoring %s: not a cache config key%s", name, hint)
-    return out

@@ -42,7 +42,7 @@ from lmcache_core.pool import SLOT_OFFSET, SlotPool
 from lmcache_core.sizes import format_size
 from lmcache_core.staged_load import StagedLoad
 from lmcache_core.tier_cascade import TierCascade, Watcher
-from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
+from lmcache_core.transfer import KVReader, KVWriter
 
 logger = logging.getLogger(__name__)
 
@@ -329,15 +329,12 @@ class CacheEngine:
         from the cache (0 when nothing was loaded); everything after it must be
         computed. Pins of ``pin_owner`` are released.
         """
-        self.metrics.inc("lmcache:num_retrieve_requests")
-        with self.metrics.timer("lmcache:time_to_retrieve"):
-            end, staged = staged_load.fetch_and_write(
-                self, tokens, writer, cache_salt, write_from, max_tokens, pin_owner,
-                asynchronous=False,
-            )  # fmt: skip
-            if staged is not None:
-                staged.release()
-            return end
+        end, staged = self._fetch_and_write(
+            tokens, writer, cache_salt, write_from, max_tokens, pin_owner, asynchronous=False
+        )
+        if staged is not None:
+            staged.release()
+        return end
 
     def retrieve_async(
         self,
@@ -355,18 +352,14 @@ class CacheEngine:
         writer's completion is done, and the staged load (None when nothing
         is loaded), whose ``release`` frees the chunks once the copy is done.
         """
+        return self._fetch_and_write(
+            tokens, writer, cache_salt, write_from, max_tokens, pin_owner, asynchronous=True
+        )
+
+    def _fetch_and_write(self, *args: Any, asynchronous: bool) -> tuple[int, StagedLoad | None]:
         self.metrics.inc("lmcache:num_retrieve_requests")
         with self.metrics.timer("lmcache:time_to_retrieve"):
-            return staged_load.fetch_and_write(
-                self,
-                tokens,
-                writer,
-                cache_salt,
-                write_from,
-                max_tokens,
-                pin_owner,
-                asynchronous=True,
-            )
+            return staged_load.fetch_and_write(self, *args, asynchronous=asynchronous)
 
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         """How many leading ``keys`` some tier holds (key-level ``lookup``)."""
@@ -383,29 +376,7 @@ class CacheEngine:
         self.metrics.inc("lmcache:num_retrieve_requests")
         self.metrics.inc("lmcache:num_requested_tokens", sum(s.num_tokens for s in spans))
         with self.metrics.timer("lmcache:time_to_retrieve"):
-            return self._retrieve_chunks(list(keys), spans, writer)
-
-    def _retrieve_chunks(
-        self, keys: list[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
-    ) -> int:
-        chunks = self.cascade.get_prefix(keys, spans)
-        try:
-            if not chunks:
-                return 0
-            ios = [ChunkIO(s.start, s.end, c.view) for s, c in zip(spans, chunks)]
-            try:
-                writer.write_chunks(ios)
-            except Exception:
-                logger.exception("writing KV into the engine failed; it will recompute")
-                self.metrics.inc("lmcache:num_failures", op="write_kv")
-                return 0
-            self.metrics.inc(
-                "lmcache:num_hit_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
-            )
-            return len(chunks)
-        finally:
-            for c in chunks:
-                c.release()
+            return staged_load.write_chunk_prefix(self, list(keys), spans, writer)
 
     # ------------------------------------------------------------------ admin
 

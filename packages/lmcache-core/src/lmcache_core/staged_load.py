@@ -5,6 +5,9 @@ may copy them later (layer by layer, on a GPU stream), then released.
 returns a :class:`StagedLoad` that holds the chunks' slots until the copy is
 done, so a layer-wise adapter can scatter layer ``i`` just before the
 engine's attention of layer ``i`` needs it.
+
+``write_chunk_prefix`` is the key-level load (``CacheEngine.retrieve_chunks``)
+for engines that name their own pages.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from lmcache_core.transfer import AsyncKVWriter, ChunkIO, Completion, Finished, 
 
 if TYPE_CHECKING:
     from lmcache_core.engine import CacheEngine
+    from lmcache_core.keys import CacheKey, ChunkSpan
     from lmcache_core.pool import Chunk
 
 logger = logging.getLogger("lmcache_core.engine")
@@ -103,3 +107,30 @@ def fetch_and_write(
                 c.release()
         if pin_owner is not None:
             engine.unpin(pin_owner)
+
+
+def write_chunk_prefix(
+    engine: CacheEngine, keys: list[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
+) -> int:
+    """Write the longest stored prefix of ``keys`` through ``writer``, synchronously.
+
+    Returns how many leading chunks were written (0 on any failure: recompute).
+    """
+    chunks = engine.cascade.get_prefix(keys, spans)
+    try:
+        if not chunks:
+            return 0
+        ios = [ChunkIO(s.start, s.end, c.view) for s, c in zip(spans, chunks)]
+        try:
+            writer.write_chunks(ios)
+        except Exception:
+            logger.exception("writing KV into the engine failed; it will recompute")
+            engine.metrics.inc("lmcache:num_failures", op="write_kv")
+            return 0
+        engine.metrics.inc(
+            "lmcache:num_hit_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
+        )
+        return len(chunks)
+    finally:
+        for c in chunks:
+            c.release()

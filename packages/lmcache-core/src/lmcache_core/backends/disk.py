@@ -33,8 +33,18 @@ from lmcache_core.backends.base import (
     ChunkAllocator,
     StorageBackend,
 )
+from lmcache_core.backends.chunk_files import (
+    drop_page_cache,
+    ensure_writable_dir,
+    files,
+    path_from_url,
+    subdirs,
+    unlink_chunk,
+    write_atomically,
+    writer_gone,
+)
 from lmcache_core.config import extra_bool
-from lmcache_core.errors import ConfigError, LMCacheError
+from lmcache_core.errors import LMCacheError
 from lmcache_core.eviction.base import EvictionPolicy
 from lmcache_core.eviction.lru import LRUPolicy
 from lmcache_core.keys import CacheKey
@@ -51,116 +61,6 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".chunk"
 _counter = itertools.count()
-
-
-def path_from_url(url: str) -> Path:
-    """``file:///abs/path/``, ``file://relative/path/``, ``file://~/path/`` or a plain path.
-
-    As upstream LMCache reads it: what follows ``file://`` is the path, so its
-    own example ``file://local_disk/`` is the folder ``local_disk/`` (a URL
-    parser would make ``local_disk`` a host and the path ``/``), and a leading
-    ``~`` is the home directory.
-    """
-    if "://" in url:
-        scheme, rest = url.split("://", 1)
-        if scheme.lower() != "file" or not rest:
-            raise ConfigError([f"local_disk={url!r} must be a path or a file:///path/ URL"])
-        url = rest
-    return Path(url).expanduser()
-
-
-def write_atomically(
-    final: Path,
-    tag: str,
-    parts: Sequence[bytes | memoryview],
-    *,
-    durable: bool = False,
-    mode: int = 0o600,
-    uncached: bool = False,
-) -> None:
-    """Write ``parts`` (header and payload views: no join, no copy) under ``final``.
-
-    They go to a temporary name unique to ``tag`` and are renamed into place, so
-    no reader ever sees a torn file under ``final``. ``durable`` fsyncs before the
-    rename (a shared filesystem: other hosts must never see an empty file).
-    ``uncached`` writes the data out and drops it from the OS page cache.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{tag}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        views = [memoryview(p).cast("B") for p in parts]
-        while views:
-            n = os.writev(fd, views)
-            while views and n >= views[0].nbytes:  # drop what was written (short writes)
-                n -= views[0].nbytes
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-        if durable:
-            os.fsync(fd)
-        if uncached:
-            _drop_page_cache(fd, written=True)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
-
-
-def _subdirs(path: Path) -> Iterator[Path]:
-    """Sub-folders of ``path``, never through a symlink."""
-    try:
-        with os.scandir(path) as it:
-            entries = [e for e in it if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return
-    for e in entries:
-        yield Path(e.path)
-
-
-def _files(path: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return [e for e in it if e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
-def _writer_gone(tmp_name: str, me: int) -> bool:
-    """Whether the process that wrote ``.<name>.tmp-<pid>-<n>`` is gone (or was this one)."""
-    try:
-        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return True
-    if pid == me:
-        return True  # a crashed earlier life of a pid we reuse, or ours from before a fork
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # alive, someone else's
-    return False
-
-
-def _unlink(path: Path) -> None:
-    """Delete a chunk file; something else in its place (a folder) is left and logged."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as e:
-        logger.warning("disk tier: cannot delete %s (%s)", path, e.strerror)
-
-
-def ensure_writable_dir(path: Path, key: str, fix: str) -> None:
-    """Create ``path`` if needed; a clear config error naming ``key`` if it is not writable."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError([f"{key}: cannot create {path} ({e.strerror}); {fix}"]) from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError([f"{key}: {path} is not writable by this process; {fix}"])
 
 
 class LocalDiskBackend(StorageBackend):
@@ -227,7 +127,7 @@ class LocalDiskBackend(StorageBackend):
         if self.namespace is not None:
             yield self.root / self.namespace.hex()
             return
-        yield from _subdirs(self.root)
+        yield from subdirs(self.root)
 
     def _rebuild_index(self) -> None:
         """Index this namespace's chunk files, oldest first, and clear dead writers' temp files.
@@ -240,12 +140,12 @@ class LocalDiskBackend(StorageBackend):
         found = []
         me = os.getpid()
         for ns_dir in self._namespace_dirs():
-            for sub in _subdirs(ns_dir):
-                for entry in _files(sub):
+            for sub in subdirs(ns_dir):
+                for entry in files(sub):
                     name = entry.name
                     if name.startswith(".") and ".tmp" in name:
-                        if _writer_gone(name, me):
-                            _unlink(Path(entry.path))
+                        if writer_gone(name, me):
+                            unlink_chunk(Path(entry.path))
                         continue
                     if not name.endswith(SUFFIX):
                         continue
@@ -261,7 +161,7 @@ class LocalDiskBackend(StorageBackend):
                             entry.path,
                             st.st_size,
                         )
-                        _unlink(Path(entry.path))
+                        unlink_chunk(Path(entry.path))
                         continue
                     found.append((st.st_mtime, key, nbytes))
         for _, key, nbytes in sorted(found, key=lambda f: f[0]):
@@ -284,7 +184,7 @@ class LocalDiskBackend(StorageBackend):
             return
         self.policy.on_remove(key)
         self._used -= nbytes
-        _unlink(self._path(key))
+        unlink_chunk(self._path(key))
 
     def _make_room(self, nbytes: int) -> bool:
         while self._used + nbytes > self.capacity:
@@ -293,7 +193,7 @@ class LocalDiskBackend(StorageBackend):
                 return False
             size = self._index.pop(victim)  # type: ignore[call-overload]
             self._used -= size
-            _unlink(self._path(victim))  # type: ignore[arg-type]
+            unlink_chunk(self._path(victim))  # type: ignore[arg-type]
             self.metrics.inc("lmcache:num_evictions", tier=self.name)
             if self.on_evict is not None:
                 self.on_evict(victim)
@@ -448,7 +348,7 @@ class LocalDiskBackend(StorageBackend):
                 header.verify(chunk.view)
                 chunk.num_tokens = header.num_tokens
                 if self.uncached:
-                    _drop_page_cache(fd, written=False)
+                    drop_page_cache(fd, written=False)
             else:
                 if st.st_size > hsize + nbytes + nbytes // 64 + 4096:
                     raise SerdeError("file is larger than any frame of its chunk")
@@ -494,16 +394,3 @@ class LocalDiskBackend(StorageBackend):
             self._io.shutdown(wait=True)
             self._io = None
         # The files stay: that is the point.
-
-
-def _drop_page_cache(fd: int, *, written: bool) -> None:
-    """Drop a file's pages from the OS page cache (flushing them first if ``written``).
-
-    What upstream's ``use_odirect`` is for, without O_DIRECT's aligned-buffer
-    rules: a disk tier does not double as a second DRAM cache.
-    """
-    if not hasattr(os, "posix_fadvise"):
-        return
-    if written:
-        os.fdatasync(fd)  # dirty pages are not dropped
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.disk import ensure_writable_dir, write_atomically
+from lmcache_core.backends.chunk_files import ensure_writable_dir, write_atomically
 from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
