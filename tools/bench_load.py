@@ -39,6 +39,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -214,6 +215,7 @@ def main() -> int:
                         probes[name] = {"error": str(e)}
         finally:
             server.__exit__(None, None, None)
+            shutil.rmtree(out_dir / "disk", ignore_errors=True)  # the disk tier's chunks
     write_ttft_svg(out_dir / "ttft.svg", runs)
 
     for rounds, spec in specs.items():

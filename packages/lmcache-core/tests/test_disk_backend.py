@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 from lmcache_core import CacheConfig, CacheEngine, KVLayout
@@ -18,10 +17,11 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
+from lmcache_core.testing.scratch import scratch_dir
 
 
 def make_disk(capacity_bytes: int, slot_bytes: int) -> LocalDiskBackend:
-    return LocalDiskBackend(tempfile.mkdtemp(prefix="lmcache-disk-test-"), capacity_bytes)
+    return LocalDiskBackend(scratch_dir(), capacity_bytes)
 
 
 class TestLocalDiskBackend(StorageBackendTests):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 
 import pytest
@@ -19,6 +18,7 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
+from lmcache_core.testing.scratch import scratch_dir
 from lmcache_core.testing.servers import S3Server
 
 BUCKET = "lmcache-test"
@@ -49,7 +49,7 @@ def make_s3(capacity_bytes=0, slot_bytes=1 << 20, **kw) -> S3Backend:
 
 
 def make_fs(capacity_bytes=0, slot_bytes=1 << 20, **kw) -> SharedFSBackend:
-    return SharedFSBackend(tempfile.mkdtemp(prefix="lmcache-fs-"), max_chunk_bytes=slot_bytes, **kw)
+    return SharedFSBackend(scratch_dir(), max_chunk_bytes=slot_bytes, **kw)
 
 
 SECRET = b"0123456789abcdef-test-secret"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 
@@ -16,12 +15,13 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
+from lmcache_core.testing.scratch import scratch_dir
 from lmcache_core.testing.settled import SettledWrites
 from lmcache_core.tier import ManagedTier
 
 
 def _disk(capacity_bytes: int) -> LocalDiskBackend:
-    return LocalDiskBackend(tempfile.mkdtemp(prefix="lmcache-tier-test-"), capacity_bytes)
+    return LocalDiskBackend(scratch_dir(), capacity_bytes)
 
 
 def settled(cap: int) -> SettledWrites:
@@ -117,7 +117,7 @@ def test_backoff_is_bounded():
 
 def test_a_dead_tier_is_a_miss_then_skipped_then_rejoins():
     f = ChunkFactory(4096)
-    backend = SwitchableBackend(tempfile.mkdtemp(), 1 << 20)
+    backend = SwitchableBackend(scratch_dir(), 1 << 20)
     m = Metrics()
     tier = ManagedTier(backend, metrics=m, base_backoff_s=0.05, max_backoff_s=0.05)
     _store(tier, f, [1])
@@ -142,7 +142,7 @@ def test_a_dead_tier_is_a_miss_then_skipped_then_rejoins():
 
 def test_write_behind_returns_at_once_and_drops_when_full():
     f = ChunkFactory(4096)
-    backend = SwitchableBackend(tempfile.mkdtemp(), 1 << 20)
+    backend = SwitchableBackend(scratch_dir(), 1 << 20)
     backend.gate = threading.Event()  # the tier hangs until released
     m = Metrics()
     tier = ManagedTier(backend, metrics=m, write_behind_bytes=4 * 4096)
@@ -171,7 +171,7 @@ def test_write_behind_returns_at_once_and_drops_when_full():
 
 def test_remove_of_a_chunk_being_written_sticks():
     f = ChunkFactory(4096)
-    backend = SwitchableBackend(tempfile.mkdtemp(), 1 << 20)
+    backend = SwitchableBackend(scratch_dir(), 1 << 20)
     backend.gate = threading.Event()
     tier = ManagedTier(backend, write_behind_bytes=1 << 20)
     _store(tier, f, [1, 2])
@@ -195,7 +195,7 @@ def test_remove_of_a_chunk_being_written_sticks():
 
 def test_close_writes_what_is_queued():
     f = ChunkFactory(4096)
-    root = tempfile.mkdtemp()
+    root = scratch_dir()
     tier = ManagedTier(LocalDiskBackend(root, 1 << 20), write_behind_bytes=1 << 20)
     _store(tier, f, range(6))
     tier.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 
 pytest.importorskip("nixl")
@@ -16,11 +14,12 @@ from lmcache_core.testing import (
     chunk_payload,
     test_key,
 )
+from lmcache_core.testing.scratch import scratch_file
 from lmcache_nixl.storage import NixlStorageBackend
 
 
 def make(capacity_bytes: int, slot_bytes: int) -> NixlStorageBackend:
-    return NixlStorageBackend(tempfile.mktemp(prefix="lmcache-nixl-", suffix=".bin"),
+    return NixlStorageBackend(scratch_file(),
                               capacity_bytes, slot_bytes)  # fmt: skip
 
 
@@ -31,7 +30,7 @@ class TestNixlStorageBackend(StorageBackendTests):
 
 class TestNixlStorageBackendAuthenticated(StorageBackendTests):
     def make_backend(self, capacity_bytes, slot_bytes):
-        path = tempfile.mktemp(prefix="lmcache-nixl-", suffix=".bin")
+        path = scratch_file()
         return NixlStorageBackend(path, capacity_bytes, slot_bytes, authenticate=True)
 
 

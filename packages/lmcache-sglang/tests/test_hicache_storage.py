@@ -233,6 +233,7 @@ def test_layout_description_matches_the_pool():
 # --------------------------------------------------------------------------- the shipped contract
 
 from lmcache_core.testing import StorageBackendTests  # noqa: E402
+from lmcache_core.testing.scratch import scratch_dir  # noqa: E402
 from lmcache_core.testing.settled import SettledWrites  # noqa: E402
 
 
@@ -248,11 +249,10 @@ class TestDiskTierAsTheSGLangBackendBuildsIt(StorageBackendTests):
     slot_bytes = 4096
 
     def make_backend(self, capacity_bytes, slot_bytes):
-        import tempfile
 
         extra = {
             "max_local_cpu_size": "64MiB",
-            "local_disk": tempfile.mkdtemp(prefix="lmcache-sglang-disk-"),
+            "local_disk": str(scratch_dir()),
             "max_local_disk_size": f"{capacity_bytes}B",
         }
         b = backend(HostPool(), extra_config=extra)

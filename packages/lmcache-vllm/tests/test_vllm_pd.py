@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -18,6 +17,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("nixl")
 pytestmark = pytest.mark.slow
 
+from lmcache_core.testing.scratch import scratch_dir  # noqa: E402
 from lmcache_core.testing.servers import RedisServer, free_port  # noqa: E402
 from lmcache_core.workload import scrape_metrics  # noqa: E402
 from lmcache_vllm.testing import complete, vllm_server, wait_http  # noqa: E402
@@ -36,12 +36,12 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
         expected = complete(single, prompt)
     with RedisServer() as redis:
         p2p = {"LMCACHE_ENABLE_P2P": "true", "LMCACHE_P2P_INDEX_URL": redis.url}
-        prefill_env = {**base_env, **p2p, "LMCACHE_SOCKET_DIR": tempfile.mkdtemp(prefix="p-")}
+        prefill_env = {**base_env, **p2p, "LMCACHE_SOCKET_DIR": str(scratch_dir("p-"))}
         decode_metrics = free_port()
         decode_env = {
             **base_env,
             **p2p,
-            "LMCACHE_SOCKET_DIR": tempfile.mkdtemp(prefix="d-"),
+            "LMCACHE_SOCKET_DIR": str(scratch_dir("d-")),
             "LMCACHE_METRICS_PORT": str(decode_metrics),
         }
         with (

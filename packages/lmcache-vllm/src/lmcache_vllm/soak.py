@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str],
             faults,
             every_s=plan.sample_every_s,
         )
+    # The disk tier's chunks are of no use once the server is gone (gigabytes; the log stays).
+    shutil.rmtree(workdir / "disk", ignore_errors=True)
     bpt = kv_bytes_per_token(plan.model, plan.dtype)
     if plan.lmcache:
         found = problems(
