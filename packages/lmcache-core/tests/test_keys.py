@@ -337,3 +337,40 @@ def test_namespace_rejects_bad_rank_and_missing_model():
     with pytest.raises(ValueError, match="hash algorithm"):
         KeyNamespace("m", LAYOUT, hash_algorithm="md5")
     assert KeyNamespace("m", LAYOUT, world_size=4, rank=0).for_rank(3).rank == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 900),
+    data=st.data(),
+    alg=st.sampled_from(["sha256", "xxh3_128"]),
+    salt=st.sampled_from([None, "tenant"]),
+    adapter=st.sampled_from([None, "lora-a"]),
+)
+def test_continuation_digests_are_the_shorter_prompts_tail_keys(n, data, alg, salt, adapter):
+    """What a prompt cut at start + length stores as its last (partial) chunk."""
+    c = TokenChunker(128, alg)
+    toks = data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
+    full = data.draw(st.integers(0, n // 128))
+    room = min(127, n - full * 128)
+    if room < 1:
+        return
+    lengths = data.draw(st.lists(st.integers(1, room), min_size=1, max_size=5))
+    got = c.continuations(toks, full, lengths, cache_salt=salt, adapter=adapter)
+    for length, digest in zip(lengths, got):
+        short = c.chunk(toks, max_tokens=full * 128 + length, cache_salt=salt, adapter=adapter)
+        assert short.digests[-1] == digest and len(short) == full + 1
+    other = c.continuations(toks, full, lengths, cache_salt="someone-else", adapter=adapter)
+    assert not set(other) & set(got)
+
+
+def test_continuations_with_images_and_bad_lengths():
+    c = TokenChunker(16, "sha256")
+    toks = list(range(100))
+    items = [MultimodalItem("img-1", 34, 4)]
+    (d,) = c.continuations(toks, 2, [5], mm_items=items)
+    assert d == c.chunk(toks, max_tokens=37, mm_items=items).digests[-1]
+    assert d != c.continuations(toks, 2, [5])[0], "the image's hash reaches the tail key"
+    for bad in ([0], [16], [99]):
+        with pytest.raises(TokenError, match="do not fit"):
+            c.continuations(toks, 2, bad)

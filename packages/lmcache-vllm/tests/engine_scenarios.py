@@ -52,10 +52,11 @@ class Harness:
         self.engine = self.worker.engine
         self.m = self.engine.metrics
 
-    def gen(self, tokens, lora=None):
-        out = self.llm.generate(
-            {"prompt_token_ids": tokens}, self.sp, use_tqdm=False, lora_request=lora
-        )
+    def gen(self, tokens, lora=None, salt=None):
+        prompt = {"prompt_token_ids": tokens}
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        out = self.llm.generate(prompt, self.sp, use_tqdm=False, lora_request=lora)
         return list(out[0].outputs[0].token_ids)
 
     def gen_logprobs(self, tokens):
@@ -156,11 +157,35 @@ def _random(h: Harness) -> dict:
     before = h.retrieved()
     h.gen(p1[:300] + tokens(2, 300))
     r["loaded_on_shared_prefix"] = h.retrieved() - before
+    _next_round(h, r)
     r["hit_tokens_total"] = h.m.get("lmcache:num_lookup_hits")
     r["lookups"] = h.m.get("lmcache:num_lookup_requests")
     r["transfer"] = type(h.worker.kv([0])).__name__
     r["block_size"] = h.worker.block_size
     return r
+
+
+def _next_round(h: Harness, r: dict) -> None:
+    """A chat's next round repeats the last prompt and goes on: the last round's stored
+    tail chunk (1 chunk + 128 tokens, whole blocks on the CPU and on GPUs) loads too."""
+    round1 = tokens(3, 384)
+    round2 = round1 + tokens(4, 300)
+    # The reference: the same split (384 cached, 300 computed) from vLLM's own prefix
+    # cache, under a salt so that none of it is lmcache's.
+    h.gen(round1, salt="reference")
+    r["round2_reference"] = h.gen(round2, salt="reference")
+    h.gen(round1)
+    _, _, blocks1, _ = h.last("save")
+    computed = h.kv_bytes(blocks1, 0, 384)
+    h.llm.reset_prefix_cache()
+    for t in h.worker.layers:
+        t.zero_()
+    before = h.retrieved()
+    r["round2"] = h.gen(round2)
+    r["loaded_on_round2"] = h.retrieved() - before
+    _, _, blocks2, load_range = h.last("load")
+    r["round2_load_range"] = list(load_range)
+    r["round2_loaded_equals_round1"] = h.kv_bytes(blocks2, 0, 384) == computed
 
 
 def _logprob_gap(a, b) -> float:

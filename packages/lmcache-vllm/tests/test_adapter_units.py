@@ -225,3 +225,64 @@ def test_scheduler_plans_loads_for_new_and_resumed_requests_and_saves_as_it_goes
         assert "r" not in side.requests
     finally:
         lookup._LOCAL.pop(("sched-test", 0), None)
+
+
+def test_a_chats_next_round_loads_the_last_rounds_stored_tail_too():
+    """Round 2 repeats round 1's prompt and goes on: its chunk past the shared full
+    chunks misses, but round 1's trailing partial chunk (whole blocks) is found."""
+    from types import SimpleNamespace
+
+    from lmcache_core.keys import TokenChunker
+    from lmcache_vllm import lookup
+
+    chunker = TokenChunker(256, "sha256")
+    round1 = list(range(1000, 1000 + 560))  # 2 full chunks + 48 tokens: a 48-token tail
+    stored = set(chunker.chunk(round1, partial_multiple=16).digests)
+    calls = []
+
+    def leading(chain):
+        n = 0
+        while n < len(chain) and chain[n] in stored:
+            n += 1
+        return n
+
+    def prompts(cs, chains, owner):
+        calls.append(len(chains))
+        return [leading(c) for c in chains]
+
+    lookup._LOCAL[("tail-test", 0)] = (
+        lambda cs, n, d, o: leading(d), lambda o: None, lookup._no_chains, prompts
+    )  # fmt: skip
+    try:
+        side = _scheduler("tail-test")
+        req = SimpleNamespace(
+            request_id="r2", prompt_token_ids=round1 + list(range(7, 307)), cache_salt=None
+        )
+        # 512 from the full chunks, then round 1's 48-token tail: 560 (round 2 has 860).
+        assert side.get_num_new_matched_tokens(req, 0) == 560
+        assert calls == [15], "every whole-block tail (16..240 tokens), in one call"
+        side.update_state_after_alloc(req, None, 560)
+        none = SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        )
+        new = SimpleNamespace(req_id="r2", block_ids=(list(range(60)),), num_computed_tokens=560)
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new], scheduled_cached_reqs=none, num_scheduled_tokens={"r2": 8}
+            )
+        )
+        (load,) = meta.loads
+        assert (load.load_from, load.load_until, load.prompt.num_tokens) == (0, 560, 560)
+        assert load.prompt.digests == chunker.chunk(round1, partial_multiple=16).digests
+        # Another third chunk, no stored tail: only the full chunks load, nothing guessed.
+        other = SimpleNamespace(
+            request_id="r3", prompt_token_ids=round1[:512] + list(range(9, 400)), cache_salt=None
+        )
+        assert side.get_num_new_matched_tokens(other, 0) == 512
+        # A salted (other tenant's) round 2 finds neither: the tail keys carry the salt.
+        salted = SimpleNamespace(
+            request_id="r4", prompt_token_ids=req.prompt_token_ids, cache_salt="tenant-b"
+        )
+        assert side.get_num_new_matched_tokens(salted, 0) == 0
+    finally:
+        lookup._LOCAL.pop(("tail-test", 0), None)

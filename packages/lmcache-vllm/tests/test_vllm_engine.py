@@ -105,6 +105,11 @@ def check_random_scenario(r: dict) -> None:
     assert r["lmcache_hit"] == r["vllm_hit"]
     # A prompt that shares only its first 300 tokens loads only the first chunk.
     assert r["loaded_on_shared_prefix"] == 256
+    # A chat's next round loads the last round's stored tail chunk too (1 chunk + 128).
+    assert r["loaded_on_round2"] == 384
+    assert r["round2_load_range"] == [0, 384]
+    assert r["round2_loaded_equals_round1"]
+    assert r["round2"] == r["round2_reference"]
     assert r["lookups"] >= 4 and r["hit_tokens_total"] >= 512 + 512 + 256
 
 

@@ -354,6 +354,52 @@ class TokenChunker:
             n = full_bytes // 4
         return ChunkedPrompt(self.chunk_size, n, digests)
 
+    def continuations(
+        self,
+        tokens: Sequence[int] | bytes | memoryview | Any,
+        full_chunks: int,
+        lengths: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+        adapter: str | None = None,
+        mm_items: Sequence[MultimodalItem] = (),
+    ) -> list[bytes]:
+        """The digest a partial chunk of each of ``lengths`` tokens would have right after
+        the first ``full_chunks`` chunks of ``tokens``.
+
+        Another, shorter prompt that stopped there stored its trailing partial
+        chunk under that digest (``chunk``'s last one with ``max_tokens`` =
+        start + length): the previous round of a chat, whose prompt the next
+        round extends. One pass over the full chunks serves every length.
+        """
+        data = token_bytes(tokens)
+        start = full_chunks * self.chunk_size
+        if any(n <= 0 or n >= self.chunk_size or start + n > data.nbytes // 4 for n in lengths):
+            raise TokenError(
+                f"continuation lengths {list(lengths)} do not fit after {start} tokens"
+            )
+        if mm_items:  # items' markers depend on where the prompt ends: hash each one whole
+            return [
+                self.chunk(tokens, cache_salt=cache_salt, adapter=adapter, mm_items=mm_items,
+                           max_tokens=start + n).digests[-1]
+                for n in lengths
+            ]  # fmt: skip
+        if cache_salt or adapter:
+            h = _seed(self.hash_algorithm, cache_salt, adapter)
+        else:
+            h = self._plain.copy()
+        step = self.chunk_size * 4
+        for off in range(0, start * 4, step):
+            h.update(self._full_header)
+            h.update(data[off : off + step])
+        out = []
+        for n in lengths:
+            t = h.copy()
+            t.update(n.to_bytes(4, "little") + b"\x00\x00\x00\x00")
+            t.update(data[start * 4 : (start + n) * 4])
+            out.append(t.digest())
+        return out
+
     def spans(
         self,
         tokens: Sequence[int] | bytes | memoryview | Any,

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 _OP_LOOKUP = 1
 _OP_UNPIN = 2
 _OP_PING = 3
-_OP_LOOKUP_CHAINS = 4
+_OP_LOOKUP_CHAINS = 4  # blend segments' chains
+_OP_LOOKUP_PROMPTS = 5  # prompt chains (a prompt's own keys), several at once
 _HDR = struct.Struct("<IB")  # payload length, op
 _LOOKUP = struct.Struct("<IIIBH")  # chunk_size, num_tokens, n_digests, digest_size, owner_len
 _CHAINS = struct.Struct("<IIBH")  # chunk_size, n_chains, digest_size, owner_len
@@ -55,7 +56,9 @@ def _no_chains(chunk_size: int, chains: list[list[bytes]], owner: str) -> list[i
     return [0] * len(chains)
 
 
-_LOCAL: dict[tuple[str, int], tuple[LookupFn, UnpinFn, ChainsFn]] = {}
+#: A rank's in-process functions: lookup, unpin, blend chains, prompt chains (the
+#: last two optional: a rank registered without them answers misses).
+_LOCAL: dict[tuple[str, int], tuple[Any, ...]] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -146,12 +149,14 @@ class LookupServer:
         lookup: LookupFn,
         unpin: UnpinFn,
         lookup_chains: ChainsFn = _no_chains,
+        lookup_prompts: ChainsFn = _no_chains,
     ) -> None:
         self.key = (engine_id, rank)
         self.path = socket_path(engine_id, rank)
-        self._lookup, self._unpin, self._chains = lookup, unpin, lookup_chains
+        self._lookup, self._unpin = lookup, unpin
+        self._chains = {_OP_LOOKUP_CHAINS: lookup_chains, _OP_LOOKUP_PROMPTS: lookup_prompts}
         with _LOCAL_LOCK:
-            _LOCAL[self.key] = (lookup, unpin, lookup_chains)
+            _LOCAL[self.key] = (lookup, unpin, lookup_chains, lookup_prompts)
         self._closed = False
         self._sock: socket.socket | None = None
         try:
@@ -190,9 +195,9 @@ class LookupServer:
                     if length > MAX_FRAME:
                         raise ValueError(f"frame of {length} bytes is too large")
                     payload = _recv_exact(conn, length)
-                    if op == _OP_LOOKUP_CHAINS:
+                    if op in self._chains:
                         chunk_size, chains, owner = _decode_chains(payload)
-                        counts = self._chains(chunk_size, chains, owner)
+                        counts = self._chains[op](chunk_size, chains, owner)
                         conn.sendall(
                             _U32.pack(len(counts)) + b"".join(_U32.pack(c) for c in counts)
                         )
@@ -303,15 +308,26 @@ class LookupClient:
         return self._min_over_ranks(ask, [len(digests)])[0]
 
     def lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
-        """Leading chunks of each chain held by every rank (pinned on each for ``owner``)."""
+        """Leading chunks of each blend chain held by every rank (pinned on each for ``owner``)."""
+        return self._chains_call(_OP_LOOKUP_CHAINS, 2, chunk_size, chains, owner)
+
+    def lookup_prompts(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
+        """``lookup`` of several prompts' chunk chains in one round trip: leading chunks
+        of each held by every rank, all pinned for ``owner`` (replacing its pins)."""
+        return self._chains_call(_OP_LOOKUP_PROMPTS, 3, chunk_size, chains, owner)
+
+    def _chains_call(
+        self, op: int, slot: int, chunk_size: int, chains: list[list[bytes]], owner: str
+    ) -> list[int]:
         payload: list[bytes] = []
 
         def ask(rank: int, local: Any) -> list[int]:
             if local is not None:
-                return list(local[2](chunk_size, chains, owner))
+                fn = local[slot] if len(local) > slot else _no_chains
+                return list(fn(chunk_size, chains, owner))
             if not payload:
                 payload.append(_encode_chains(chunk_size, chains, owner))
-            raw = self._request(rank, _OP_LOOKUP_CHAINS, payload[0], None)
+            raw = self._request(rank, op, payload[0], None)
             return [_U32.unpack_from(raw, 4 * i)[0] for i in range(len(raw) // 4)]
 
         best = [len(c) for c in chains]

@@ -45,6 +45,7 @@ class _RequestState:
     blend: BlendState | None = None  # a blend request (its prompt is then empty)
     tokens: list[int] = field(default_factory=list)
     request: Any = None  # vLLM's Request, kept for its block hashes when KV events are on
+    hit: ChunkedPrompt | None = None  # what to load, when it ends in another prompt's tail
 
 
 class SchedulerSide:
@@ -125,13 +126,53 @@ class SchedulerSide:
         hit = p.end(hits - 1) if hits else 0
         # vLLM computes at least the last prompt token; like its own prefix
         # cache, recompute the last (partial) block rather than load it.
-        hit = min(hit, ((st.prompt_len - 1) // self.block_size) * self.block_size)
+        cap = ((st.prompt_len - 1) // self.block_size) * self.block_size
+        st.hit = None
+        if hits and hits < len(p) and cap > hit:
+            st.hit = self._continuation(request, p, hits, cap)
+            if st.hit is not None:
+                hit = st.hit.num_tokens
+        hit = min(hit, cap)
         st.lookup_from = num_computed_tokens
         new = max(0, hit - num_computed_tokens)
         if new == 0 and st.pinned:
             self.client.unpin(request.request_id)
             st.pinned = False
         return new
+
+    def _continuation(
+        self, request: Request, p: ChunkedPrompt, hits: int, cap: int
+    ) -> ChunkedPrompt | None:
+        """The hit extended into chunk ``hits`` by a shorter prompt's stored tail.
+
+        A chat's next round repeats the last one's prompt and goes on: its chunk
+        past the last full one the rounds share misses, but the last round
+        stored its own trailing partial chunk (whole blocks of it) there. That
+        chunk's key is not this prompt's, so look up the keys a tail of each
+        whole number of blocks would have, in one round trip; without this,
+        up to ``chunk_size - block_size`` tokens would be recomputed each round.
+        """
+        start = p.start(hits)
+        own = p.end(hits) - start
+        lengths = list(range(self.block_size, own, self.block_size))
+        lengths = [n for n in lengths if start + n <= cap][::-1]  # longest first
+        if not lengths:
+            return None
+        identity = request_identity(request)
+        if identity is None:
+            return None
+        tails = self.chunker.continuations(
+            request.prompt_token_ids, hits, lengths,
+            cache_salt=identity.cache_salt, adapter=identity.adapter, mm_items=identity.mm_items,
+        )  # fmt: skip
+        head = p.digests[:hits]
+        found = self.client.lookup_prompts(
+            p.chunk_size, [[*head, t] for t in tails], request.request_id
+        )
+        for n, tail, got in zip(lengths, tails, found):
+            if got == hits + 1:
+                return ChunkedPrompt(p.chunk_size, start + n, [*head, tail])
+        return None
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -185,9 +226,10 @@ class SchedulerSide:
         if st.load is None:
             return
         lo, hi = st.load
-        meta.loads.append(
-            LoadSpec(req_id, self._ref(st, len(st.prompt)), list(st.block_ids), lo, hi)
-        )
+        ref = self._ref(st, len(st.prompt))
+        if st.hit is not None:  # the hit ends in another prompt's tail chunk
+            ref = PromptRef(st.hit.chunk_size, st.hit.num_tokens, st.hit.digests)
+        meta.loads.append(LoadSpec(req_id, ref, list(st.block_ids), lo, hi))
         st.load = None
         st.pinned = False
 

@@ -143,6 +143,7 @@ class WorkerSide:
             self._lookup,
             self.engine.unpin,
             self._lookup_chains,
+            self._lookup_prompts,
         )
         self.metrics_server = start_exporter(
             self.engine.metrics, self.config.metrics_port, self.config.metrics_host, rank
@@ -186,6 +187,14 @@ class WorkerSide:
         if self.blend is None or chunk_size != self.config.chunk_size:
             return [0] * len(chains)
         return self.blend.lookup(chains, owner)
+
+    def _lookup_prompts(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
+        assert self.engine is not None
+        if chunk_size != self.config.chunk_size:
+            return [0] * len(chains)
+        ns = self.engine.namespace
+        return self.engine.lookup_chains([ChunkedPrompt(chunk_size, 0, c).keys(ns) for c in chains],
+                                         pin_owner=owner)  # fmt: skip
 
     def _lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
         assert self.engine is not None
