@@ -17,6 +17,11 @@ blocks + ``tail`` tokens, so exactly ``tail`` tokens are recomputed (1 for
 cache is emptied before every measured request (``VLLM_SERVER_DEV_MODE``), so
 every hit is lmcache's. Prints the median TTFTs and their ratios against the
 1-token tail and against one request alone, in the same run.
+
+``--next-round PAIRS`` (with ``--config lmcache``) measures a chat's round 2
+(round 1 + 100 tokens) when round 1 was stored whole, its tail chunk
+included, against the same when round 1 was stored cut at its last full
+chunk: the tail lmcache finds in the next round's prompt, and what it saves.
 """
 
 from __future__ import annotations
@@ -79,6 +84,39 @@ async def measure(
     return out
 
 
+async def next_round(
+    url: str, model: str, vocab: int, chunk: int, block: int, pairs: int, rng: random.Random
+) -> dict[str, float]:
+    """Round 2 of a chat, its round 1 stored whole (tail chunk included) or cut at its
+    last full chunk (the control: what lmcache loaded before it found stored tails)."""
+    import httpx
+    from lmcache_core.load_probes import reset_engine_prefix_cache
+    from lmcache_core.workload import scrape_metrics
+
+    def external() -> float:
+        return scrape_metrics(f"{url}/metrics", prefix="").get(
+            "vllm:external_prefix_cache_hits", 0.0
+        )
+
+    full = (4096 - 100 - block) // chunk * chunk  # round 1: full chunks + one block
+    times: dict[str, list[float]] = {"whole": [], "cut": []}
+    loaded: dict[str, float] = {"whole": 0.0, "cut": 0.0}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(2 * pairs):
+            kind = ("whole", "cut")[i % 2]
+            round1 = [rng.randrange(10, vocab) for _ in range(full + block)]
+            round2 = round1 + [rng.randrange(10, vocab) for _ in range(100)]
+            await _ttft(client, url, model, round1 if kind == "whole" else round1[:full])
+            await reset_engine_prefix_cache(client, url)
+            before = external()
+            times[kind].append(await _ttft(client, url, model, round2))
+            loaded[kind] += external() - before
+    out = {f"{k}_ttft_s": statistics.median(v) for k, v in times.items()}
+    out |= {f"{k}_loaded_tokens": loaded[k] / pairs for k in loaded}
+    out["ratio"] = out["whole_ttft_s"] / out["cut_ttft_s"]
+    return out
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_vllm import default_dtype
@@ -97,6 +135,10 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help="bases, and requests at once")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument(
+        "--next-round", type=int, default=0, metavar="PAIRS",
+        help="with --config lmcache: also round 2 of chats, round 1 stored whole vs cut",
+    )  # fmt: skip
     args = ap.parse_args()
 
     console = Console(width=140)
@@ -131,6 +173,11 @@ def main() -> int:
         res = asyncio.run(
             measure(url, model, bases, tails, args.block_size, args.prompts, args.repeats, lmcache)
         )
+        rounds = None
+        if args.next_round and lmcache:
+            rounds = asyncio.run(
+                next_round(url, model, vocab, 256, args.block_size, args.next_round, rng)
+            )
     one = res[tails[0]]["alone_s"] if 1 in tails else None
     table = Table(title=f"cached TTFT ({args.config}), {args.blocks} blocks cached + tail")
     for col in ("tail recomputed", "alone p50", f"{args.prompts} at once p50", "at once / alone",
@@ -143,8 +190,16 @@ def main() -> int:
             f"{r['ratio_together']:.2f}x", f"{r['alone_s'] / one:.2f}x" if one else "-",
         )  # fmt: skip
     console.print(table)
+    if rounds is not None:
+        console.print(
+            f"round 2 of a chat (median of {args.next_round}): round 1 stored whole "
+            f"{rounds['whole_ttft_s'] * 1000:.0f} ms ({rounds['whole_loaded_tokens']:.0f} tokens "
+            f"loaded), cut at its last full chunk {rounds['cut_ttft_s'] * 1000:.0f} ms "
+            f"({rounds['cut_loaded_tokens']:.0f} loaded): {rounds['ratio']:.2f}x"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": args.config, "tails": res}, indent=2))
+        figures = {"config": args.config, "tails": res, "next_round": rounds}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
