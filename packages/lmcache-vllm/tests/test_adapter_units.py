@@ -260,7 +260,7 @@ def test_a_chats_next_round_loads_the_last_rounds_stored_tail_too():
         )
         # 512 from the full chunks, then round 1's 48-token tail: 560 (round 2 has 860).
         assert side.get_num_new_matched_tokens(req, 0) == 560
-        assert calls == [15], "every whole-block tail (16..240 tokens), in one call"
+        assert calls == [16], "the head and every whole-block tail (16..240), in one call"
         side.update_state_after_alloc(req, None, 560)
         none = SimpleNamespace(
             req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]

@@ -165,12 +165,16 @@ class SchedulerSide:
             request.prompt_token_ids, hits, lengths,
             cache_salt=identity.cache_salt, adapter=identity.adapter, mm_items=identity.mm_items,
         )  # fmt: skip
+        # A tail's key hashes everything before it: looked up alone, each is one key.
+        # The head goes along once, so that its pins survive this lookup's.
         head = p.digests[:hits]
         found = self.client.lookup_prompts(
-            p.chunk_size, [[*head, t] for t in tails], request.request_id
+            p.chunk_size, [head, *([t] for t in tails)], request.request_id
         )
-        for n, tail, got in zip(lengths, tails, found):
-            if got == hits + 1:
+        if found[0] < hits:  # the head went meanwhile: keep the first answer
+            return None
+        for n, tail, got in zip(lengths, tails, found[1:]):
+            if got:
                 return ChunkedPrompt(p.chunk_size, start + n, [*head, tail])
         return None
 
