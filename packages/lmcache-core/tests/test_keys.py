@@ -374,3 +374,37 @@ def test_continuations_with_images_and_bad_lengths():
     for bad in ([0], [16], [99]):
         with pytest.raises(TokenError, match="do not fit"):
             c.continuations(toks, 2, bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    data=st.data(),
+    alg=st.sampled_from(["sha256", "xxh3_128"]),
+    salt=st.sampled_from([None, "tenant"]),
+    adapter=st.sampled_from([None, "lora-a"]),
+    step=st.sampled_from([1, 16, 32, 100]),
+)
+def test_inner_prefix_digests_are_the_keys_of_prompts_cut_inside_a_chunk(
+    n, data, alg, salt, adapter, step
+):
+    """Chunk i's inner prefixes are the last keys of the prompt cut at each block inside it."""
+    c = TokenChunker(128, alg)
+    toks = data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
+    lo = data.draw(st.integers(0, n // 128 + 1))
+    hi = data.draw(st.integers(lo, n // 128 + 2))
+    got = c.inner_prefixes(toks, range(lo, hi), step, cache_salt=salt, adapter=adapter)
+    assert len(got) == hi - lo
+    for i, digests in zip(range(lo, hi), got):
+        own = max(0, min(128, n - i * 128))
+        assert len(digests) == len(range(step, own, step))
+        for k, digest in enumerate(digests):
+            end = i * 128 + (k + 1) * step
+            cut = c.chunk(toks, max_tokens=end, cache_salt=salt, adapter=adapter)
+            assert cut.digests[-1] == digest and len(cut) == i + 1
+        if i * 128 < n and digests:
+            # What the continuation lookup of a longer prompt asks for, the same keys.
+            lengths = list(range(step, own, step))
+            assert c.continuations(toks, i, lengths, cache_salt=salt, adapter=adapter) == digests
+    with pytest.raises(ValueError, match="step"):
+        c.inner_prefixes(toks, range(0, 1), 0)

@@ -158,6 +158,7 @@ def _random(h: Harness) -> dict:
     h.gen(p1[:300] + tokens(2, 300))
     r["loaded_on_shared_prefix"] = h.retrieved() - before
     _next_round(h, r)
+    _inside_a_chunk(h, r)
     r["hit_tokens_total"] = h.m.get("lmcache:num_lookup_hits")
     r["lookups"] = h.m.get("lmcache:num_lookup_requests")
     r["transfer"] = type(h.worker.kv([0])).__name__
@@ -186,6 +187,33 @@ def _next_round(h: Harness, r: dict) -> None:
     _, _, blocks2, load_range = h.last("load")
     r["round2_load_range"] = list(load_range)
     r["round2_loaded_equals_round1"] = h.kv_bytes(blocks2, 0, 384) == computed
+
+
+def _inside_a_chunk(h: Harness, r: dict) -> None:
+    """A prompt that shares a stored prompt's first 400 tokens, then goes on otherwise,
+    loads the whole blocks of them: chunk 0 and the first blocks of the stored chunk 1."""
+    stored = tokens(5, 700)
+    other = stored[:400] + tokens(6, 200)
+    # The reference: vLLM's own prefix cache, whole blocks too, the same split.
+    h.gen(stored, salt="reference-inside")
+    r["inside_reference"] = h.gen(other, salt="reference-inside")
+    h.gen(stored)
+    _, _, blocks1, _ = h.last("save")
+    bs = h.worker.block_size
+    shared = 256 + ((400 - 256) // bs) * bs
+    computed = h.kv_bytes(blocks1, 0, shared)
+    h.llm.reset_prefix_cache()
+    for t in h.worker.layers:
+        t.zero_()
+    before = h.retrieved()
+    cuts = h.m.get("lmcache:num_partial_chunk_loads")
+    r["inside"] = h.gen(other)
+    r["loaded_inside"] = h.retrieved() - before
+    r["inside_expected"] = shared
+    r["inside_cuts"] = h.m.get("lmcache:num_partial_chunk_loads") - cuts
+    _, _, blocks2, load_range = h.last("load")
+    r["inside_load_range"] = list(load_range)
+    r["inside_loaded_equals_stored"] = h.kv_bytes(blocks2, 0, shared) == computed
 
 
 def _logprob_gap(a, b) -> float:

@@ -286,3 +286,63 @@ def test_a_chats_next_round_loads_the_last_rounds_stored_tail_too():
         assert side.get_num_new_matched_tokens(salted, 0) == 0
     finally:
         lookup._LOCAL.pop(("tail-test", 0), None)
+
+
+def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
+    """A prompt sharing only a stored chunk's first blocks loads them (the workers register
+    the save's inner-prefix keys as aliases: lmcache_core.chunk_aliases, tested there)."""
+    from types import SimpleNamespace
+
+    from lmcache_core.keys import TokenChunker
+    from lmcache_vllm import lookup
+
+    chunker = TokenChunker(256, "sha256")
+    stored: set[bytes] = set()
+
+    def leading(chain):
+        n = 0
+        while n < len(chain) and chain[n] in stored:
+            n += 1
+        return n
+
+    lookup._LOCAL[("inner-test", 0)] = (
+        lambda cs, n, d, o: leading(d), lambda o: None, lookup._no_chains,
+        lambda cs, chains, o: [leading(c) for c in chains],
+    )  # fmt: skip
+    none = SimpleNamespace(
+        req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+    )
+    try:
+        side = _scheduler("inner-test")
+        a = list(range(5000, 5600))  # 2 full chunks and an 88-token tail (80 stored)
+        req = SimpleNamespace(request_id="a", prompt_token_ids=a, cache_salt="t")
+        assert side.get_num_new_matched_tokens(req, 0) == 0
+        side.update_state_after_alloc(req, None, 0)
+        new = SimpleNamespace(req_id="a", block_ids=(list(range(38)),), num_computed_tokens=0)
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new],
+                scheduled_cached_reqs=none,
+                num_scheduled_tokens={"a": 600},
+            )
+        )
+        (save,) = meta.saves
+        assert save.inner_step == 16 and sorted(save.inner) == [0, 1, 2]
+        assert [len(save.inner[i]) for i in (0, 1, 2)] == [15, 15, 4]  # 16..240, 16..64
+        for i, digests in save.inner.items():
+            lengths = [16 * (k + 1) for k in range(len(digests))]
+            assert digests == chunker.continuations(a, i, lengths, cache_salt="t")
+        stored.update(save.prompt.digests)
+        for digests in save.inner.values():  # what the workers' aliases answer
+            stored.update(digests)
+        # Shares chunk 0 and 44 tokens of chunk 1: loads 256 + 32 (two whole blocks).
+        b = SimpleNamespace(request_id="b", prompt_token_ids=a[:300] + [7] * 300, cache_salt="t")
+        assert side.get_num_new_matched_tokens(b, 0) == 288
+        # Shares 100 tokens of chunk 0 only (no full chunk hit): 96 tokens.
+        c = SimpleNamespace(request_id="c", prompt_token_ids=a[:100] + [7] * 300, cache_salt="t")
+        assert side.get_num_new_matched_tokens(c, 0) == 96
+        # Another tenant finds none of it.
+        d = SimpleNamespace(request_id="d", prompt_token_ids=b.prompt_token_ids, cache_salt="u")
+        assert side.get_num_new_matched_tokens(d, 0) == 0
+    finally:
+        lookup._LOCAL.pop(("inner-test", 0), None)

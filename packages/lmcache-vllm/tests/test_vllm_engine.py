@@ -103,13 +103,22 @@ def check_random_scenario(r: dict) -> None:
     assert r["loaded_on_vllm_hit"] == 0, "vLLM's own prefix cache hit; nothing to load"
     assert r["loaded_on_lmcache_hit"] == 512
     assert r["lmcache_hit"] == r["vllm_hit"]
-    # A prompt that shares only its first 300 tokens loads only the first chunk.
-    assert r["loaded_on_shared_prefix"] == 256
+    # A prompt that shares only its first 300 tokens loads the first chunk and the
+    # whole blocks of the next that it shares (none on the CPU's 128-token blocks).
+    assert r["loaded_on_shared_prefix"] == 256 + (44 // BLOCK) * BLOCK
     # A chat's next round loads the last round's stored tail chunk too (1 chunk + 128).
     assert r["loaded_on_round2"] == 384
     assert r["round2_load_range"] == [0, 384]
     assert r["round2_loaded_equals_round1"]
     assert r["round2"] == r["round2_reference"]
+    # A prompt that shares another's first 400 tokens loads their whole blocks: chunk 0
+    # and the first blocks of the stored chunk 1, cut out of it; same output as vLLM's
+    # own prefix cache with the same split.
+    assert r["loaded_inside"] == r["inside_expected"] == 256 + (144 // BLOCK) * BLOCK
+    assert r["inside_load_range"] == [0, r["inside_expected"]]
+    assert r["inside_cuts"] == 1
+    assert r["inside_loaded_equals_stored"]
+    assert r["inside"] == r["inside_reference"]
     assert r["lookups"] >= 4 and r["hit_tokens_total"] >= 512 + 512 + 256
 
 

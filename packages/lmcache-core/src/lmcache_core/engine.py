@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import atexit
 import logging
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmcache_core import staged_load, staged_store
-from lmcache_core.arena import AnonymousArena, Arena
+from lmcache_core.arena import Arena
 from lmcache_core.auth import load_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
 from lmcache_core.backends.cpu import LocalCPUBackend
+from lmcache_core.chunk_aliases import ChunkAliases, holders_with_alias, present_with_alias
 from lmcache_core.config import CacheConfig
-from lmcache_core.errors import ConfigError
 from lmcache_core.keys import (
     CacheKey,
     ChunkedPrompt,
@@ -38,7 +37,7 @@ from lmcache_core.keys import (
 )
 from lmcache_core.layout import KVLayout
 from lmcache_core.metrics import Metrics
-from lmcache_core.pool import SLOT_OFFSET, SlotPool
+from lmcache_core.pool import SlotPool, dram_arena
 from lmcache_core.sizes import format_size
 from lmcache_core.staged_load import StagedLoad
 from lmcache_core.tier_cascade import TierCascade, Watcher
@@ -81,38 +80,7 @@ class CacheEngine:
         self.metrics = metrics if metrics is not None else Metrics()
         slot_bytes = layout.chunk_bytes(config.chunk_size)
         if arena is None:
-            capacity = config.max_local_cpu_size
-            if capacity < slot_bytes:
-                raise ConfigError(
-                    [
-                        f"max_local_cpu_size={format_size(capacity)} cannot hold one chunk of "
-                        f"{format_size(slot_bytes)} ({config.chunk_size} tokens x "
-                        f"{layout.bytes_per_token} bytes); raise it to at least "
-                        f"{format_size(slot_bytes)} or lower chunk_size"
-                    ]
-                )
-            try:
-                arena = AnonymousArena(capacity + SLOT_OFFSET)
-                if config.local_cpu_prefault:
-                    t0 = time.perf_counter()
-                    arena.prefault()
-                    logger.info(
-                        "DRAM tier: %s made resident in %.2f s (local_cpu_prefault)",
-                        format_size(capacity),
-                        time.perf_counter() - t0,
-                    )
-            except OSError as e:
-                raise ConfigError(
-                    [
-                        f"max_local_cpu_size={format_size(capacity)} cannot be reserved "
-                        f"({e.strerror}); lower it (a bare number is GB: write 512MiB, 5GiB)"
-                        + (
-                            ", or set local_cpu_prefault: false"
-                            if config.local_cpu_prefault
-                            else ""
-                        )
-                    ]
-                ) from None
+            arena = dram_arena(config, slot_bytes, layout.bytes_per_token)
         self.pool = SlotPool(arena, slot_bytes)
         self.context = BackendContext(
             layout=layout,
@@ -123,6 +91,8 @@ class CacheEngine:
         )
         self.cascade = TierCascade(config, self.context, tiers)
         self._allocate = self.cascade.allocate
+        #: Partial-chunk keys that stored chunks' first blocks answer (``add_aliases``).
+        self.aliases = ChunkAliases()
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
@@ -211,36 +181,83 @@ class CacheEngine:
         return prompt.end(hits - 1) if hits else 0
 
     def lookup_chunks(self, prompt: ChunkedPrompt, *, pin_owner: str | None = None) -> int:
-        """How many leading chunks of ``prompt`` are cached (pinning them for ``pin_owner``)."""
+        """How many leading chunks of ``prompt`` are cached (pinning them for ``pin_owner``).
+
+        The last chunk, if partial, may be found as the first blocks of a longer
+        stored chunk (see :meth:`add_aliases`).
+        """
         m = self.metrics
         with m.timer("lmcache:time_to_lookup"):
-            keys = prompt.keys(self.namespace)
-            hits = self.cascade.prefix_present(keys)
-            if pin_owner is not None and self.cpu is not None:
-                self.cpu.unpin(pin_owner)
-                if hits:
-                    self.cpu.pin(keys[:hits], pin_owner, self.config.pin_timeout)
+            hits, held = present_with_alias(self.cascade, self.aliases, prompt.keys(self.namespace))
+            self._pin(held, pin_owner)
         m.inc("lmcache:num_lookup_requests")
         m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
         m.inc("lmcache:num_lookup_hits", prompt.end(hits - 1) if hits else 0)
         return hits
 
     def lookup_chains(
-        self, chains: Sequence[Sequence[CacheKey]], *, pin_owner: str | None = None
+        self,
+        chains: Sequence[Sequence[CacheKey]],
+        *,
+        pin_owner: str | None = None,
+        aliases: bool = False,
     ) -> list[int]:
         """How many leading keys of each independent chain are cached (pinning them all).
 
-        For prompts made of separately keyed parts (blend segments): one call
-        pins every part's hits for ``pin_owner``, replacing its earlier pins.
+        For prompts made of separately keyed parts (blend segments), or a prompt's
+        head and the candidate keys of its next chunk: one call pins every
+        chain's hits for ``pin_owner``, replacing its earlier pins. With
+        ``aliases``, a chain's last key may be found through :meth:`add_aliases`.
         """
-        hits = [self.cascade.prefix_present(list(c)) if c else 0 for c in chains]
-        if pin_owner is not None and self.cpu is not None:
-            self.cpu.unpin(pin_owner)
-            held = [k for c, h in zip(chains, hits) for k in c[:h]]
-            if held:
-                self.cpu.pin(held, pin_owner, self.config.pin_timeout)
+        hits: list[int] = []
+        held: list[CacheKey] = []
+        singles = [i for i, c in enumerate(chains) if aliases and len(c) == 1]
+        single: dict[int, CacheKey | None] = {}
+        if singles:  # candidate keys of one chunk: checked together, not one by one
+            firsts = [chains[i][0] for i in singles]
+            single = dict(zip(singles, holders_with_alias(self.cascade, self.aliases, firsts)))
+        for i, chain in enumerate(chains):
+            if i in single:
+                holder = single[i]
+                hits.append(int(holder is not None))
+                held.extend([holder] if holder is not None else [])
+                continue
+            if aliases:
+                h, keys = present_with_alias(self.cascade, self.aliases, chain)
+            else:
+                h = self.cascade.prefix_present(list(chain)) if chain else 0
+                keys = list(chain[:h])
+            hits.append(h)
+            held.extend(keys)
+        self._pin(held, pin_owner)
         self.metrics.inc("lmcache:num_lookup_requests")
         return hits
+
+    def _pin(self, keys: list[CacheKey], owner: str | None) -> None:
+        """Pin ``keys`` in the CPU tier for ``owner``, replacing its earlier pins."""
+        if owner is not None and self.cpu is not None:
+            self.cpu.unpin(owner)
+            if keys:
+                self.cpu.pin(keys, owner, self.config.pin_timeout)
+
+    def add_aliases(
+        self, prompt: ChunkedPrompt, inner: Mapping[int, Sequence[bytes]], step: int
+    ) -> None:
+        """Let lookups and loads find the first blocks of ``prompt``'s chunks.
+
+        ``inner[i]`` holds the digests of chunk ``i``'s first ``step``,
+        ``2 * step``, ... tokens (:meth:`TokenChunker.inner_prefixes`, computed
+        by whoever has the token ids). A later prompt that shares those
+        blocks only, then goes on otherwise, loads them instead of recomputing
+        them (:mod:`lmcache_core.chunk_aliases`).
+        """
+        ns = self.namespace.digest
+        for i, digests in inner.items():
+            if not 0 <= i < len(prompt) or not digests:
+                continue
+            target = CacheKey(ns + prompt.digests[i])
+            pairs = [(CacheKey(ns + d), (k + 1) * step) for k, d in enumerate(digests)]
+            self.aliases.add(target, prompt.end(i) - prompt.start(i), pairs)
 
     def unpin(self, owner: str) -> None:
         if self.cpu is not None:

@@ -32,41 +32,36 @@ Nothing here depends on ``PYTHONHASHSEED``, the process or the machine.
 from __future__ import annotations
 
 import array
-import hashlib
-import json
 import struct
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, NamedTuple
 
+from lmcache_core.cache_key import (
+    KEY_SCHEME_VERSION,
+    NAMESPACE_DIGEST_SIZE,
+    CacheKey,
+    KeyNamespace,
+)
+from lmcache_core.cache_key import hasher as _hasher
 from lmcache_core.errors import TokenError
-from lmcache_core.layout import KVLayout
 
-KEY_SCHEME_VERSION = 2
+__all__ = [
+    "KEY_SCHEME_VERSION",
+    "NAMESPACE_DIGEST_SIZE",
+    "CacheKey",
+    "ChunkSpan",
+    "ChunkedPrompt",
+    "KeyNamespace",
+    "MultimodalItem",
+    "TokenChunker",
+    "keys_for",
+    "token_bytes",
+]
+
 _SEED_PREFIX = b"lmcache-key\x00v2\x00"
 _BLOCK = struct.Struct("<II")  # tokens in the chunk, multimodal items starting in it
 _ITEM = struct.Struct("<QQI")  # offset, length, identifier length
-NAMESPACE_DIGEST_SIZE = 16
-
-
-def _hasher(algorithm: str) -> Any:
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    if algorithm == "blake3":
-        try:
-            from blake3 import blake3
-        except ImportError:
-            raise ImportError(
-                "hash_algorithm=blake3 needs the blake3 package: pip install 'lmcache-core[blake3]'"
-            ) from None
-        return blake3()
-    if algorithm == "xxh3_128":
-        import xxhash
-
-        return xxhash.xxh3_128()
-    raise ValueError(f"unknown hash algorithm {algorithm!r}; use sha256, blake3 or xxh3_128")
 
 
 def token_bytes(tokens: Sequence[int] | bytes | memoryview | Any) -> memoryview:
@@ -97,112 +92,6 @@ def token_bytes(tokens: Sequence[int] | bytes | memoryview | Any) -> memoryview:
         arr = array.array("I", arr)
         arr.byteswap()
     return memoryview(arr).cast("B")
-
-
-@dataclass(frozen=True)
-class KeyNamespace:
-    """Everything that makes two caches' KV incompatible, hashed to 16 bytes."""
-
-    model: str
-    layout: KVLayout
-    chunk_size: int = 256
-    world_size: int = 1
-    rank: int = 0
-    hash_algorithm: str = "sha256"
-    extra: tuple[tuple[str, str], ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("KeyNamespace.model must name the model (e.g. its path or repo id)")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank={self.rank} must be in [0, world_size={self.world_size})")
-        _hasher(self.hash_algorithm)  # fail early on an unknown or missing algorithm
-
-    def canonical(self) -> dict[str, Any]:
-        return {
-            "scheme": KEY_SCHEME_VERSION,
-            "hash": self.hash_algorithm,
-            "model": self.model,
-            "layout": self.layout.fingerprint(),
-            "chunk_size": self.chunk_size,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "extra": [list(kv) for kv in self.extra],
-        }
-
-    @cached_property
-    def digest(self) -> bytes:
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).digest()[:NAMESPACE_DIGEST_SIZE]
-
-    def for_rank(self, rank: int) -> KeyNamespace:
-        return KeyNamespace(
-            self.model,
-            self.layout,
-            self.chunk_size,
-            self.world_size,
-            rank,
-            self.hash_algorithm,
-            self.extra,
-        )
-
-
-class CacheKey(bytes):
-    """A chunk's key: the 16-byte namespace digest followed by the prefix hash.
-
-    A ``bytes`` subclass, so it is immutable, hashes once (CPython caches a
-    bytes hash) and costs little to build: a 128K-token lookup makes 512.
-    """
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, namespace: bytes, prefix: bytes) -> CacheKey:
-        """The key of ``prefix`` in ``namespace`` (``CacheKey(namespace + prefix)`` is the same)."""
-        if len(namespace) != NAMESPACE_DIGEST_SIZE or not prefix:
-            raise ValueError(
-                f"a CacheKey is a {NAMESPACE_DIGEST_SIZE}-byte namespace and a non-empty prefix"
-            )
-        return cls(namespace + prefix)
-
-    @property
-    def namespace(self) -> bytes:
-        return bytes(self[:NAMESPACE_DIGEST_SIZE])
-
-    @property
-    def prefix(self) -> bytes:
-        return bytes(self[NAMESPACE_DIGEST_SIZE:])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (CacheKey, (bytes(self),))
-
-    def to_bytes(self) -> bytes:
-        return bytes(self)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> CacheKey:
-        if len(data) <= NAMESPACE_DIGEST_SIZE:
-            raise ValueError(f"a CacheKey is more than {NAMESPACE_DIGEST_SIZE} bytes long")
-        return cls(bytes(data))
-
-    def hex(self, *args: Any) -> str:  # type: ignore[override]
-        """Stable text form, for file names and remote keys: ``v1-<namespace>-<prefix>``."""
-        if args:
-            return super().hex(*args)
-        return f"v{KEY_SCHEME_VERSION}-{self.namespace.hex()}-{self.prefix.hex()}"
-
-    @classmethod
-    def from_hex(cls, text: str) -> CacheKey:
-        try:
-            version, ns, prefix = text.split("-")
-            if version != f"v{KEY_SCHEME_VERSION}":
-                raise ValueError(version)
-            return cls.of(bytes.fromhex(ns), bytes.fromhex(prefix))
-        except ValueError:
-            raise ValueError(f"{text!r} is not a v{KEY_SCHEME_VERSION} cache key") from None
-
-    def __repr__(self) -> str:
-        return f"CacheKey({self.hex()[:24]}...)"
 
 
 class ChunkSpan(NamedTuple):
@@ -327,10 +216,7 @@ class TokenChunker:
         if partial_multiple > 1:
             full = (n // self.chunk_size) * self.chunk_size
             n = full + ((n - full) // partial_multiple) * partial_multiple
-        if cache_salt or adapter:
-            h = _seed(self.hash_algorithm, cache_salt, adapter)
-        else:
-            h = self._plain.copy()
+        h = self._seed(cache_salt, adapter)
         items = _items_by_chunk(mm_items, self.chunk_size, n) if mm_items else {}
         step = self.chunk_size * 4
         full_bytes = (n // self.chunk_size) * step
@@ -384,21 +270,55 @@ class TokenChunker:
                            max_tokens=start + n).digests[-1]
                 for n in lengths
             ]  # fmt: skip
-        if cache_salt or adapter:
-            h = _seed(self.hash_algorithm, cache_salt, adapter)
-        else:
-            h = self._plain.copy()
+        h = self._seed(cache_salt, adapter)
         step = self.chunk_size * 4
         for off in range(0, start * 4, step):
             h.update(self._full_header)
             h.update(data[off : off + step])
-        out = []
-        for n in lengths:
-            t = h.copy()
-            t.update(n.to_bytes(4, "little") + b"\x00\x00\x00\x00")
-            t.update(data[start * 4 : (start + n) * 4])
-            out.append(t.digest())
+        return [_tail_digest(h, data, start, n) for n in lengths]
+
+    def inner_prefixes(
+        self,
+        tokens: Sequence[int] | bytes | memoryview | Any,
+        chunks: range,
+        step: int,
+        *,
+        cache_salt: str | None = None,
+        adapter: str | None = None,
+    ) -> list[list[bytes]]:
+        """For each chunk ``i`` in ``chunks``: the digests of its first ``step``,
+        ``2 * step``, ... tokens (each shorter than the chunk), as partial chunks.
+
+        A stored chunk holds the KV of every prefix of it, so a prompt that
+        shares only its first blocks (a shared system prompt that ends inside
+        a chunk, a RAG prefix with another suffix) can load those blocks, if
+        it can find them: these are the keys it looks them up by (see
+        :class:`lmcache_core.chunk_aliases.ChunkAliases`). Chunks past the
+        end of ``tokens`` get none. Prompts with multimodal items have none
+        (their partial keys depend on where the prompt ends).
+        """
+        if step <= 0:
+            raise ValueError(f"step={step} must be positive")
+        data = token_bytes(tokens)
+        n = data.nbytes // 4
+        h = self._seed(cache_salt, adapter)
+        out: list[list[bytes]] = []
+        for i in range(chunks.stop):
+            lo = i * self.chunk_size
+            hi = min(lo + self.chunk_size, n)
+            if i >= chunks.start:
+                out.append([_tail_digest(h, data, lo, m) for m in range(step, hi - lo, step)])
+            if hi - lo < self.chunk_size:
+                out.extend([] for _ in range(max(chunks.start, i + 1), chunks.stop))
+                break
+            h.update(self._full_header)
+            h.update(data[lo * 4 : hi * 4])
         return out
+
+    def _seed(self, cache_salt: str | None, adapter: str | None) -> Any:
+        if cache_salt or adapter:
+            return _seed(self.hash_algorithm, cache_salt, adapter)
+        return self._plain.copy()
 
     def spans(
         self,
@@ -419,6 +339,14 @@ class TokenChunker:
             include_partial=include_partial,
             max_tokens=max_tokens,
         ).spans()
+
+
+def _tail_digest(h: Any, data: memoryview, start: int, n: int) -> bytes:
+    """The digest of a partial chunk of ``n`` tokens at ``start``, given the hash before it."""
+    t = h.copy()
+    t.update(n.to_bytes(4, "little") + b"\x00\x00\x00\x00")  # no multimodal items
+    t.update(data[start * 4 : (start + n) * 4])
+    return t.digest()
 
 
 def keys_for(namespace: KeyNamespace, spans: Sequence[ChunkSpan]) -> list[CacheKey]:

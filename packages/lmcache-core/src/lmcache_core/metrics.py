@@ -61,6 +61,9 @@ METRICS: dict[str, MetricSpec] = {
     "lmcache:num_retrieve_requests": _counter("Retrieve calls"),
     "lmcache:num_requested_tokens": _counter("Tokens retrieve calls asked for"),
     "lmcache:num_hit_tokens": _counter("Tokens retrieved: written back into the engine"),
+    "lmcache:num_partial_chunk_loads": _counter(
+        "Loads whose last chunk was the first blocks of a longer stored chunk"
+    ),
     "lmcache:stored_bytes": _counter("Bytes written into a tier", T),
     "lmcache:retrieved_bytes": _counter("Bytes read from a tier", T),
     "lmcache:num_evictions": _counter("Chunks evicted from a tier", T),

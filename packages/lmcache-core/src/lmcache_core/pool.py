@@ -20,15 +20,20 @@ The words live in their own small arena so a transport can register it.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from lmcache_core.arena import AnonymousArena, Arena
-from lmcache_core.errors import ChunkTooLargeError
+from lmcache_core.errors import ChunkTooLargeError, ConfigError
 from lmcache_core.sizes import format_size
 
 if TYPE_CHECKING:
+    from lmcache_core.config import CacheConfig
     from lmcache_core.keys import CacheKey
+
+logger = logging.getLogger(__name__)
 
 SLOT_ALIGNMENT = 4096
 #: Slots start this far past a page boundary. glibc's ``rep movsb`` memcpy runs
@@ -172,3 +177,37 @@ class SlotPool:
         # Chunks released after close (late readers) bump a private copy.
         self._generation = memoryview(bytearray(8 * self.num_slots)).cast("Q")
         self.generation_arena.close()
+
+
+def dram_arena(config: CacheConfig, slot_bytes: int, bytes_per_token: int) -> AnonymousArena:
+    """The DRAM tier's memory: ``max_local_cpu_size`` bytes, made resident at start when
+    ``local_cpu_prefault`` (first-touch faults would otherwise land on the first stores)."""
+    capacity = config.max_local_cpu_size
+    if capacity < slot_bytes:
+        raise ConfigError(
+            [
+                f"max_local_cpu_size={format_size(capacity)} cannot hold one chunk of "
+                f"{format_size(slot_bytes)} ({config.chunk_size} tokens x "
+                f"{bytes_per_token} bytes); raise it to at least "
+                f"{format_size(slot_bytes)} or lower chunk_size"
+            ]
+        )
+    try:
+        arena = AnonymousArena(capacity + SLOT_OFFSET)
+        if config.local_cpu_prefault:
+            t0 = time.perf_counter()
+            arena.prefault()
+            logger.info(
+                "DRAM tier: %s made resident in %.2f s (local_cpu_prefault)",
+                format_size(capacity),
+                time.perf_counter() - t0,
+            )
+    except OSError as e:
+        fix = ", or set local_cpu_prefault: false" if config.local_cpu_prefault else ""
+        raise ConfigError(
+            [
+                f"max_local_cpu_size={format_size(capacity)} cannot be reserved "
+                f"({e.strerror}); lower it (a bare number is GB: write 512MiB, 5GiB){fix}"
+            ]
+        ) from None
+    return arena

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lmcache_core.chunk_aliases import get_through_alias
 from lmcache_core.transfer import AsyncKVWriter, ChunkIO, Completion, Finished, KVWriter
 
 if TYPE_CHECKING:
@@ -78,7 +79,15 @@ def fetch_and_write(
             return 0, None
         wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
         engine.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
-        chunks = engine.cascade.get_prefix(engine.keys(spans), spans)
+        keys = engine.keys(spans)
+        chunks = engine.cascade.get_prefix(keys, spans)
+        if len(chunks) == len(spans) - 1:  # the last, partial chunk: a longer one's first blocks?
+            cut = get_through_alias(
+                engine.cascade, engine.aliases, engine.layout, keys[-1], spans[-1]
+            )
+            if cut is not None:
+                chunks.append(cut)
+                engine.metrics.inc("lmcache:num_partial_chunk_loads")
         if not chunks:
             return 0, None
         ios = [

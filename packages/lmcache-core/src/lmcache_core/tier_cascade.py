@@ -177,6 +177,23 @@ class TierCascade:
                 m += 1
         return m
 
+    def present(self, keys: list[CacheKey]) -> list[bool]:
+        """Whether some tier holds each of ``keys`` (independent keys: one call per tier)."""
+        out = [False] * len(keys)
+        for tier in self.tiers:
+            idx = [i for i, ok in enumerate(out) if not ok]
+            if not idx:
+                break
+            try:
+                found = tier.contains([keys[i] for i in idx])
+            except Exception:
+                self.tier_failed(tier, "contains")
+                continue
+            for i, ok in zip(idx, found):
+                if ok:
+                    out[i] = True
+        return out
+
     def get_prefix(
         self, keys: list[CacheKey], spans: Sequence[ChunkSpan] | None = None
     ) -> list[Chunk]:

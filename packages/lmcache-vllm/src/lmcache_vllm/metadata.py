@@ -42,6 +42,10 @@ class SaveSpec:
     prompt: PromptRef
     block_ids: list[int]
     blocks: BlockInfo | None = None  # vLLM's block hashes, when KV events are on
+    #: chunk index -> digests of its first ``inner_step``, ``2 * inner_step``, ... tokens:
+    #: aliases of the stored chunk (lmcache_core.chunk_aliases).
+    inner: dict[int, list[bytes]] = field(default_factory=dict)
+    inner_step: int = 0
 
 
 @dataclass

@@ -18,7 +18,7 @@ from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
 from lmcache_vllm.kv_events import EventGate, block_info, events_enabled
 from lmcache_vllm.lookup import LookupClient
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
-from lmcache_vllm.request_keys import request_identity
+from lmcache_vllm.request_keys import RequestIdentity, request_identity
 from lmcache_vllm.save_tracker import SaveTracker
 from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config
 
@@ -46,6 +46,7 @@ class _RequestState:
     tokens: list[int] = field(default_factory=list)
     request: Any = None  # vLLM's Request, kept for its block hashes when KV events are on
     hit: ChunkedPrompt | None = None  # what to load, when it ends in another prompt's tail
+    identity: RequestIdentity | None = None  # salt, adapter, images: for the inner-prefix keys
 
 
 class SchedulerSide:
@@ -102,7 +103,12 @@ class SchedulerSide:
                 include_partial=self.config.save_unfull_chunk,
                 partial_multiple=self.block_size,
             )
-            st = _RequestState(prompt=prompt, prompt_len=len(request.prompt_token_ids))
+            st = _RequestState(
+                prompt=prompt,
+                prompt_len=len(request.prompt_token_ids),
+                tokens=request.prompt_token_ids,
+                identity=identity,
+            )
             if self.events is not None:
                 st.request = request
             self.requests[request.request_id] = st
@@ -128,7 +134,7 @@ class SchedulerSide:
         # cache, recompute the last (partial) block rather than load it.
         cap = ((st.prompt_len - 1) // self.block_size) * self.block_size
         st.hit = None
-        if hits and hits < len(p) and cap > hit:
+        if hits < len(p) and cap > hit:
             st.hit = self._continuation(request, p, hits, cap)
             if st.hit is not None:
                 hit = st.hit.num_tokens
@@ -143,14 +149,17 @@ class SchedulerSide:
     def _continuation(
         self, request: Request, p: ChunkedPrompt, hits: int, cap: int
     ) -> ChunkedPrompt | None:
-        """The hit extended into chunk ``hits`` by a shorter prompt's stored tail.
+        """The hit extended into chunk ``hits`` by whole blocks some tier holds there.
 
-        A chat's next round repeats the last one's prompt and goes on: its chunk
-        past the last full one the rounds share misses, but the last round
-        stored its own trailing partial chunk (whole blocks of it) there. That
-        chunk's key is not this prompt's, so look up the keys a tail of each
-        whole number of blocks would have, in one round trip; without this,
-        up to ``chunk_size - block_size`` tokens would be recomputed each round.
+        The chunk past the hit misses when this prompt goes on otherwise than
+        every stored one, yet its first blocks may be cached: a chat's next
+        round repeats the last one's prompt, which stored its own trailing
+        partial chunk (whole blocks of it) there; a prompt that shares a
+        longer one's first blocks only finds them as the prefixes of that
+        stored chunk (:mod:`lmcache_core.chunk_aliases`). Neither is this
+        prompt's key, so look up the keys a partial chunk of each whole number
+        of blocks would have, in one round trip; without this, up to
+        ``chunk_size - block_size`` cached tokens would be recomputed.
         """
         start = p.start(hits)
         own = p.end(hits) - start
@@ -262,9 +271,24 @@ class SchedulerSide:
             blocks = None
             if st.request is not None:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
-            meta.saves.append(SaveSpec(req_id, ref, list(st.block_ids), blocks))
+            spec = SaveSpec(req_id, ref, list(st.block_ids), blocks)
+            spec.inner = self._inner_prefixes(st, st.saved_chunks, ready)
+            spec.inner_step = self.block_size
+            meta.saves.append(spec)
             st.saved_chunks = ready
             self.tracker.planned([req_id])
+
+    def _inner_prefixes(self, st: _RequestState, lo: int, hi: int) -> dict[int, list[bytes]]:
+        """The keys of the block-multiple prefixes of chunks ``[lo, hi)``, for the workers to
+        register as aliases of the chunks they store (none for prompts with images)."""
+        ident = st.identity
+        if ident is None or ident.mm_items or self.block_size >= st.prompt.chunk_size:
+            return {}
+        inner = self.chunker.inner_prefixes(
+            st.tokens[: st.prompt.num_tokens], range(lo, hi), self.block_size,
+            cache_salt=ident.cache_salt, adapter=ident.adapter,
+        )  # fmt: skip
+        return {i: d for i, d in zip(range(lo, hi), inner) if d}
 
     def request_finished(self, request: Request) -> bool:
         """Forget the request; True when vLLM must keep its blocks until the workers

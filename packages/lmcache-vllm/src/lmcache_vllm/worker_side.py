@@ -194,7 +194,7 @@ class WorkerSide:
             return [0] * len(chains)
         ns = self.engine.namespace
         return self.engine.lookup_chains([ChunkedPrompt(chunk_size, 0, c).keys(ns) for c in chains],
-                                         pin_owner=owner)  # fmt: skip
+                                         pin_owner=owner, aliases=True)  # fmt: skip
 
     def _lookup(self, chunk_size: int, num_tokens: int, digests: list[bytes], owner: str) -> int:
         assert self.engine is not None
@@ -356,6 +356,11 @@ class WorkerSide:
             for i, key in enumerate(prompt.keys(self.engine.namespace)):
                 self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
         staged = self.engine.store_async(prompt, reader)
+        if spec.inner and spec.inner_step > 0:
+            try:
+                self.engine.add_aliases(prompt, spec.inner, spec.inner_step)
+            except ValueError:
+                logger.exception("lmcache: bad inner-prefix keys for %s; ignored", spec.req_id)
         self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
         if staged is None or self.saves is None:
             return False
