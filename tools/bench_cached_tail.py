@@ -22,6 +22,10 @@ every hit is lmcache's. Prints the median TTFTs and their ratios against the
 (round 1 + 100 tokens) when round 1 was stored whole, its tail chunk
 included, against the same when round 1 was stored cut at its last full
 chunk: the tail lmcache finds in the next round's prompt, and what it saves.
+``--inside PAIRS`` measures vLLM's prefix_repetition request (another
+prompt's first 3000 tokens + 100 new ones) loaded through the stored chunk it
+ends inside, against whole chunks only (the stored prompt cut at its last full
+chunk). ``--tails ''`` skips the tail measurement.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +89,11 @@ async def measure(
     return out
 
 
-async def next_round(
-    url: str, model: str, vocab: int, chunk: int, block: int, pairs: int, rng: random.Random
+async def paired(
+    url: str, model: str, pairs: int, make: Callable[[], tuple[list[int], list[int], list[int]]]
 ) -> dict[str, float]:
-    """Round 2 of a chat, its round 1 stored whole (tail chunk included) or cut at its
-    last full chunk (the control: what lmcache loaded before it found stored tails)."""
+    """TTFT of a request after its stored prompt went in whole or cut at its last full
+    chunk (the control), alternating; ``make()`` gives (stored, cut, request)."""
     import httpx
     from lmcache_core.load_probes import reset_engine_prefix_cache
     from lmcache_core.workload import scrape_metrics
@@ -98,23 +103,47 @@ async def next_round(
             "vllm:external_prefix_cache_hits", 0.0
         )
 
-    full = (4096 - 100 - block) // chunk * chunk  # round 1: full chunks + one block
     times: dict[str, list[float]] = {"whole": [], "cut": []}
     loaded: dict[str, float] = {"whole": 0.0, "cut": 0.0}
     async with httpx.AsyncClient(timeout=600) as client:
         for i in range(2 * pairs):
             kind = ("whole", "cut")[i % 2]
-            round1 = [rng.randrange(10, vocab) for _ in range(full + block)]
-            round2 = round1 + [rng.randrange(10, vocab) for _ in range(100)]
-            await _ttft(client, url, model, round1 if kind == "whole" else round1[:full])
+            stored, cut, request = make()
+            await _ttft(client, url, model, stored if kind == "whole" else cut)
             await reset_engine_prefix_cache(client, url)
             before = external()
-            times[kind].append(await _ttft(client, url, model, round2))
+            times[kind].append(await _ttft(client, url, model, request))
             loaded[kind] += external() - before
     out = {f"{k}_ttft_s": statistics.median(v) for k, v in times.items()}
     out |= {f"{k}_loaded_tokens": loaded[k] / pairs for k in loaded}
     out["ratio"] = out["whole_ttft_s"] / out["cut_ttft_s"]
     return out
+
+
+def next_round_prompts(vocab: int, chunk: int, block: int, rng: random.Random) -> Callable:
+    """Round 2 of a chat, its round 1 stored whole (tail chunk included) or cut at its
+    last full chunk (the control: what lmcache loaded before it found stored tails)."""
+    full = (4096 - 100 - block) // chunk * chunk  # round 1: full chunks + one block
+
+    def make() -> tuple[list[int], list[int], list[int]]:
+        round1 = [rng.randrange(10, vocab) for _ in range(full + block)]
+        return round1, round1[:full], round1 + [rng.randrange(10, vocab) for _ in range(100)]
+
+    return make
+
+
+def inside_prompts(vocab: int, chunk: int, rng: random.Random) -> Callable:
+    """vLLM's prefix_repetition request: another prompt's first 3000 tokens, then 100 new.
+    The stored prompt (3000 + 100 others) holds tokens 2816-2999 inside its chunk 11;
+    the control stores it cut at 2816, so only whole chunks can load (upstream's reuse)."""
+    full = 3000 // chunk * chunk
+
+    def make() -> tuple[list[int], list[int], list[int]]:
+        prefix = [rng.randrange(10, vocab) for _ in range(3000)]
+        stored = prefix + [rng.randrange(10, vocab) for _ in range(100)]
+        return stored, prefix[:full], prefix + [rng.randrange(10, vocab) for _ in range(100)]
+
+    return make
 
 
 def main() -> int:
@@ -139,6 +168,11 @@ def main() -> int:
         "--next-round", type=int, default=0, metavar="PAIRS",
         help="with --config lmcache: also round 2 of chats, round 1 stored whole vs cut",
     )  # fmt: skip
+    ap.add_argument(
+        "--inside", type=int, default=0, metavar="PAIRS",
+        help="with --config lmcache: also prompts sharing another's first 3000 tokens, "
+        "loaded through the stored chunk they end inside vs whole chunks only",
+    )  # fmt: skip
     args = ap.parse_args()
 
     console = Console(width=140)
@@ -149,7 +183,7 @@ def main() -> int:
     rng = random.Random(0)
     n = (args.blocks + 1) * args.block_size
     bases = [[rng.randrange(10, vocab) for _ in range(n)] for _ in range(args.prompts)]
-    tails = [int(t) for t in args.tails.split(",")]
+    tails = [int(t) for t in args.tails.split(",") if t]
     if not all(1 <= t < args.block_size for t in tails):
         ap.error(f"--tails must lie in [1, {args.block_size - 1}]")
     lmcache = args.config == "lmcache"
@@ -170,14 +204,19 @@ def main() -> int:
         max_model_len=max(4096, n + 16),
     ) as port:  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        res = asyncio.run(
-            measure(url, model, bases, tails, args.block_size, args.prompts, args.repeats, lmcache)
-        )
-        rounds = None
-        if args.next_round and lmcache:
-            rounds = asyncio.run(
-                next_round(url, model, vocab, 256, args.block_size, args.next_round, rng)
+        res = {}
+        if tails:
+            res = asyncio.run(
+                measure(
+                    url, model, bases, tails, args.block_size, args.prompts, args.repeats, lmcache
+                )
             )
+        rounds = inside = None
+        if args.next_round and lmcache:
+            make = next_round_prompts(vocab, 256, args.block_size, rng)
+            rounds = asyncio.run(paired(url, model, args.next_round, make))
+        if args.inside and lmcache:
+            inside = asyncio.run(paired(url, model, args.inside, inside_prompts(vocab, 256, rng)))
     one = res[tails[0]]["alone_s"] if 1 in tails else None
     table = Table(title=f"cached TTFT ({args.config}), {args.blocks} blocks cached + tail")
     for col in ("tail recomputed", "alone p50", f"{args.prompts} at once p50", "at once / alone",
@@ -189,7 +228,8 @@ def main() -> int:
             str(tail), f"{r['alone_s'] * 1000:.0f} ms", f"{r['together_s'] * 1000:.0f} ms",
             f"{r['ratio_together']:.2f}x", f"{r['alone_s'] / one:.2f}x" if one else "-",
         )  # fmt: skip
-    console.print(table)
+    if res:
+        console.print(table)
     if rounds is not None:
         console.print(
             f"round 2 of a chat (median of {args.next_round}): round 1 stored whole "
@@ -197,8 +237,16 @@ def main() -> int:
             f"loaded), cut at its last full chunk {rounds['cut_ttft_s'] * 1000:.0f} ms "
             f"({rounds['cut_loaded_tokens']:.0f} loaded): {rounds['ratio']:.2f}x"
         )
+    if inside is not None:
+        console.print(
+            f"prompts sharing another's first 3000 tokens (median of {args.inside}): through "
+            f"the chunk they end inside {inside['whole_ttft_s'] * 1000:.0f} ms "
+            f"({inside['whole_loaded_tokens']:.0f} tokens loaded), whole chunks only "
+            f"{inside['cut_ttft_s'] * 1000:.0f} ms ({inside['cut_loaded_tokens']:.0f} loaded): "
+            f"{inside['ratio']:.2f}x"
+        )
     if args.json:
-        figures = {"config": args.config, "tails": res, "next_round": rounds}
+        figures = {"config": args.config, "tails": res, "next_round": rounds, "inside": inside}
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 

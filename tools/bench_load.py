@@ -12,7 +12,9 @@ generator (``lmcache_core.loadgen``) against
 4. (``--configs ...,vllm-offload``) vLLM with its own ``SimpleCPUOffloadConnector``
    and the same DRAM (``cpu_bytes_to_use``), the alternative a vLLM user has. It
    fails at start on vLLM's CPU backend; the failure is reported and the other
-   configurations still run.
+   configurations still run;
+5. (``--configs ...,lmcache-chunks``) lmcache with hits inside a chunk off
+   (``max_chunk_aliases: 0``): whole chunks only, as upstream LMCache loads.
 
 One server at a time (two would fight over the cores). ``--rounds 4,8`` runs
 the workload once per round count on each server (other users each time, so
@@ -67,6 +69,13 @@ def server_configs(
     configs: dict[str, tuple[str | None, dict, str, dict]] = {
         "vllm": (None, {}, "LMCacheKVConnector", {}),
         "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": dram}, "LMCacheKVConnector", {}),
+        # The same without hits inside a chunk: whole chunks only, as upstream LMCache loads.
+        "lmcache-chunks": (
+            "kv_both",
+            {"LMCACHE_MAX_LOCAL_CPU_SIZE": dram, "LMCACHE_MAX_CHUNK_ALIASES": "0"},
+            "LMCacheKVConnector",
+            {},
+        ),
         # vLLM's own CPU offloading, with the same DRAM (a user's alternative to lmcache).
         "vllm-offload": (
             "kv_both", {}, "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": parse_size(dram)}

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmcache_core import CacheConfig, CacheEngine, KVLayout
 from lmcache_core.chunk_aliases import ChunkAliases, copy_chunk_prefix
+from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey, TokenChunker
 from lmcache_core.testing.paged_memory import PagedKVMemory as FakeEngine
 
@@ -162,3 +163,13 @@ def test_a_chunks_prefix_cut_out_is_the_chunk_of_those_tokens(kind, blocks, seed
     if kind == "vllm_cpu":
         with pytest.raises(ValueError, match="whole blocks"):
             copy_chunk_prefix(layout, memoryview(whole), 16, 6, memoryview(bytearray(99)))
+
+
+def test_max_chunk_aliases_zero_turns_hits_inside_a_chunk_off():
+    src = FakeEngine(FLASH)
+    tokens = list(range(48))
+    with make_engine(max_chunk_aliases=0) as engine:
+        store_with_aliases(engine, tokens, src.kv(src.table(48, 0)), step=4)
+        assert engine.lookup(tokens[:24]) == 16
+    with pytest.raises(ConfigError, match="max_chunk_aliases"):
+        make_engine(max_chunk_aliases=-1)

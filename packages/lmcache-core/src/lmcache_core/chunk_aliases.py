@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from lmcache_core.pool import Chunk
     from lmcache_core.tier_cascade import TierCascade
 
-#: Default bound: 131072 aliases, about 30 MiB (one per chunk on vLLM's CPU backend,
-#: 15 per chunk on GPUs: the prefixes of some 8700 chunks, 280 GB of Llama-3-8B KV).
+#: Default bound (``max_chunk_aliases``): 131072 aliases, 34-46 MiB (one per chunk on
+#: vLLM's CPU backend, 15 per chunk on GPUs: the prefixes of some 8700 chunks, 280 GB of
+#: Llama-3-8B KV).
 DEFAULT_MAX_ALIASES = 1 << 17
 
 

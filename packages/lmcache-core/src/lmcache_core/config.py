@@ -82,6 +82,12 @@ class CacheConfig:
     remote_serde: str = _opt("str", "naive", "serde for remote tiers (an lmcache.serdes plugin)")
     save_unfull_chunk: bool = _opt("bool", True, "also store the trailing partial chunk")
     save_decode_cache: bool = _opt("bool", False, "also store KV produced while decoding")
+    max_chunk_aliases: int = _opt(
+        "int",
+        131072,
+        "keys of stored chunks' block-multiple prefixes kept, so that a prompt sharing a "
+        "chunk's first blocks only loads them (about 300 bytes each; 0 turns this off)",
+    )
     use_layerwise: bool = _opt(
         "bool",
         False,

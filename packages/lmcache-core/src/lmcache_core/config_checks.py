@@ -26,6 +26,8 @@ def config_problems(self: CacheConfig) -> list[str]:
         )
     if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
         p.append(f"metrics_port={self.metrics_port} must be a TCP port in [0, 65535]")
+    if self.max_chunk_aliases < 0:
+        p.append(f"max_chunk_aliases={self.max_chunk_aliases} must be >= 0 (0 turns it off)")
     if self.pin_timeout <= 0:
         p.append(f"pin_timeout={self.pin_timeout} must be > 0 seconds")
     if self.blocking_timeout_secs <= 0:

@@ -92,7 +92,7 @@ class CacheEngine:
         self.cascade = TierCascade(config, self.context, tiers)
         self._allocate = self.cascade.allocate
         #: Partial-chunk keys that stored chunks' first blocks answer (``add_aliases``).
-        self.aliases = ChunkAliases()
+        self.aliases = ChunkAliases(config.max_chunk_aliases)
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
