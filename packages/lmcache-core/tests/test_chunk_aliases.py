@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lmcache_core import CacheConfig, CacheEngine, KVLayout
-from lmcache_core.chunk_aliases import ChunkAliases, copy_chunk_prefix
+from lmcache_core.chunk_aliases import ChunkAliases
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey, TokenChunker
 from lmcache_core.testing.paged_memory import PagedKVMemory as FakeEngine
@@ -135,34 +135,6 @@ def test_the_alias_map_is_bounded_and_checks_what_it_is_given():
     off = ChunkAliases(max_entries=0)
     off.add(key[0], 16, [(key[1], 4)])
     assert off.resolve(key[1]) is None
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    kind=st.sampled_from(["vllm_flash", "vllm_flash_blocks_first", "mla", "vllm_cpu"]),
-    blocks=st.integers(1, 4),
-    seed=st.integers(0, 100),
-)
-def test_a_chunks_prefix_cut_out_is_the_chunk_of_those_tokens(kind, blocks, seed):
-    """The chunk format assumption behind cutting: a prefix of every segment."""
-    layout = KVLayout(
-        kind=kind,
-        dtype="bfloat16",
-        num_layers=3,
-        num_kv_heads=1 if kind == "mla" else 2,
-        head_size=8,
-        block_size=4,
-    )
-    mem = FakeEngine(layout, seed=seed)
-    table = mem.table(16, seed)
-    whole = mem.tokens_kv(table, 0, 16)
-    n = blocks * 4 if blocks < 4 else 12
-    cut = bytearray(layout.chunk_bytes(n))
-    copy_chunk_prefix(layout, memoryview(whole), 16, n, memoryview(cut))
-    assert bytes(cut) == mem.tokens_kv(table, 0, n)
-    if kind == "vllm_cpu":
-        with pytest.raises(ValueError, match="whole blocks"):
-            copy_chunk_prefix(layout, memoryview(whole), 16, 6, memoryview(bytearray(99)))
 
 
 def test_max_chunk_aliases_zero_turns_hits_inside_a_chunk_off():

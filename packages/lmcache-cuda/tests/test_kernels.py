@@ -115,6 +115,45 @@ def test_c_numpy_and_torch_agree_and_round_trip(layout, data):
         assert back == ref
 
 
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts, data=st.data())
+def test_a_chunk_reaching_past_the_table_writes_only_its_write_range(layout, data):
+    """A longer stored chunk whose first tokens a request loads (hits inside a chunk):
+    every writer touches the blocks of the write range alone, the same bytes."""
+    bs = layout.block_size
+    nb = data.draw(st.integers(3, 12))
+    n_req = data.draw(st.integers(1, nb - 1))  # the request's blocks
+    table = data.draw(st.permutations(range(nb)))[:n_req]
+    start = data.draw(st.integers(0, n_req - 1)) * bs
+    until = data.draw(st.integers(start // bs + 1, n_req)) * bs
+    if layout.kind is not LayoutKind.VLLM_CPU:
+        until = data.draw(st.integers(start + 1, until))
+    end = data.draw(st.integers(n_req * bs + 1, nb * bs))  # past the table
+    if layout.kind is LayoutKind.VLLM_CPU:
+        end = -(-end // bs) * bs
+    src = _random_layers(layout, nb, data.draw(st.integers(0, 2**31)))
+    chunk = bytearray(layout.chunk_bytes(end - start))
+    NumpyPagedKV(layout, src, list(range(nb))).read_chunks([ChunkIO(start, end, memoryview(chunk))])
+    io = ChunkIO(start, end, memoryview(chunk), 0, until)
+    dst_n, dst_c, dst_t = ([np.zeros_like(a) for a in src] for _ in range(3))
+    NumpyPagedKV(layout, dst_n, table).write_chunks([io])
+    CPagedKV(layout, dst_c, table).write_chunks([io])
+    TorchPagedKV(layout, _as_torch(layout, dst_t), table).write_chunks([io])
+    for a, b, c in zip(dst_n, dst_c, dst_t):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    # What landed is tokens [start, until) of the chunk, nothing else.
+    n = until - start
+    got = bytearray(layout.chunk_bytes(n))
+    NumpyPagedKV(layout, dst_n, table).read_chunks([ChunkIO(start, until, memoryview(got))])
+    want = bytearray(layout.chunk_bytes(n))
+    NumpyPagedKV(layout, src, list(range(nb))).read_chunks(
+        [ChunkIO(start, until, memoryview(want))]
+    )
+    assert got == want
+    written = sum(int(np.count_nonzero(a)) for a in dst_n)
+    assert written == layout.chunk_bytes(n) // layout.element_size
+
+
 def test_torch_cpu_tensors_go_through_the_c_kernels():
     layout = KVLayout("vllm_flash", "bfloat16", 2, 2, 8, 4)
     src = _random_layers(layout, 8, 1)

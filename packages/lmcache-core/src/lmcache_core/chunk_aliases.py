@@ -15,7 +15,8 @@ a chunk may also register the keys of its block-multiple prefixes
 (:meth:`lmcache_core.keys.TokenChunker.inner_prefixes`) as *aliases*: key of
 the partial chunk -> (key of the stored chunk, ``n``). A lookup whose last key
 misses tries the alias, and a load then reads the stored chunk and writes its
-first ``n`` tokens only.
+first ``n`` tokens only (writers touch the blocks of their write range alone,
+so the chunk may reach past the request's blocks; no copy cuts it).
 
 The map is this process's (it is filled by its own stores, so a hit needs the
 chunk stored through this engine; a chunk another instance stored in Redis is
@@ -33,7 +34,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from lmcache_core.keys import CacheKey, ChunkSpan
 
 if TYPE_CHECKING:
-    from lmcache_core.layout import KVLayout
     from lmcache_core.pool import Chunk
     from lmcache_core.tier_cascade import TierCascade
 
@@ -124,43 +124,14 @@ def holders_with_alias(
 
 
 def get_through_alias(
-    cascade: TierCascade, aliases: ChunkAliases, layout: KVLayout, key: CacheKey, span: ChunkSpan
-) -> Chunk | None:
-    """Partial chunk ``key`` (tokens ``span``) cut out of the stored chunk that holds it, or
-    None: a chunk of its own (a fresh slot, owned by the caller), like any fetched one.
-
-    Cutting costs one copy of ``span``'s KV, and keeps every writer's contract: a
-    chunk never reaches past the tokens (and engine blocks) it is written into.
-    """
+    cascade: TierCascade, aliases: ChunkAliases, key: CacheKey, span: ChunkSpan
+) -> tuple[Chunk, ChunkSpan] | None:
+    """The stored chunk that holds partial chunk ``key`` (tokens ``span``), and the longer
+    span it covers, or None. Write only ``span``'s tokens of it: writers touch the
+    blocks of the write range alone, so no copy is needed to cut it."""
     alias = aliases.resolve(key)
     if alias is None or alias.tokens != span.num_tokens:
         return None
     whole = ChunkSpan(span.start, span.start + alias.target_tokens, alias.target.prefix)
     got = cascade.get_prefix([alias.target], [whole])
-    if not got:
-        return None
-    try:
-        cut = cascade.allocate(key, span.num_tokens, layout.chunk_bytes(span.num_tokens))
-        if cut is not None:
-            copy_chunk_prefix(layout, got[0].view, alias.target_tokens, span.num_tokens, cut.view)
-        return cut
-    finally:
-        got[0].release()
-
-
-def copy_chunk_prefix(
-    layout: KVLayout, src: memoryview, src_tokens: int, num_tokens: int, dst: memoryview
-) -> None:
-    """Write the first ``num_tokens`` tokens of a ``src_tokens``-token chunk as a chunk.
-
-    Both chunk formats are segments (each layer's K and V planes, or each
-    layer's packed blocks) of tokens in order, so a prefix is the same prefix
-    of every segment.
-    """
-    if not layout.engine_neutral and num_tokens % layout.block_size:
-        raise ValueError(f"{num_tokens} tokens are not whole blocks of {layout.block_size}")
-    segments = layout.chunk_segments
-    whole = layout.chunk_bytes(src_tokens) // segments
-    part = layout.chunk_bytes(num_tokens) // segments
-    for s in range(segments):
-        dst[s * part : (s + 1) * part] = src[s * whole : s * whole + part]
+    return (got[0], whole) if got else None

@@ -122,12 +122,6 @@ class KVLayout:
     def bytes_per_token(self) -> int:
         return self.num_layers * self.bytes_per_token_per_layer
 
-    @property
-    def chunk_segments(self) -> int:
-        """How many runs of tokens a chunk holds, one after the other: each layer's K and V
-        planes (``[layer][plane][token]``), or each layer's packed blocks (vllm_cpu)."""
-        return self.num_layers * (self.kv_planes if self.engine_neutral else 1)
-
     def chunk_bytes(self, num_tokens: int) -> int:
         """Size of a chunk of ``num_tokens`` tokens in this layout's chunk format."""
         return num_tokens * self.bytes_per_token

@@ -82,11 +82,12 @@ def fetch_and_write(
         keys = engine.keys(spans)
         chunks = engine.cascade.get_prefix(keys, spans)
         if len(chunks) == len(spans) - 1:  # the last, partial chunk: a longer one's first blocks?
-            cut = get_through_alias(
-                engine.cascade, engine.aliases, engine.layout, keys[-1], spans[-1]
-            )
-            if cut is not None:
-                chunks.append(cut)
+            found = get_through_alias(engine.cascade, engine.aliases, keys[-1], spans[-1])
+            if found is not None:  # written up to the partial chunk's end only
+                chunks.append(found[0])
+                until = spans[-1].end
+                max_tokens = until if max_tokens is None else min(max_tokens, until)
+                spans = [*spans[:-1], found[1]]
                 engine.metrics.inc("lmcache:num_partial_chunk_loads")
         if not chunks:
             return 0, None

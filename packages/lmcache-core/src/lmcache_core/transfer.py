@@ -30,7 +30,9 @@ class ChunkIO:
     written: tokens before ``write_from`` are already in the engine's memory
     (its own prefix cache hit), tokens from ``write_until`` on are not wanted
     (the engine recomputes them). Layouts that move whole blocks only widen
-    the range to the blocks it touches.
+    the range to the blocks it touches. A writer touches only the blocks of
+    the write range, so a chunk may reach past the request's blocks (the
+    first tokens of a longer stored chunk, :mod:`lmcache_core.chunk_aliases`).
     """
 
     start: int

@@ -179,13 +179,14 @@ class NumpyPagedKV:
             if lo_tok >= hi_tok:
                 continue
             src = np.frombuffer(chunk.buffer, dtype=np.uint8)
-            blocks, lo, hi = self._blocks(chunk.start, chunk.end)
+            # Only the blocks up to the write range: a chunk may reach past the request's.
+            blocks, lo, _ = self._blocks(chunk.start, hi_tok)
             plan.append(
                 (
                     src,
                     blocks,
                     lo,
-                    hi,
+                    chunk.num_tokens,
                     lo + lo_tok - chunk.start,
                     lo + hi_tok - chunk.start,
                     src.size // self.layout.num_layers,
@@ -193,17 +194,17 @@ class NumpyPagedKV:
             )
 
         def layer_fn(i: int, layer: np.ndarray) -> None:
-            for src, blocks, lo, hi, first, last, per_layer in plan:
+            for src, blocks, lo, ntok, first, last, per_layer in plan:
                 src_layer = src[i * per_layer : (i + 1) * per_layer]
                 if self.layout.kind is LayoutKind.VLLM_CPU:
                     b0, b1 = (first - lo) // bs, -(-(last - lo) // bs)
-                    s = src_layer.reshape((len(blocks), *layer.shape[1:]))
+                    s = src_layer.reshape((ntok // bs, *layer.shape[1:]))
                     layer[blocks[b0:b1]] = s[b0:b1]
                     continue
                 planes = self._plane_views(layer)
                 per_plane = per_layer // len(planes)
                 for p, pv in enumerate(planes):
-                    rows = src_layer[p * per_plane : (p + 1) * per_plane].reshape(hi - lo, -1)
+                    rows = src_layer[p * per_plane : (p + 1) * per_plane].reshape(ntok, -1)
                     _scatter_rows(pv, blocks, bs, lo, first, last, rows)
 
         if plan:

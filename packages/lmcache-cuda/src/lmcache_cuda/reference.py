@@ -83,7 +83,8 @@ class TorchPagedKV:
             if w_lo >= w_hi:
                 continue
             src = torch.frombuffer(chunk.buffer, dtype=torch.uint8)
-            blocks, lo, hi = self._blocks(chunk.start, chunk.end)
+            # Only the blocks up to the write range: a chunk may reach past the request's.
+            blocks, lo, _ = self._blocks(chunk.start, w_hi)
             first, last = lo + w_lo - chunk.start, lo + w_hi - chunk.start
             per_layer = src.numel() // self.layout.num_layers
             for i, layer in enumerate(self.layers):
@@ -93,10 +94,10 @@ class TorchPagedKV:
                     part = src[i * per_layer + p * per_plane : i * per_layer + (p + 1) * per_plane]
                     if self.layout.kind is LayoutKind.VLLM_CPU:
                         b0, b1 = (first - lo) // bs, -(-(last - lo) // bs)
-                        data = part.reshape(len(blocks), 1, -1)[b0:b1].to(self.device)
+                        data = part.reshape(chunk.num_tokens // bs, 1, -1)[b0:b1].to(self.device)
                         pv.index_copy_(0, blocks[b0:b1], data)
                         continue
-                    rows = part.reshape(hi - lo, *pv.shape[2:])[first - lo : last - lo]
+                    rows = part.reshape(chunk.num_tokens, *pv.shape[2:])[first - lo : last - lo]
                     # Token positions inside the selected blocks -> (block, row) pairs.
                     pos = torch.arange(first, last, device=self.device)
                     pv[blocks[pos // bs], pos % bs] = rows.to(self.device)
