@@ -153,32 +153,23 @@ class TierCascade:
         return ok
 
     def prefix_present(self, keys: list[CacheKey]) -> int:
+        """How many leading ``keys`` some tier holds."""
         n = len(keys)
         if self.tiers and self.tiers[0] is self.cpu:
             # Fast path: walk the DRAM index until the first miss.
             first = self.cpu.prefix_length(keys)
             if first == n or len(self.tiers) == 1:
                 return first
-        present = [False] * n
         m = 0
-        for tier in self.tiers:
-            if m >= n:
+        for ok in self.present(keys):
+            if not ok:
                 break
-            idx = [i for i in range(m, n) if not present[i]]
-            try:
-                found = tier.contains([keys[i] for i in idx])
-            except Exception:
-                self.tier_failed(tier, "contains")
-                continue
-            for i, ok in zip(idx, found):
-                if ok:
-                    present[i] = True
-            while m < n and present[m]:
-                m += 1
+            m += 1
         return m
 
     def present(self, keys: list[CacheKey]) -> list[bool]:
-        """Whether some tier holds each of ``keys`` (independent keys: one call per tier)."""
+        """Whether some tier holds each of ``keys``: one ``contains`` per tier, for the keys
+        no tier above it holds (a tier that fails counts as holding none)."""
         out = [False] * len(keys)
         for tier in self.tiers:
             idx = [i for i, ok in enumerate(out) if not ok]
