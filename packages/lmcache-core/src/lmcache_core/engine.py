@@ -209,23 +209,24 @@ class CacheEngine:
         chain's hits for ``pin_owner``, replacing its earlier pins. With
         ``aliases``, a chain's last key may be found through :meth:`add_aliases`.
         """
+        # One-key chains (candidate keys of one chunk) are checked together.
+        singles = [i for i, c in enumerate(chains) if aliases and len(c) == 1]
+        holder = dict(
+            zip(
+                singles,
+                holders_with_alias(self.cascade, self.aliases, [chains[i][0] for i in singles]),
+            )
+        )
         hits: list[int] = []
         held: list[CacheKey] = []
-        singles = [i for i, c in enumerate(chains) if aliases and len(c) == 1]
-        single: dict[int, CacheKey | None] = {}
-        if singles:  # candidate keys of one chunk: checked together, not one by one
-            firsts = [chains[i][0] for i in singles]
-            single = dict(zip(singles, holders_with_alias(self.cascade, self.aliases, firsts)))
         for i, chain in enumerate(chains):
-            if i in single:
-                holder = single[i]
-                hits.append(int(holder is not None))
-                held.extend([holder] if holder is not None else [])
-                continue
-            if aliases:
+            if i in holder:
+                keys = [k for k in (holder[i],) if k is not None]
+                h = len(keys)
+            elif aliases:
                 h, keys = present_with_alias(self.cascade, self.aliases, chain)
             else:
-                h = self.cascade.prefix_present(list(chain)) if chain else 0
+                h = self.cascade.prefix_present(list(chain))
                 keys = list(chain[:h])
             hits.append(h)
             held.extend(keys)
