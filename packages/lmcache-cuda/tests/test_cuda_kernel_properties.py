@@ -189,6 +189,52 @@ def test_cuda_matches_the_torch_reference(
 
 
 @pytest.mark.gpu
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    row=st.sampled_from(_ROWS),
+    kind=st.sampled_from(["vllm_flash", "vllm_flash_blocks_first"]),
+    req_blocks=st.integers(1, 8),
+    until=st.integers(1, 128),
+)
+def test_cuda_writes_a_chunk_reaching_past_the_table_up_to_its_write_range(
+    row, kind, req_blocks, until
+):
+    """Hits inside a chunk: a longer stored chunk's first tokens go into a request whose
+    blocks end before the chunk does (CPU twin: test_kernels.py)."""
+    import torch
+    from lmcache_core.transfer_numpy import layer_shape
+    from lmcache_cuda.cuda import CudaPagedMemory
+    from lmcache_cuda.reference import TorchPagedKV
+
+    dtype, heads, head_size = row
+    layout = KVLayout(kind, dtype, 2, heads, head_size, 16)
+    nb, chunk_tokens = 24, 256
+    until = min(until, req_blocks * 16)
+    g = torch.Generator(device="cuda").manual_seed(until)
+    shape = layer_shape(layout, nb)
+    src = [_int_tensor(layout, shape, g) for _ in range(layout.num_layers)]
+    whole = list(range(16))  # the chunk's own blocks when it was stored
+    pool = _pool(layout.chunk_bytes(chunk_tokens), 1)
+    slot = pool.allocate(None, chunk_tokens, layout.chunk_bytes(chunk_tokens))  # type: ignore[arg-type]
+    assert slot is not None
+    TorchPagedKV(layout, src, whole).read_chunks([ChunkIO(0, chunk_tokens, slot.view)])
+    table = list(range(nb - req_blocks, nb))  # the request's blocks: fewer than the chunk's
+    io = ChunkIO(0, chunk_tokens, slot.view, 0, until)
+    dst = [torch.zeros_like(t) for t in src]
+    ref = [torch.zeros_like(t) for t in src]
+    lib = _ffi.cuda_lib()
+    before = lib.lmc_cuda_launch_count()
+    CudaPagedMemory(layout, dst).request(table).write_chunks([io])
+    assert lib.lmc_cuda_launch_count() - before == 1, "the kernel path did not run"
+    TorchPagedKV(layout, ref, table).write_chunks([io])
+    torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for x, y in zip(dst, ref))
+    written = sum(int(torch.count_nonzero(t)) for t in dst)
+    assert written == layout.chunk_bytes(until) // layout.element_size
+    pool.close()
+
+
+@pytest.mark.gpu
 def test_offsets_past_two_gib_in_a_plane():
     """Blocks at the end of a 4 GiB layer: byte offsets past 2**31 must not wrap."""
     import torch
