@@ -207,7 +207,9 @@ def _inside_a_chunk(h: Harness, r: dict) -> None:
         t.zero_()
     before = h.retrieved()
     cuts = h.m.get("lmcache:num_partial_chunk_loads")
+    found = h.m.get("lmcache:num_lookup_hits")
     r["inside"] = h.gen(other)
+    r["inside_lookup_hits"] = h.m.get("lmcache:num_lookup_hits") - found
     r["loaded_inside"] = h.retrieved() - before
     r["inside_expected"] = shared
     r["inside_cuts"] = h.m.get("lmcache:num_partial_chunk_loads") - cuts

@@ -273,6 +273,7 @@ def test_a_chats_next_round_loads_the_last_rounds_stored_tail_too():
         )
         (load,) = meta.loads
         assert (load.load_from, load.load_until, load.prompt.num_tokens) == (0, 560, 560)
+        assert load.found_past_own_keys == 48, "the workers count the tail as lookup hits"
         assert load.prompt.digests == chunker.chunk(round1, partial_multiple=16).digests
         # Another third chunk, no stored tail: only the full chunks load, nothing guessed.
         other = SimpleNamespace(

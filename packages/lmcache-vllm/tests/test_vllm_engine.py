@@ -117,6 +117,8 @@ def check_random_scenario(r: dict) -> None:
     assert r["loaded_inside"] == r["inside_expected"] == 256 + (144 // BLOCK) * BLOCK
     assert r["inside_load_range"] == [0, r["inside_expected"]]
     assert r["inside_cuts"] == 1
+    # The lookup hit counter has every token found, the candidate lookup's too.
+    assert r["inside_lookup_hits"] == r["inside_expected"]
     assert r["inside_loaded_equals_stored"]
     assert r["inside"] == r["inside_reference"]
     assert r["lookups"] >= 4 and r["hit_tokens_total"] >= 512 + 512 + 256

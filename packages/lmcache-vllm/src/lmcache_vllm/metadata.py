@@ -32,6 +32,9 @@ class LoadSpec:
     block_ids: list[int]
     load_from: int
     load_until: int
+    #: Tokens the scheduler's candidate lookup found past the prompt's own keys: the
+    #: workers count them as lookup hits (the lookup that found them cannot).
+    found_past_own_keys: int = 0
 
 
 @dataclass

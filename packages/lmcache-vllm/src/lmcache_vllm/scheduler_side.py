@@ -240,9 +240,12 @@ class SchedulerSide:
             return
         lo, hi = st.load
         ref = self._ref(st, len(st.prompt))
-        if st.hit is not None:  # the hit ends in another prompt's tail chunk
-            ref = PromptRef(st.hit.chunk_size, st.hit.num_tokens, st.hit.digests)
-        meta.loads.append(LoadSpec(req_id, ref, list(st.block_ids), lo, hi))
+        spec = LoadSpec(req_id, ref, list(st.block_ids), lo, hi)
+        if st.hit is not None:  # it ends in a candidate key: a stored tail or a chunk's blocks
+            spec.prompt = PromptRef(st.hit.chunk_size, st.hit.num_tokens, st.hit.digests)
+            head = len(st.hit) - 1
+            spec.found_past_own_keys = st.hit.num_tokens - (st.prompt.end(head - 1) if head else 0)
+        meta.loads.append(spec)
         st.load = None
         st.pinned = False
 

@@ -219,6 +219,8 @@ class WorkerSide:
         bs = self.block_size
         for spec in meta.loads:
             t0 = time.perf_counter()
+            if spec.found_past_own_keys:
+                self.engine.metrics.inc("lmcache:num_lookup_hits", spec.found_past_own_keys)
             if self._layer_mem is not None:
                 writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
                 writer.blocks_if_failed = spec.block_ids[
