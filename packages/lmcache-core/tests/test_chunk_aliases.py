@@ -145,3 +145,31 @@ def test_max_chunk_aliases_zero_turns_hits_inside_a_chunk_off():
         assert engine.lookup(tokens[:24]) == 16
     with pytest.raises(ConfigError, match="max_chunk_aliases"):
         make_engine(max_chunk_aliases=-1)
+
+
+def test_an_alias_whose_chunk_is_on_a_lower_tier_loads_and_turns_a_miss_when_it_fails(
+    tmp_path,
+):
+    src, dst = FakeEngine(FLASH), FakeEngine(FLASH, seed=4)
+    tokens = list(range(48))
+    with make_engine(local_disk=str(tmp_path), max_local_disk_size="1MiB") as engine:
+        store_with_aliases(engine, tokens, src.kv(src.table(48, 0)), step=4)
+        assert engine.flush(10)
+        target = engine.chunk(tokens).keys(engine.namespace)[1]
+        assert engine.cpu.remove([target]) == 1  # now only the disk tier holds it
+        assert engine.lookup(tokens[:20]) == 20
+        t_dst = dst.table(20, 1)
+        assert engine.retrieve(tokens[:20], dst.kv(t_dst)) == 20
+        assert dst.tokens_kv(t_dst, 0, 20) == src.tokens_kv(src.table(48, 0), 0, 20)
+        assert engine.cpu.remove([target]) == 1  # promoted by that load: only on disk again
+        disk = engine.tiers[1]
+
+        def down(*args, **kwargs):
+            raise OSError("disk gone")
+
+        disk.contains = disk.get = down  # the disk fails: a miss, never an error
+        assert engine.lookup(tokens[:20]) == 16
+        ns = engine.namespace.digest
+        candidates = [[CacheKey(ns + t)] for t in TokenChunker(16).continuations(tokens, 1, [4])]
+        assert engine.lookup_chains(candidates, aliases=True) == [0]
+        assert engine.retrieve(tokens[:20], dst.kv(dst.table(20, 2))) == 16
