@@ -216,6 +216,24 @@ def _inside_a_chunk(h: Harness, r: dict) -> None:
     _, _, blocks2, load_range = h.last("load")
     r["inside_load_range"] = list(load_range)
     r["inside_loaded_equals_stored"] = h.kv_bytes(blocks2, 0, shared) == computed
+    # An instance that did not store the chunk (here this one, its aliases forgotten, as
+    # after a restart) misses its first blocks, until a request loads the chunk whole.
+    from lmcache_core.chunk_aliases import ChunkAliases
+    from lmcache_vllm.scheduler_side import SCHEDULERS
+
+    h.engine.aliases = ChunkAliases()
+    for side in SCHEDULERS:
+        side.inner_keys._sent.clear()
+
+    def loaded(prompt):
+        h.llm.reset_prefix_cache()
+        before = h.retrieved()
+        h.gen(prompt)
+        return h.retrieved() - before
+
+    r["forgotten_loaded"] = loaded(stored[:400] + tokens(7, 200))
+    r["whole_loaded"] = loaded(stored)  # learns the keys of its chunks' first blocks
+    r["learnt_loaded"] = loaded(stored[:400] + tokens(8, 200))
 
 
 def _logprob_gap(a, b) -> float:

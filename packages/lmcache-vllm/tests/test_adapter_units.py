@@ -339,6 +339,20 @@ def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
         # Shares chunk 0 and 44 tokens of chunk 1: loads 256 + 32 (two whole blocks).
         b = SimpleNamespace(request_id="b", prompt_token_ids=a[:300] + [7] * 300, cache_salt="t")
         assert side.get_num_new_matched_tokens(b, 0) == 288
+        side.update_state_after_alloc(b, None, 288)
+        new_b = SimpleNamespace(req_id="b", block_ids=(list(range(38)),), num_computed_tokens=288)
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new_b],
+                scheduled_cached_reqs=none,
+                num_scheduled_tokens={"b": 8},
+            )
+        )
+        (load,) = meta.loads
+        # The load reads chunk 0 (its keys were sent with a's save: not hashed again) and
+        # the 32-token partial chunk, whose first block's key the workers learn.
+        assert load.inner_step == 16 and list(load.inner) == [1]
+        assert load.inner[1] == chunker.continuations(b.prompt_token_ids, 1, [16], cache_salt="t")
         # Shares 100 tokens of chunk 0 only (no full chunk hit): 96 tokens.
         c = SimpleNamespace(request_id="c", prompt_token_ids=a[:100] + [7] * 300, cache_salt="t")
         assert side.get_num_new_matched_tokens(c, 0) == 96

@@ -121,6 +121,10 @@ def check_random_scenario(r: dict) -> None:
     assert r["inside_lookup_hits"] == r["inside_expected"]
     assert r["inside_loaded_equals_stored"]
     assert r["inside"] == r["inside_reference"]
+    # Keys forgotten: whole chunks only, until a load of the stored prompt teaches them.
+    assert r["forgotten_loaded"] == 256
+    assert r["whole_loaded"] >= 512
+    assert r["learnt_loaded"] == r["inside_expected"]
     assert r["lookups"] >= 4 and r["hit_tokens_total"] >= 512 + 512 + 256
 
 

@@ -18,10 +18,11 @@ misses tries the alias, and a load then reads the stored chunk and writes its
 first ``n`` tokens only (writers touch the blocks of their write range alone,
 so the chunk may reach past the request's blocks; no copy cuts it).
 
-The map is this process's (it is filled by its own stores, so a hit needs the
-chunk stored through this engine; a chunk another instance stored in Redis is
-still found by its exact key). It is bounded (least recently used entries go
-first) and holds no KV: an alias whose chunk was evicted is a miss.
+The map is this process's, filled by whoever has the token ids (the vLLM
+connector's scheduler sends the keys with every save and every load, so a
+chunk another instance stored in Redis is learnt the first time it is loaded
+here). It is bounded (least recently used entries go first) and holds no KV:
+an alias whose chunk was evicted is a miss.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ class LoadSpec:
     #: Tokens the scheduler's candidate lookup found past the prompt's own keys: the
     #: workers count them as lookup hits (the lookup that found them cannot).
     found_past_own_keys: int = 0
+    #: As in :class:`SaveSpec`: the keys of the read chunks' first blocks.
+    inner: dict[int, list[bytes]] = field(default_factory=dict)
+    inner_step: int = 0
 
 
 @dataclass

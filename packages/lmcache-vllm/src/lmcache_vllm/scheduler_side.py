@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
 
 from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
+from lmcache_vllm.inner_keys import InnerKeys
 from lmcache_vllm.kv_events import EventGate, block_info, events_enabled
 from lmcache_vllm.lookup import LookupClient
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
@@ -72,6 +73,12 @@ class SchedulerSide:
         #: blocks when they finish until the workers report the saves done.
         self.tracker = SaveTracker(async_saves(vllm_config))
         self.events = EventGate(pc.tensor_parallel_size) if events_enabled(vllm_config) else None
+        # Remember about half the chunks the workers' alias maps hold, so that keys the
+        # workers have forgotten are sent again when a request next touches the chunk.
+        per_chunk = max(1, self.config.chunk_size // self.block_size - 1)
+        self.inner_keys = InnerKeys(
+            self.chunker, self.block_size, self.config.max_chunk_aliases // per_chunk // 2
+        )
         self.blend = (
             BlendScheduler(self.config, vllm_config, self.chunker)
             if self.config.enable_blending
@@ -245,6 +252,13 @@ class SchedulerSide:
             spec.prompt = PromptRef(st.hit.chunk_size, st.hit.num_tokens, st.hit.digests)
             head = len(st.hit) - 1
             spec.found_past_own_keys = st.hit.num_tokens - (st.prompt.end(head - 1) if head else 0)
+        # The chunks this load reads: the workers learn their first blocks' keys too.
+        p = spec.prompt.prompt()
+        read = sum(1 for i in range(len(p)) if p.start(i) < hi)
+        spec.inner = self.inner_keys.for_chunks(
+            st.tokens, st.identity, p.digests, p.num_tokens, 0, read
+        )
+        spec.inner_step = self.block_size
         meta.loads.append(spec)
         st.load = None
         st.pinned = False
@@ -275,23 +289,14 @@ class SchedulerSide:
             if st.request is not None:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
             spec = SaveSpec(req_id, ref, list(st.block_ids), blocks)
-            spec.inner = self._inner_prefixes(st, st.saved_chunks, ready)
+            p = st.prompt
+            spec.inner = self.inner_keys.for_chunks(
+                st.tokens, st.identity, p.digests, p.num_tokens, st.saved_chunks, ready
+            )
             spec.inner_step = self.block_size
             meta.saves.append(spec)
             st.saved_chunks = ready
             self.tracker.planned([req_id])
-
-    def _inner_prefixes(self, st: _RequestState, lo: int, hi: int) -> dict[int, list[bytes]]:
-        """The keys of the block-multiple prefixes of chunks ``[lo, hi)``, for the workers to
-        register as aliases of the chunks they store (none for prompts with images)."""
-        ident = st.identity
-        if ident is None or ident.mm_items or self.block_size >= st.prompt.chunk_size:
-            return {}
-        inner = self.chunker.inner_prefixes(
-            st.tokens[: st.prompt.num_tokens], range(lo, hi), self.block_size,
-            cache_salt=ident.cache_salt, adapter=ident.adapter,
-        )  # fmt: skip
-        return {i: d for i, d in zip(range(lo, hi), inner) if d}
 
     def request_finished(self, request: Request) -> bool:
         """Forget the request; True when vLLM must keep its blocks until the workers

@@ -246,6 +246,8 @@ class WorkerSide:
                 )
             self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
             if got > spec.load_from:
+                self._learn_inner_keys(spec)
+            if got > spec.load_from:
                 logger.info(
                     "lmcache: loaded tokens [%d, %d) of %s in %.1f ms",
                     spec.load_from,
@@ -358,16 +360,21 @@ class WorkerSide:
             for i, key in enumerate(prompt.keys(self.engine.namespace)):
                 self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
         staged = self.engine.store_async(prompt, reader)
-        if spec.inner and spec.inner_step > 0:
-            try:
-                self.engine.add_aliases(prompt, spec.inner, spec.inner_step)
-            except ValueError:
-                logger.exception("lmcache: bad inner-prefix keys for %s; ignored", spec.req_id)
+        self._learn_inner_keys(spec)
         self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
         if staged is None or self.saves is None:
             return False
         self.saves.add(spec.req_id, staged)
         return True
+
+    def _learn_inner_keys(self, spec: Any) -> None:
+        """Register a save's or load's chunks' first-block keys (lmcache_core.chunk_aliases)."""
+        if self.engine is None or not spec.inner or spec.inner_step <= 0:
+            return
+        try:
+            self.engine.add_aliases(spec.prompt.prompt(), spec.inner, spec.inner_step)
+        except ValueError:
+            logger.exception("lmcache: bad inner-prefix keys for %s; ignored", spec.req_id)
 
     def poll_saves(self) -> int:
         """Commit the saves whose copies are done (all of them on the CPU backend), and
