@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import lmcache_cuda
 import torch
 from lmcache_core.engine import CacheEngine
-from lmcache_core.errors import ConfigError
 from lmcache_core.keys import ChunkedPrompt
 from lmcache_core.metrics import start_exporter
 from lmcache_core.staged_load import StagedLoad
@@ -136,7 +135,9 @@ class WorkerSide:
         if self.events is not None:
             self.engine.watch(self.events)
         if self.config.enable_blending:
-            self.blend = self._blend_worker(kv_caches, world)
+            from lmcache_vllm.blend.worker import blend_worker  # only when blending
+
+            self.blend = blend_worker(self.vllm_config, self.engine, kv_caches, world)
         self.server = LookupServer(
             self.vllm_config.kv_transfer_config.engine_id,
             rank,
@@ -157,30 +158,6 @@ class WorkerSide:
             layout.num_layers,
             self.engine.pool.num_slots,
             self.config.chunk_size,
-        )
-
-    def _blend_worker(self, kv_caches: dict[str, torch.Tensor], world: int) -> Any:
-        from lmcache_vllm.blend.models import SUPPORTED, find_model
-        from lmcache_vllm.blend.worker import BlendWorker
-
-        assert self.engine is not None
-        forward_context = self.vllm_config.compilation_config.static_forward_context
-        names = [name for name, _ in ordered_layers(kv_caches)]
-        attn = {name: forward_context[name] for name in names if name in forward_context}
-        model = find_model(attn)
-        if model is None or len(attn) != len(names):
-            archs = getattr(self.vllm_config.model_config, "architectures", None) or ["?"]
-            raise ConfigError(
-                [
-                    f"enable_blending: model {archs[0]} is not one lmcache can blend. Supported: "
-                    f"{', '.join(SUPPORTED)} (dense RoPE decoders), with lmcache's vLLM plugin "
-                    "loaded (it is, unless VLLM_PLUGINS leaves out 'lmcache'); or turn "
-                    "enable_blending off"
-                ],
-                "lmcache-vllm",
-            )
-        return BlendWorker(
-            self.engine, model, self.layers, [attn[n] for n in names], world_size=world
         )
 
     def _lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:

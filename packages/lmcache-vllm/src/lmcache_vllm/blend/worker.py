@@ -233,3 +233,29 @@ class BlendWorker:
             reader = _SegmentReader(self, spec.block_ids, seg.start)
             stored += self.engine.store_chunks(keys, spans, reader)
         return stored
+
+
+def blend_worker(
+    vllm_config: Any, engine: CacheEngine, kv_caches: dict[str, torch.Tensor], world: int
+) -> BlendWorker:
+    """The blend pass of a worker whose model lmcache can blend; a clear error otherwise."""
+    from lmcache_vllm.blend.models import SUPPORTED, find_model
+    from lmcache_vllm.layouts import ordered_layers
+
+    forward_context = vllm_config.compilation_config.static_forward_context
+    names = [name for name, _ in ordered_layers(kv_caches)]
+    attn = {name: forward_context[name] for name in names if name in forward_context}
+    model = find_model(attn)
+    if model is None or len(attn) != len(names):
+        archs = getattr(vllm_config.model_config, "architectures", None) or ["?"]
+        raise ConfigError(
+            [
+                f"enable_blending: model {archs[0]} is not one lmcache can blend. Supported: "
+                f"{', '.join(SUPPORTED)} (dense RoPE decoders), with lmcache's vLLM plugin "
+                "loaded (it is, unless VLLM_PLUGINS leaves out 'lmcache'); or turn "
+                "enable_blending off"
+            ],
+            "lmcache-vllm",
+        )
+    layers = [t for _, t in ordered_layers(kv_caches)]
+    return BlendWorker(engine, model, layers, [attn[n] for n in names], world_size=world)
