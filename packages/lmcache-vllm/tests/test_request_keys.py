@@ -26,7 +26,7 @@ PLACEHOLDER = 151655  # an image token id; identical for every image
 TOKENS = list(range(100)) + [PLACEHOLDER] * 300 + list(range(200, 300))
 
 
-def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKENS):
+def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKENS, params=None):
     mm = None
     if image is not None:
         mm = [
@@ -41,7 +41,7 @@ def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKEN
     return Request(
         rid,
         tokens,
-        SamplingParams(max_tokens=1),
+        SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params} if params else None),
         None,
         mm_features=mm,
         lora_request=lora,
@@ -125,3 +125,76 @@ def test_engine_wide_inputs_of_the_kv_are_in_the_namespace():
 
     assert namespace_extra(cfg("auto", None)) != namespace_extra(cfg("fp8", None))
     assert namespace_extra(cfg("auto", None)) != namespace_extra(cfg("auto", "awq"))
+
+
+def test_tags_are_part_of_the_key_like_a_salt(scheduler):
+    side, seen = scheduler
+    keys = {
+        "plain": _digests(side, seen, _request("p")),
+        "alice": _digests(side, seen, _request("a", params={"lmcache.tag.user": "alice"})),
+        "bob": _digests(side, seen, _request("b", params={"lmcache.tag.user": "bob"})),
+        "salted": _digests(side, seen, _request("s", salt="t1")),
+        "salted alice": _digests(
+            side, seen, _request("sa", salt="t1", params={"lmcache.tag.user": "alice"})
+        ),
+    }
+    flat = [d for ds in keys.values() for d in ds]
+    assert len(set(flat)) == len(flat), "no key is shared between tags, salts or neither"
+    again = _request("a2", params={"lmcache.tag.user": "alice", "do_remote_prefill": False})
+    assert _digests(side, seen, again) == keys["alice"], "other connectors' params do not count"
+    # Controls that do not tag leave the key as it was.
+    skip = _request("k", params={"lmcache.skip_save": True, "lmcache.ttl": 60})
+    assert _digests(side, seen, skip) == keys["plain"]
+    assert request_identity(skip).skip_save
+
+
+def test_malformed_controls_serve_the_request_without_the_cache(scheduler, caplog):
+    side, seen = scheduler
+    for params in ({"lmcache.tag.user": {"id": 7}}, {"lmcache.skip_save": "perhaps"}):
+        req = _request("m", params=params)
+        assert request_identity(req) is None
+        before = len(seen)
+        with caplog.at_level("WARNING", logger="lmcache_vllm.request_keys"):
+            assert side.get_num_new_matched_tokens(req, 0) == 0
+        assert len(seen) == before, "no lookup is made for it"
+    text = caplog.text
+    assert "lmcache.tag.user must be a string, number or boolean" in text
+    assert "lmcache.skip_save must be true or false" in text
+    # A salt no tagged request can produce: refused rather than risk sharing one.
+    assert request_identity(_request("z", salt="\x00[null]")) is None
+
+
+def test_skip_save_loads_but_plans_no_save(scheduler):
+    side, _ = scheduler
+    lookup._LOCAL[("keys-test", 0)] = (lambda cs, n, d, o: len(d), lambda o: None)
+    none = SimpleNamespace(
+        req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+    )
+    plans = {}
+    for rid, params in (("save", None), ("skip", {"lmcache.skip_save": True})):
+        req = _request(rid, params=params, tokens=list(range(300)))
+        hit = side.get_num_new_matched_tokens(req, 0)
+        side.update_state_after_alloc(req, None, hit)
+        new = SimpleNamespace(req_id=rid, block_ids=(list(range(20)),), num_computed_tokens=hit)
+        meta = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new],
+                scheduled_cached_reqs=none,
+                num_scheduled_tokens={rid: 300 - hit},
+            )
+        )
+        plans[rid] = (hit, len(meta.loads), len(meta.saves))
+    # Both load the 288 cached tokens (whole blocks below the last token); only one stores.
+    assert plans == {"save": (288, 1, 1), "skip": (288, 1, 0)}
+    # A P/D prefill instance's save is the transfer to the decode instance: it stays.
+    side.role = "kv_producer"
+    req = _request("pd", params={"lmcache.skip_save": True}, tokens=list(range(300)))
+    assert side.get_num_new_matched_tokens(req, 0) == 0
+    side.update_state_after_alloc(req, None, 0)
+    new = SimpleNamespace(req_id="pd", block_ids=(list(range(20)),), num_computed_tokens=0)
+    meta = side.build_connector_meta(
+        SimpleNamespace(
+            scheduled_new_reqs=[new], scheduled_cached_reqs=none, num_scheduled_tokens={"pd": 300}
+        )
+    )
+    assert len(meta.saves) == 1

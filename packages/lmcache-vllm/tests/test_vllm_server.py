@@ -200,3 +200,40 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports(server):
     assert len(queried) >= 20
     exposed = _exposed_names(_families(f"http://127.0.0.1:{port}/metrics"))
     assert queried <= exposed, f"queried but not exported: {sorted(queried - exposed)}"
+
+
+def test_per_request_controls_over_http(server):
+    """Upstream LMCache's ``kv_transfer_params`` controls, sent by an HTTP client:
+    ``lmcache.skip_save`` stores nothing (and still loads), ``lmcache.tag.*`` keys apart."""
+    from lmcache_core.workload import scrape_metrics
+    from lmcache_vllm.testing import complete
+
+    port, metrics_port, _ = server
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def stored() -> float:
+        return scrape_metrics(url).get("lmcache:stored_bytes", 0)
+
+    def loaded() -> float:
+        return scrape_metrics(url).get("lmcache:num_hit_tokens", 0)
+
+    prompt = " ".join(f"controls{i}" for i in range(300))
+    before = stored()
+    complete(port, prompt, max_tokens=1, kv_transfer_params={"lmcache.skip_save": True})
+    assert stored() == before, "lmcache.skip_save stored nothing"
+    hits = loaded()
+    complete(port, prompt, max_tokens=1)  # nothing of it was cached: computed, now stored
+    assert loaded() == hits and stored() > before
+
+    tagged = " ".join(f"tagged{i}" for i in range(300))
+    alice = {"lmcache.tag.user": "alice"}
+    first = complete(port, tagged, max_tokens=4, kv_transfer_params=alice)
+    hits = loaded()
+    complete(port, tagged, max_tokens=4, kv_transfer_params={"lmcache.tag.user": "bob"})
+    complete(port, tagged, max_tokens=4)
+    assert loaded() == hits, "another tag, or none, does not find alice's KV"
+    again = complete(port, tagged, max_tokens=4, kv_transfer_params=alice)
+    assert loaded() >= hits + 256 and again == first
+    hits, kept = loaded(), stored()
+    complete(port, tagged, max_tokens=1, kv_transfer_params={**alice, "lmcache.skip_save": True})
+    assert loaded() >= hits + 256 and stored() == kept, "skip_save loads, stores nothing"

@@ -4,7 +4,9 @@ Mirrors what vLLM's own block hashes include (``generate_block_hash_extra_keys``
 in ``vllm/v1/core/kv_cache_utils.py``), so a hit is never another request's
 KV where vLLM's prefix cache would not share either:
 
-* the ``cache_salt`` (a tenant);
+* the ``cache_salt`` (a tenant), and the request's ``lmcache.tag.*``
+  controls (:mod:`lmcache_core.request_options`, upstream LMCache's per-request
+  tags), folded into the key's salt;
 * the LoRA adapter: its name *and* path, as vLLM keys it, so re-pointing a
   name at another adapter never reuses KV computed with the old one;
 * multimodal inputs: each item's content hash (``identifier``) with its
@@ -20,23 +22,56 @@ the weights' dtype and quantization, which change every KV byte.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from lmcache_core.keys import MultimodalItem
+from lmcache_core.request_options import IGNORED, RequestOptionsError, parse_request_options
+
+logger = logging.getLogger(__name__)
+#: Messages already logged: a client repeating a malformed control logs it once.
+_LOGGED: set[str] = set()
+_MAX_LOGGED = 1024
 
 
 @dataclass(frozen=True)
 class RequestIdentity:
-    cache_salt: str | None
+    cache_salt: str | None  # the key's salt: vLLM's cache_salt with the lmcache.tag.* controls
     adapter: str | None
     mm_items: tuple[MultimodalItem, ...]
+    skip_save: bool = False  # lmcache.skip_save: load, but store nothing of this request
+
+
+def _log_once(message: str, level: int = logging.WARNING) -> None:
+    if message in _LOGGED or len(_LOGGED) >= _MAX_LOGGED:
+        return
+    _LOGGED.add(message)
+    logger.log(level, message)
 
 
 def request_identity(request: Any) -> RequestIdentity | None:
-    """The key inputs of ``request`` (a ``vllm.v1.request.Request``); None: do not cache it."""
+    """The key inputs of ``request`` (a ``vllm.v1.request.Request``); None: do not cache it.
+
+    Malformed ``lmcache.*`` controls in its ``kv_transfer_params`` make it
+    uncached (logged with what to fix): a scheduler cannot fail one request,
+    and a tag meant to isolate it may be the malformed part.
+    """
     if request.prompt_token_ids is None or getattr(request, "prompt_embeds", None) is not None:
         return None
+    try:
+        options = parse_request_options(getattr(request, "kv_transfer_params", None))
+        salt = options.key_salt(getattr(request, "cache_salt", None) or None)
+    except RequestOptionsError as e:
+        _log_once(f"lmcache: request served without the cache: {e}")
+        return None
+    for name in options.unused:
+        what = "is not used (chunks live until evicted)" if name in IGNORED else "is unknown"
+        _log_once(
+            f"lmcache: kv_transfer_params[{name!r}] {what}; lmcache reads lmcache.skip_save "
+            "and lmcache.tag.<name>",
+            logging.INFO if name in IGNORED else logging.WARNING,
+        )
     lora = getattr(request, "lora_request", None)
     adapter = None
     if lora is not None:
@@ -48,7 +83,7 @@ def request_identity(request: Any) -> RequestIdentity | None:
         if ident is None:
             return None  # an item without a content hash cannot be keyed: compute it
         items.append(MultimodalItem(str(ident), int(pos.offset), int(pos.length)))
-    return RequestIdentity(getattr(request, "cache_salt", None) or None, adapter, tuple(items))
+    return RequestIdentity(salt, adapter, tuple(items), options.skip_save)
 
 
 def namespace_extra(vllm_config: Any) -> tuple[tuple[str, str], ...]:

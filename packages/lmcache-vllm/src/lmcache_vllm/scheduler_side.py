@@ -99,6 +99,7 @@ class SchedulerSide:
                     prompt_len=len(request.prompt_token_ids),
                     blend=blend,
                     tokens=request.prompt_token_ids,
+                    identity=identity,
                 )
                 self.requests[request.request_id] = st
                 return st
@@ -174,7 +175,7 @@ class SchedulerSide:
         lengths = [n for n in lengths if start + n <= cap][::-1]  # longest first
         if not lengths:
             return None
-        identity = request_identity(request)
+        identity = self.requests[request.request_id].identity
         if identity is None:
             return None
         tails = self.chunker.continuations(
@@ -272,6 +273,8 @@ class SchedulerSide:
     ) -> None:
         if self.role == "kv_consumer":
             return
+        if st.identity is not None and st.identity.skip_save and self.role != "kv_producer":
+            return  # lmcache.skip_save; a P/D producer's save is the transfer, so it stays
         if st.blend is not None and self.blend is not None:
             if computed >= st.prompt_len:
                 bspec = self.blend.save_spec(req_id, st.blend, st.block_ids)
