@@ -72,10 +72,15 @@ def train_tokenizer(out: Path) -> int:
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    # Every layer slides over 256 tokens (as Mistral-7B v0.1 over 4096): vLLM drops the KV
+    # that leaves the window, which is what a cache must not read or write then.
+    "mistral-sw": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),  # learned positions, no RoPE
 }
+
+SLIDING_WINDOW = 256
 
 
 def make_model(out: Path, preset: str, seed: int, init_std: float, family: str = "llama") -> Path:
@@ -98,7 +103,9 @@ def make_model(out: Path, preset: str, seed: int, init_std: float, family: str =
             initializer_range=init_std,
         )
         return _save(out, model_cls(config), preset, seed, init_std, family)
-    extra = {"sliding_window": None} if family == "mistral" else {}
+    extra = {}
+    if family.startswith("mistral"):
+        extra = {"sliding_window": SLIDING_WINDOW if family == "mistral-sw" else None}
     config = config_cls(
         **extra,
         vocab_size=max(vocab, VOCAB),

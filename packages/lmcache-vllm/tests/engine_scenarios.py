@@ -489,6 +489,50 @@ def scenario_async_saves(model: str) -> dict:
     }
 
 
+def scenario_sliding_window(model: str) -> dict:
+    """A model whose every layer slides (Mistral-style): vLLM drops the KV that leaves
+    the window and puts its null block in the request's table there."""
+    llm = make_llm(model)
+    h = Harness(llm)
+    r = {"spec": type(h.worker.kv_cache_config.kv_cache_groups[0].kv_cache_spec).__name__}
+    a = tokens(1, 900)
+    r["cold"] = h.gen(a)
+    _, _, blocks, _ = h.last("save")
+    computed = [h.kv_bytes(blocks, 256 * i, 256 * (i + 1)) for i in range(3)]
+    keys = h.engine.chunk(a).keys(h.engine.namespace)
+    r["stored_equals_computed"] = [h.stored_chunk(a, i)[1] == computed[i] for i in range(3)]
+    # lmcache's DRAM tier evicts the prompt while vLLM's own cache still holds its window.
+    h.engine.cpu.remove(keys)
+    h.gen(a)  # vLLM's own hit: blocks before the window are its null block
+
+    def stored():  # per chunk: None if not stored, else whether it is the computed KV
+        return [
+            (h.stored_chunk(a, i)[1] == computed[i])
+            if h.engine.cpu.contains([keys[i]])[0]
+            else None
+            for i in range(3)
+        ]
+
+    r["stored_after_own_hit"] = stored()
+    llm.reset_prefix_cache()
+    h.gen(a)  # computed again: stored from its own blocks
+    r["stored_after_recompute"] = stored()
+    # A prompt within the window of chunk 0 loads it: it must be the computed KV.
+    short = a[:300] + tokens(9, 40)
+    ref = h.gen(short, salt="reference")  # computed in full
+    llm.reset_prefix_cache()
+    before = h.retrieved()
+    r["short_matches"] = h.gen(short) == ref
+    r["short_loaded"] = h.retrieved() - before
+    # A load past the window writes the window's blocks only, never vLLM's null block.
+    llm.reset_prefix_cache()
+    r["hit"] = h.gen(a)
+    _, _, load_blocks, load_range = h.last("load")
+    r["load_range"] = list(load_range)
+    r["null_blocks_in_table"] = load_blocks.count(0)
+    return r
+
+
 def scenario_bad_chunk_size(model: str) -> dict:
     try:
         make_llm(model, kv_connector_extra_config={"chunk_size": 200})

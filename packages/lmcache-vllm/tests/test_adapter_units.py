@@ -265,7 +265,7 @@ def test_a_chats_next_round_loads_the_last_rounds_stored_tail_too():
         none = SimpleNamespace(
             req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
         )
-        new = SimpleNamespace(req_id="r2", block_ids=(list(range(60)),), num_computed_tokens=560)
+        new = SimpleNamespace(req_id="r2", block_ids=(list(range(1, 61)),), num_computed_tokens=560)
         meta = side.build_connector_meta(
             SimpleNamespace(
                 scheduled_new_reqs=[new], scheduled_cached_reqs=none, num_scheduled_tokens={"r2": 8}
@@ -319,7 +319,7 @@ def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
         req = SimpleNamespace(request_id="a", prompt_token_ids=a, cache_salt="t")
         assert side.get_num_new_matched_tokens(req, 0) == 0
         side.update_state_after_alloc(req, None, 0)
-        new = SimpleNamespace(req_id="a", block_ids=(list(range(38)),), num_computed_tokens=0)
+        new = SimpleNamespace(req_id="a", block_ids=(list(range(1, 39)),), num_computed_tokens=0)
         meta = side.build_connector_meta(
             SimpleNamespace(
                 scheduled_new_reqs=[new],
@@ -340,7 +340,9 @@ def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
         b = SimpleNamespace(request_id="b", prompt_token_ids=a[:300] + [7] * 300, cache_salt="t")
         assert side.get_num_new_matched_tokens(b, 0) == 288
         side.update_state_after_alloc(b, None, 288)
-        new_b = SimpleNamespace(req_id="b", block_ids=(list(range(38)),), num_computed_tokens=288)
+        new_b = SimpleNamespace(
+            req_id="b", block_ids=(list(range(1, 39)),), num_computed_tokens=288
+        )
         meta = side.build_connector_meta(
             SimpleNamespace(
                 scheduled_new_reqs=[new_b],
@@ -361,3 +363,100 @@ def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
         assert side.get_num_new_matched_tokens(d, 0) == 0
     finally:
         lookup._LOCAL.pop(("inner-test", 0), None)
+
+
+def _spec_config(spec):
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import KVCacheGroupSpec
+
+    return SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["layers.0.attn"], spec)])
+
+
+def test_kv_cache_specs_lmcache_cannot_serve_are_refused_at_start():
+    from lmcache_vllm.settings import checked_kv_spec
+    from vllm.v1.kv_cache_interface import (
+        ChunkedLocalAttentionSpec,
+        FullAttentionSpec,
+        SlidingWindowSpec,
+    )
+
+    shape = {"block_size": 16, "num_kv_heads": 2, "head_size": 64, "dtype": torch.bfloat16}
+    cfg = CacheConfig(chunk_size=256)
+    full = FullAttentionSpec(**shape)
+    assert checked_kv_spec(_spec_config(full), cfg) is full
+    wide = SlidingWindowSpec(**shape, sliding_window=4096)
+    assert checked_kv_spec(_spec_config(wide), cfg) is wide
+    with pytest.raises(ConfigError, match=r"sliding window \(128 tokens\).*at most 128"):
+        checked_kv_spec(_spec_config(SlidingWindowSpec(**shape, sliding_window=128)), cfg)
+    local = ChunkedLocalAttentionSpec(**shape, attention_chunk_size=8192)
+    with pytest.raises(ValueError, match="this model's is ChunkedLocalAttentionSpec"):
+        checked_kv_spec(_spec_config(local), cfg)
+
+
+def test_the_scheduler_never_loads_into_or_saves_from_vllms_null_block():
+    """A sliding window's dropped KV sits in vLLM's null block (id 0) in the request's table."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm import lookup
+    from lmcache_vllm.scheduler_side import kept_from
+
+    assert kept_from([0, 0, 7, 8], 16) == 32 and kept_from([5, 6], 16) == 0
+    assert kept_from([0, 0], 16) == 32
+    unpinned = []
+    lookup._LOCAL[("null-test", 0)] = (lambda cs, n, d, o: len(d), unpinned.append)
+    try:
+        side = _scheduler("null-test")
+        none = SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        )
+
+        def step(rid, n_tokens, block_ids, computed):
+            req = SimpleNamespace(
+                request_id=rid, prompt_token_ids=list(range(n_tokens)), cache_salt=None
+            )
+            hit = side.get_num_new_matched_tokens(req, 0)
+            side.update_state_after_alloc(req, None, hit)
+            new = SimpleNamespace(req_id=rid, block_ids=(block_ids,), num_computed_tokens=hit)
+            return hit, side.build_connector_meta(
+                SimpleNamespace(
+                    scheduled_new_reqs=[new],
+                    scheduled_cached_reqs=none,
+                    num_scheduled_tokens={rid: n_tokens - hit},
+                )
+            )
+
+        # 600 tokens: 592 cached; vLLM kept blocks from token 320 on (the first 20 are null).
+        hit, meta = step("a", 600, [0] * 20 + list(range(100, 118)), 592)
+        (load,) = meta.loads
+        assert hit == 592 and (load.load_from, load.load_until) == (320, 592)
+        (save,) = meta.saves
+        assert save.from_chunk == 2  # chunks 0 and 1 include null blocks: not stored
+        # All of the hit before the window: nothing to load, and its pins go at once.
+        hit, meta = step("b", 600, [0] * 37 + [200], 592)
+        assert meta.loads == [] and "b" in unpinned
+    finally:
+        lookup._LOCAL.pop(("null-test", 0), None)
+
+
+def test_with_a_sliding_window_async_saves_fence_every_step_they_are_in_flight():
+    """Blocks leave the window (and go to other requests) in any step, unannounced: vLLM's
+    stream must wait for queued save copies before it writes KV, as after a preemption."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm.save_tracker import SaveTracker
+
+    side = _scheduler("fence-test")
+    side.tracker = SaveTracker(True)
+    none = SimpleNamespace(
+        req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+    )
+    out = SimpleNamespace(
+        scheduled_new_reqs=[], scheduled_cached_reqs=none, num_scheduled_tokens={}
+    )
+    side.tracker.planned(["r"])
+    assert not side.build_connector_meta(out).fence  # full attention: blocks stay the request's
+    side.sliding = True
+    assert side.build_connector_meta(out).fence
+    side.tracker.saving.clear()
+    assert not side.build_connector_meta(out).fence

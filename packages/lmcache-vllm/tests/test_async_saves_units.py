@@ -45,7 +45,7 @@ def _output(new=(), preempted=()):
     )
     return SimpleNamespace(
         scheduled_new_reqs=[
-            SimpleNamespace(req_id=r, block_ids=(list(range(40)),), num_computed_tokens=0)
+            SimpleNamespace(req_id=r, block_ids=(list(range(1, 41)),), num_computed_tokens=0)
             for r, _ in new
         ],
         scheduled_cached_reqs=none,

@@ -175,7 +175,7 @@ def test_skip_save_loads_but_plans_no_save(scheduler):
         req = _request(rid, params=params, tokens=list(range(300)))
         hit = side.get_num_new_matched_tokens(req, 0)
         side.update_state_after_alloc(req, None, hit)
-        new = SimpleNamespace(req_id=rid, block_ids=(list(range(20)),), num_computed_tokens=hit)
+        new = SimpleNamespace(req_id=rid, block_ids=(list(range(1, 21)),), num_computed_tokens=hit)
         meta = side.build_connector_meta(
             SimpleNamespace(
                 scheduled_new_reqs=[new],
@@ -191,7 +191,7 @@ def test_skip_save_loads_but_plans_no_save(scheduler):
     req = _request("pd", params={"lmcache.skip_save": True}, tokens=list(range(300)))
     assert side.get_num_new_matched_tokens(req, 0) == 0
     side.update_state_after_alloc(req, None, 0)
-    new = SimpleNamespace(req_id="pd", block_ids=(list(range(20)),), num_computed_tokens=0)
+    new = SimpleNamespace(req_id="pd", block_ids=(list(range(1, 21)),), num_computed_tokens=0)
     meta = side.build_connector_meta(
         SimpleNamespace(
             scheduled_new_reqs=[new], scheduled_cached_reqs=none, num_scheduled_tokens={"pd": 300}

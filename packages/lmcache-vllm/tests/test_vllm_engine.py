@@ -154,6 +154,26 @@ def test_chunk_size_that_splits_blocks_is_refused_at_start(tiny_model):
     assert f"LMCACHE_CHUNK_SIZE={round(200 / BLOCK) * BLOCK}" in r["error"]
 
 
+def test_a_sliding_window_model_never_stores_or_loads_the_kv_vllm_dropped(family_model):
+    """Every layer slides over 256 tokens: vLLM frees the blocks that leave the window and
+    puts its null block (id 0) in the request's table. Before this was handled, a request
+    hitting vLLM's own cache stored that null block as the prompt's first chunks (chunks
+    lmcache had evicted), and a later prompt loaded it: a wrong answer, silently."""
+    r = run_scenario("sliding_window", family_model("mistral-sw"))
+    assert r["spec"] == "SlidingWindowSpec"
+    assert r["stored_equals_computed"] == [True, True, True]
+    # vLLM's own hit left chunks 0-2 in the null block: they are not stored at all...
+    assert r["stored_after_own_hit"] == [None, None, None]
+    # ...until the prompt is computed again, from its own blocks.
+    assert r["stored_after_recompute"] == [True, True, True]
+    assert r["short_loaded"] == 256 and r["short_matches"]
+    # A hit past the window writes the window's blocks only: 896 - 256 + 1 tokens are
+    # outside it, so the first 5 blocks of 128 are vLLM's null block and are left alone.
+    if BLOCK == 128:
+        assert r["null_blocks_in_table"] == 5 and r["load_range"] == [640, 896]
+    assert r["hit"] == r["cold"]
+
+
 def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
     env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
     first = run_scenario("restart", peaked_model, **env)

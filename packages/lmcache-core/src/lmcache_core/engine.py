@@ -307,6 +307,7 @@ class CacheEngine:
         reader: KVReader,
         *,
         cache_salt: str | None = None,
+        from_chunk: int = 0,
     ) -> staged_store.StagedStore | None:
         """Start storing the KV of ``tokens``; the copy may still be in flight on return.
 
@@ -314,10 +315,11 @@ class CacheEngine:
         the engine's step is not held up by the device. The chunks reach the
         tiers only in :meth:`finish_store` (or through a
         :class:`~lmcache_core.staged_store.SaveQueue`); None when there is
-        nothing to store.
+        nothing to store. Chunks before ``from_chunk`` are not stored (the
+        engine no longer holds their KV: a sliding window left them).
         """
         self.metrics.inc("lmcache:num_store_requests")
-        spans = self.spans(tokens, cache_salt=cache_salt)
+        spans = self.spans(tokens, cache_salt=cache_salt)[from_chunk:]
         if not spans:
             return None
         return staged_store.stage(self, self.keys(spans), spans, reader, asynchronous=True)

@@ -52,6 +52,9 @@ class SaveSpec:
     #: aliases of the stored chunk (lmcache_core.chunk_aliases).
     inner: dict[int, list[bytes]] = field(default_factory=dict)
     inner_step: int = 0
+    #: Chunks before this one are not stored: their blocks include vLLM's null block
+    #: (KV it dropped outside a sliding window), so their KV is not in the blocks.
+    from_chunk: int = 0
 
 
 @dataclass

@@ -38,6 +38,10 @@ class SaveTracker:
         """Were requests with saves preempted (their blocks freed at once)?"""
         return self.enabled and not self.saving.isdisjoint(preempted)
 
+    def saving_any(self) -> bool:
+        """May a save still be in flight (after the step) for some request?"""
+        return self.enabled and bool(self.saving)
+
     # ------------------------------------------------------------------ worker side
 
     def done(self, finished_req_ids: Iterable[str], busy: set[str]) -> set[str]:

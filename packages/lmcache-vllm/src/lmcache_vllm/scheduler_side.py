@@ -21,7 +21,12 @@ from lmcache_vllm.lookup import LookupClient
 from lmcache_vllm.metadata import LMCacheConnectorMetadata, LoadSpec, PromptRef, SaveSpec
 from lmcache_vllm.request_keys import RequestIdentity, request_identity
 from lmcache_vllm.save_tracker import SaveTracker
-from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config
+from lmcache_vllm.settings import (
+    async_saves,
+    check_chunk_size,
+    checked_kv_spec,
+    load_cache_config,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -32,6 +37,18 @@ if TYPE_CHECKING:
 
 #: Scheduler sides alive in this process (for tests and benchmark tools).
 SCHEDULERS: list[SchedulerSide] = []
+
+#: vLLM's BlockPool hands block 0 out as its null block: in a request's table it
+#: stands for KV that vLLM dropped (before a sliding window), never for a request's KV.
+NULL_BLOCK = 0
+
+
+def kept_from(block_ids: list[int], block_size: int) -> int:
+    """The first token whose block holds KV: those before sit in vLLM's null block."""
+    for i, b in enumerate(block_ids):
+        if b != NULL_BLOCK:
+            return i * block_size
+    return len(block_ids) * block_size
 
 
 @dataclass
@@ -59,6 +76,13 @@ class SchedulerSide:
         self.block_size = vllm_config.cache_config.block_size
         check_chunk_size(self.config, self.block_size)
         self.role = vllm_config.kv_transfer_config.kv_role
+        #: Every layer slides: vLLM frees blocks that leave the window mid-request.
+        self.sliding = False
+        if kv_cache_config is not None:
+            from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+            spec = checked_kv_spec(kv_cache_config, self.config)
+            self.sliding = isinstance(spec, SlidingWindowSpec)
         self.chunker = TokenChunker(self.config.chunk_size, self.config.hash_algorithm)
         pc = vllm_config.parallel_config
         if pc.pipeline_parallel_size > 1:
@@ -211,6 +235,8 @@ class SchedulerSide:
         preempted = getattr(so, "preempted_req_ids", None) or set()
         if self.tracker.fence_needed(preempted):
             meta.fence = True  # their blocks may be rewritten in this very step
+        elif self.sliding and self.tracker.saving_any():
+            meta.fence = True  # blocks that left the window may be handed out in this step
         for new in so.scheduled_new_reqs:
             st = self.requests.get(new.req_id)
             if st is None:
@@ -247,6 +273,13 @@ class SchedulerSide:
         if st.load is None:
             return
         lo, hi = st.load
+        lo = max(lo, kept_from(st.block_ids, self.block_size))
+        if lo >= hi:  # all of it before the window: vLLM needs none of it
+            st.load = None
+            if st.pinned:
+                self.client.unpin(req_id)
+                st.pinned = False
+            return
         ref = self._ref(st, len(st.prompt))
         spec = LoadSpec(req_id, ref, list(st.block_ids), lo, hi)
         if st.hit is not None:  # it ends in a candidate key: a stored tail or a chunk's blocks
@@ -292,6 +325,7 @@ class SchedulerSide:
             if st.request is not None:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
             spec = SaveSpec(req_id, ref, list(st.block_ids), blocks)
+            spec.from_chunk = -(-kept_from(st.block_ids, self.block_size) // self.config.chunk_size)
             p = st.prompt
             spec.inner = self.inner_keys.for_chunks(
                 st.tokens, st.identity, p.digests, p.num_tokens, st.saved_chunks, ready

@@ -97,3 +97,44 @@ def model_id(vllm_config: Any, config: CacheConfig, extra: dict[str, Any] | None
     mc = vllm_config.model_config
     revision = getattr(mc, "revision", None)
     return f"{mc.model}@{revision}" if revision else str(mc.model)
+
+
+def checked_kv_spec(kv_cache_config: Any, config: CacheConfig) -> Any:
+    """The model's one KV cache spec, refused at start unless lmcache handles it.
+
+    vLLM gives a connector without hybrid-allocator support (``SupportsHMA``)
+    one KV cache group, allocating a model that mixes sliding-window and full
+    layers (gpt-oss, Gemma 3) as full attention. A model whose every layer
+    slides keeps a ``SlidingWindowSpec``: vLLM then frees the blocks that
+    leave the window and puts its null block in their place, so the
+    scheduler never loads into or saves from those (``NULL_BLOCK``). That is
+    sound only if a chunk is complete before any of its blocks can leave the
+    window, hence ``chunk_size <= sliding_window``. Other specs (chunked local
+    attention, gaps freed mid-sequence, state-space layers) are refused.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, RSWASpec, SlidingWindowSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"lmcache supports one KV cache group (a dense attention model); this model has "
+            f"{len(groups)}"
+        )
+    spec = groups[0].kv_cache_spec
+    if isinstance(spec, SlidingWindowSpec):
+        if spec.sliding_window < config.chunk_size:
+            raise ConfigError(
+                [
+                    f"the model's sliding window ({spec.sliding_window} tokens) is shorter than "
+                    f"chunk_size={config.chunk_size}, and vLLM drops KV that leaves the window "
+                    "before such a chunk is complete; set chunk_size to at most "
+                    f"{spec.sliding_window} (a multiple of vLLM's block size)"
+                ],
+                "lmcache-vllm",
+            )
+    elif not isinstance(spec, FullAttentionSpec) or isinstance(spec, RSWASpec):
+        raise ValueError(
+            "lmcache supports full-attention and sliding-window KV caches; this model's is "
+            f"{type(spec).__name__}"
+        )
+    return spec

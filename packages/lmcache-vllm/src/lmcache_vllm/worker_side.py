@@ -40,7 +40,13 @@ from lmcache_vllm.lookup import LookupServer
 from lmcache_vllm.metadata import LMCacheConnectorMetadata
 from lmcache_vllm.request_keys import namespace_extra
 from lmcache_vllm.save_tracker import SaveTracker
-from lmcache_vllm.settings import async_saves, check_chunk_size, load_cache_config, model_id
+from lmcache_vllm.settings import (
+    async_saves,
+    check_chunk_size,
+    checked_kv_spec,
+    load_cache_config,
+    model_id,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -51,16 +57,6 @@ logger = logging.getLogger("vllm.lmcache")
 
 #: Worker sides alive in this process (for tests and debugging tools).
 WORKERS: list[WorkerSide] = []
-
-
-def _kv_spec(kv_cache_config: KVCacheConfig) -> Any:
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(
-            f"lmcache supports one KV cache group (a dense attention model); this model has "
-            f"{len(groups)}"
-        )
-    return groups[0].kv_cache_spec
 
 
 class WorkerSide:
@@ -104,7 +100,7 @@ class WorkerSide:
             get_tensor_model_parallel_world_size,
         )
 
-        spec = _kv_spec(self.kv_cache_config)
+        spec = checked_kv_spec(self.kv_cache_config, self.config)
         layout = detect_layout(
             kv_caches,
             block_size=spec.block_size,
@@ -333,10 +329,11 @@ class WorkerSide:
         """Start storing a save spec's chunks through ``reader``; False if nothing to store."""
         assert self.engine is not None
         prompt = spec.prompt.prompt()
+        first = spec.from_chunk
         if self.events is not None and spec.blocks is not None:
-            for i, key in enumerate(prompt.keys(self.engine.namespace)):
+            for i, key in enumerate(prompt.keys(self.engine.namespace)[first:], first):
                 self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
-        staged = self.engine.store_async(prompt, reader)
+        staged = self.engine.store_async(prompt, reader, from_chunk=first)
         self._learn_inner_keys(spec)
         self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
         if staged is None or self.saves is None:
