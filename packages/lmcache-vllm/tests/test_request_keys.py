@@ -26,7 +26,9 @@ PLACEHOLDER = 151655  # an image token id; identical for every image
 TOKENS = list(range(100)) + [PLACEHOLDER] * 300 + list(range(200, 300))
 
 
-def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKENS, params=None):
+def _request(
+    rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKENS, params=None, sp=None
+):
     mm = None
     if image is not None:
         mm = [
@@ -41,7 +43,10 @@ def _request(rid, *, image=None, lora=None, salt=None, embeds=None, tokens=TOKEN
     return Request(
         rid,
         tokens,
-        SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params} if params else None),
+        sp
+        or SamplingParams(
+            max_tokens=1, extra_args={"kv_transfer_params": params} if params else None
+        ),
         None,
         mm_features=mm,
         lora_request=lora,
@@ -198,3 +203,14 @@ def test_skip_save_loads_but_plans_no_save(scheduler):
         )
     )
     assert len(meta.saves) == 1
+
+
+def test_requests_that_must_compute_every_token_are_not_looked_up(scheduler):
+    """Prompt logprobs: vLLM reads no prefix cache and drops a connector's hit, so lmcache
+    neither looks up (nor pins) for them; their KV is still stored."""
+    side, seen = scheduler
+    req = _request("lp", sp=SamplingParams(max_tokens=1, prompt_logprobs=1))
+    assert req.skip_reading_prefix_cache
+    before = len(seen)
+    assert side.get_num_new_matched_tokens(req, 0) == 0
+    assert len(seen) == before

@@ -149,6 +149,8 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         if self.role == "kv_producer":
             return 0
+        if getattr(request, "skip_reading_prefix_cache", False):
+            return 0  # prompt logprobs: vLLM computes every token and would drop a hit
         st = self._state(request)
         if st is not None and st.blend is not None and self.blend is not None:
             new = self.blend.matched(
