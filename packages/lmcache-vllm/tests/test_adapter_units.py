@@ -460,3 +460,24 @@ def test_with_a_sliding_window_async_saves_fence_every_step_they_are_in_flight()
     assert side.build_connector_meta(out).fence
     side.tracker.saving.clear()
     assert not side.build_connector_meta(out).fence
+
+
+def test_a_hit_vllm_does_not_take_releases_its_pins_at_once():
+    """vLLM may keep its own sub-block hit and load nothing external: the lookup's pins
+    must not stay until the request finishes (they keep chunks from eviction)."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm import lookup
+
+    unpinned = []
+    lookup._LOCAL[("pins-test", 0)] = (lambda cs, n, d, o: len(d), unpinned.append)
+    try:
+        side = _scheduler("pins-test")
+        req = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)), cache_salt=None)
+        assert side.get_num_new_matched_tokens(req, 0) == 592
+        side.update_state_after_alloc(req, None, 0)
+        assert unpinned == ["r"] and not side.requests["r"].pinned
+        side.request_finished(req)
+        assert unpinned == ["r"], "not released twice"
+    finally:
+        lookup._LOCAL.pop(("pins-test", 0), None)

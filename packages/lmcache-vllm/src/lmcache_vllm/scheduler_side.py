@@ -231,6 +231,9 @@ class SchedulerSide:
             st.blend.pending = st.blend.plan
         elif num_external_tokens > 0:
             st.load = (st.lookup_from, st.lookup_from + num_external_tokens)
+        elif st.pinned:  # vLLM took none of the hit (its own cache covered it, or a
+            self.client.unpin(request.request_id)  # request that reads no cache): free now
+            st.pinned = False
 
     def build_connector_meta(self, so: SchedulerOutput) -> LMCacheConnectorMetadata:
         meta = LMCacheConnectorMetadata()
