@@ -435,6 +435,34 @@ def test_the_scheduler_never_loads_into_or_saves_from_vllms_null_block():
         # All of the hit before the window: nothing to load, and its pins go at once.
         hit, meta = step("b", 600, [0] * 37 + [200], 592)
         assert meta.loads == [] and "b" in unpinned
+        # Chunked prefill of a sliding-window model: chunks saved in an earlier step are
+        # not stored again later (their blocks may have left the window since, unannounced).
+        side.sliding = True
+        lookup._LOCAL[("null-test", 0)] = (lambda cs, n, d, o: 0, unpinned.append)
+        req = SimpleNamespace(request_id="c", prompt_token_ids=list(range(900)), cache_salt=None)
+        assert side.get_num_new_matched_tokens(req, 0) == 0
+        side.update_state_after_alloc(req, None, 0)
+        new = SimpleNamespace(req_id="c", block_ids=(list(range(1, 33)),), num_computed_tokens=0)
+        first = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[new],
+                scheduled_cached_reqs=none,
+                num_scheduled_tokens={"c": 512},
+            )
+        )
+        assert [(s.from_chunk, s.prompt.num_tokens) for s in first.saves] == [(0, 512)]
+        cached = SimpleNamespace(
+            req_ids=["c"],
+            resumed_req_ids=set(),
+            new_block_ids=[(list(range(33, 58)),)],
+            num_computed_tokens=[512],
+        )
+        later = side.build_connector_meta(
+            SimpleNamespace(
+                scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={"c": 388}
+            )
+        )
+        assert [(s.from_chunk, s.prompt.num_tokens) for s in later.saves] == [(2, 896)]
     finally:
         lookup._LOCAL.pop(("null-test", 0), None)
 

@@ -331,6 +331,8 @@ class SchedulerSide:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
             spec = SaveSpec(req_id, ref, list(st.block_ids), blocks)
             spec.from_chunk = -(-kept_from(st.block_ids, self.block_size) // self.config.chunk_size)
+            if self.sliding:  # blocks of chunks planned before may have left the window
+                spec.from_chunk = max(spec.from_chunk, st.saved_chunks)
             p = st.prompt
             spec.inner = self.inner_keys.for_chunks(
                 st.tokens, st.identity, p.digests, p.num_tokens, st.saved_chunks, ready
