@@ -30,6 +30,8 @@ def make_llm(model: str, llm_kw: dict | None = None, **kw):
         "enable_prefix_caching": True,
         **(llm_kw or {}),
     }
+    if os.environ.get("LMC_TEST_HF_OVERRIDES"):  # a deployment that changes the model's config
+        args["hf_overrides"] = json.loads(os.environ["LMC_TEST_HF_OVERRIDES"])
     return LLM(
         **args,
         kv_transfer_config={

@@ -132,6 +132,29 @@ def test_engine_wide_inputs_of_the_kv_are_in_the_namespace():
     assert namespace_extra(cfg("auto", None)) != namespace_extra(cfg("auto", "awq"))
 
 
+def test_the_models_config_as_vllm_runs_it_is_in_the_namespace():
+    """``--hf-overrides`` (here a YaRN rope scaling) and ``--disable-sliding-window`` change
+    vLLM's ``hf_config`` and every KV byte: another namespace. A checkpoint moved to another
+    path is the same model."""
+    from transformers import LlamaConfig
+
+    def cfg(**overrides):
+        hf = LlamaConfig(**{"num_hidden_layers": 2, **overrides})
+        return SimpleNamespace(
+            model_config=SimpleNamespace(dtype="bfloat16", quantization=None, hf_config=hf),
+            cache_config=SimpleNamespace(cache_dtype="auto"),
+        )
+
+    plain = namespace_extra(cfg())
+    assert dict(plain)["model_config"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    assert namespace_extra(cfg(rope_parameters={**yarn, "rope_theta": 10000.0})) != plain
+    assert namespace_extra(cfg(num_hidden_layers=3)) != plain
+    moved = cfg()
+    moved.model_config.hf_config._name_or_path = "/another/path"
+    assert namespace_extra(moved) == plain
+
+
 def test_tags_are_part_of_the_key_like_a_salt(scheduler):
     side, seen = scheduler
     keys = {

@@ -184,6 +184,25 @@ def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
     assert second["out"] == first["out"]
 
 
+def test_a_deployment_that_changes_the_models_config_never_loads_the_others_kv(
+    peaked_model, tmp_path
+):
+    """Same model path, one deployment with ``--hf-overrides`` (another rope theta, as a
+    long-context YaRN override would be), one disk tier: the KV of one is never loaded by
+    the other (it was, and answered otherwise than its own prefill), and each still hits
+    its own from a fresh process (the config digest is the same in every process)."""
+    env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
+    rope = json.dumps({"rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}})
+    plain = run_scenario("restart", peaked_model, **env)
+    assert plain["loaded"] == 0
+    overridden = run_scenario("restart", peaked_model, LMC_TEST_HF_OVERRIDES=rope, **env)
+    assert overridden["loaded"] == 0, "KV computed under another rope theta was loaded"
+    assert overridden["out"] != plain["out"], "the override changes the model"
+    again = run_scenario("restart", peaked_model, LMC_TEST_HF_OVERRIDES=rope, **env)
+    assert again["loaded"] == 699 // BLOCK * BLOCK
+    assert again["out"] == overridden["out"]
+
+
 def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peaked_model):
     """Two vLLM instances sharing KV through the p2p tier (NIXL, Redis index)."""
     pytest.importorskip("nixl")

@@ -16,8 +16,11 @@ KV where vLLM's prefix cache would not share either:
   on the embedding bytes would hash megabytes per request for a feature few
   deployments combine with a KV cache; such requests are computed as usual.
 
-Per engine, not per request (:func:`namespace_extra`): the KV cache dtype and
-the weights' dtype and quantization, which change every KV byte.
+Per engine, not per request (:func:`namespace_extra`): the KV cache dtype, the
+weights' dtype and quantization, and a digest of the model's configuration as
+vLLM runs it (after ``--hf-overrides`` and ``--disable-sliding-window``), which
+change every KV byte: two deployments of one model name, one with YaRN rope
+scaling, never share KV through a shared tier.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmcache_core.keys import MultimodalItem
+from lmcache_core.model_config_digest import model_config_digest
 from lmcache_core.request_options import IGNORED, RequestOptionsError, parse_request_options
 
 logger = logging.getLogger(__name__)
@@ -90,8 +94,13 @@ def namespace_extra(vllm_config: Any) -> tuple[tuple[str, str], ...]:
     """Engine-wide inputs of the KV beyond the model and the layout, for the key namespace."""
     mc = vllm_config.model_config
     cc = vllm_config.cache_config
-    return (
+    extra = [
         ("kv_cache_dtype", str(getattr(cc, "cache_dtype", "auto"))),
         ("model_dtype", str(getattr(mc, "dtype", ""))),
         ("quantization", str(getattr(mc, "quantization", None))),
-    )
+    ]
+    hf_config = getattr(mc, "hf_config", None)
+    if hf_config is not None:  # the configuration vLLM runs, overrides applied
+        as_dict = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
+        extra.append(("model_config", model_config_digest(as_dict)))
+    return tuple(extra)
