@@ -392,6 +392,37 @@ def test_kv_cache_specs_lmcache_cannot_serve_are_refused_at_start():
     local = ChunkedLocalAttentionSpec(**shape, attention_chunk_size=8192)
     with pytest.raises(ValueError, match="this model's is ChunkedLocalAttentionSpec"):
         checked_kv_spec(_spec_config(local), cfg)
+    # What vLLM 0.32's specs can say besides their kind.
+    with pytest.raises(ValueError, match="non-causal attention layers"):
+        checked_kv_spec(_spec_config(FullAttentionSpec(**shape, non_causal=True)), cfg)
+    with pytest.raises(ValueError, match="4 tokens per state"):
+        checked_kv_spec(_spec_config(FullAttentionSpec(**shape, tokens_per_state=4)), cfg)
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    fp8 = FullAttentionSpec(**shape, kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)
+    assert checked_kv_spec(_spec_config(fp8), cfg) is fp8
+    per_token = FullAttentionSpec(**shape, kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)
+    with pytest.raises(ConfigError, match="int8_per_token_head quantization.*--kv-cache-dtype"):
+        checked_kv_spec(_spec_config(per_token), cfg)
+
+
+def test_parallel_layouts_that_split_a_requests_tokens_are_refused_at_start():
+    from types import SimpleNamespace
+
+    from lmcache_vllm.settings import check_parallelism
+
+    def cfg(**sizes):
+        base = {"pipeline_parallel_size": 1, "decode_context_parallel_size": 1}
+        base["prefill_context_parallel_size"] = 1
+        return SimpleNamespace(parallel_config=SimpleNamespace(**{**base, **sizes}))
+
+    check_parallelism(cfg(tensor_parallel_size=8))
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        check_parallelism(cfg(pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match="--decode-context-parallel-size 2"):
+        check_parallelism(cfg(decode_context_parallel_size=2))
+    with pytest.raises(ValueError, match="--prefill-context-parallel-size 4"):
+        check_parallelism(cfg(prefill_context_parallel_size=4))
 
 
 def test_the_scheduler_never_loads_into_or_saves_from_vllms_null_block():

@@ -155,6 +155,31 @@ def test_the_models_config_as_vllm_runs_it_is_in_the_namespace():
     assert namespace_extra(moved) == plain
 
 
+def test_a_draft_model_is_in_the_namespace_and_ngram_speculation_is_not():
+    from transformers import LlamaConfig
+
+    target = SimpleNamespace(dtype="bfloat16", quantization=None, hf_config=LlamaConfig())
+
+    def cfg(spec):
+        return SimpleNamespace(
+            model_config=target,
+            cache_config=SimpleNamespace(cache_dtype="auto"),
+            speculative_config=spec,
+        )
+
+    def draft(name, layers):
+        hf = LlamaConfig(num_hidden_layers=layers)
+        return SimpleNamespace(
+            method="eagle", draft_model_config=SimpleNamespace(model=name, hf_config=hf)
+        )
+
+    plain = namespace_extra(cfg(None))
+    ngram = SimpleNamespace(method="ngram", draft_model_config=target)
+    assert namespace_extra(cfg(ngram)) == plain, "n-gram speculation stores no KV of its own"
+    d1, d2 = namespace_extra(cfg(draft("d1", 1))), namespace_extra(cfg(draft("d2", 1)))
+    assert len({plain, d1, d2, namespace_extra(cfg(draft("d1", 2)))}) == 4
+
+
 def test_tags_are_part_of_the_key_like_a_salt(scheduler):
     side, seen = scheduler
     keys = {

@@ -20,7 +20,9 @@ Per engine, not per request (:func:`namespace_extra`): the KV cache dtype, the
 weights' dtype and quantization, and a digest of the model's configuration as
 vLLM runs it (after ``--hf-overrides`` and ``--disable-sliding-window``), which
 change every KV byte: two deployments of one model name, one with YaRN rope
-scaling, never share KV through a shared tier.
+scaling, never share KV through a shared tier. With speculative decoding, the
+draft model's name and configuration too (its layers' KV is stored beside the
+target's).
 """
 
 from __future__ import annotations
@@ -103,4 +105,13 @@ def namespace_extra(vllm_config: Any) -> tuple[tuple[str, str], ...]:
     if hf_config is not None:  # the configuration vLLM runs, overrides applied
         as_dict = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
         extra.append(("model_config", model_config_digest(as_dict)))
+    # A draft model (EAGLE, MTP, a small LM) keeps KV of its own layers beside the target's;
+    # the layout counts its layers but not which draft they are.
+    spec = getattr(vllm_config, "speculative_config", None)
+    draft = getattr(spec, "draft_model_config", None) if spec is not None else None
+    if draft is not None and draft is not mc:  # n-gram and suffix methods reuse the target's
+        hf = getattr(draft, "hf_config", None)
+        extra.append(("draft_model", f"{getattr(spec, 'method', None)}:{draft.model}"))
+        if hf is not None and hasattr(hf, "to_dict"):
+            extra.append(("draft_model_config", model_config_digest(hf.to_dict())))
     return tuple(extra)

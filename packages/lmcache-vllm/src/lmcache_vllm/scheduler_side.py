@@ -24,6 +24,7 @@ from lmcache_vllm.save_tracker import SaveTracker
 from lmcache_vllm.settings import (
     async_saves,
     check_chunk_size,
+    check_parallelism,
     checked_kv_spec,
     load_cache_config,
 )
@@ -84,9 +85,8 @@ class SchedulerSide:
             spec = checked_kv_spec(kv_cache_config, self.config)
             self.sliding = isinstance(spec, SlidingWindowSpec)
         self.chunker = TokenChunker(self.config.chunk_size, self.config.hash_algorithm)
+        check_parallelism(vllm_config)
         pc = vllm_config.parallel_config
-        if pc.pipeline_parallel_size > 1:
-            raise ValueError("lmcache-vllm does not support pipeline parallelism yet")
         self.client = LookupClient(
             vllm_config.kv_transfer_config.engine_id,
             pc.tensor_parallel_size,

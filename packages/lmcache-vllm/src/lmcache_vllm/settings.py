@@ -137,4 +137,45 @@ def checked_kv_spec(kv_cache_config: Any, config: CacheConfig) -> Any:
             "lmcache supports full-attention and sliding-window KV caches; this model's is "
             f"{type(spec).__name__}"
         )
+    if getattr(spec, "non_causal", False):
+        # vLLM switches its own prefix cache off for these, for the same reason.
+        raise ValueError(
+            "this model has non-causal attention layers (prefix LM): a prefix's KV depends on "
+            "the text after it, so no cache can reuse it; serve it without lmcache (vLLM "
+            "disables its own prefix caching for it too)"
+        )
+    if getattr(spec, "tokens_per_state", 1) != 1:
+        raise ValueError(
+            f"this model's KV cache stores {spec.tokens_per_state} tokens per state "
+            "(compressed or pooled); lmcache stores one state per token"
+        )
+    quant = getattr(spec, "kv_quant_mode", None)
+    if quant is not None and quant.name not in ("NONE", "FP8_PER_TENSOR"):
+        # Per-token scales and packed formats live outside the rows lmcache copies, or
+        # inside them in ways it does not know: their KV would load without its scales.
+        raise ConfigError(
+            [
+                f"kv_cache_dtype with {quant.name.lower()} quantization is not supported by "
+                "lmcache yet; use --kv-cache-dtype auto or fp8 (per-tensor scales)"
+            ],
+            "lmcache-vllm",
+        )
     return spec
+
+
+def check_parallelism(vllm_config: Any) -> None:
+    """Refuse, at start, the parallel layouts in which a rank does not hold every token's KV
+    for its heads (lmcache maps a request's tokens to its block table one to one)."""
+    pc = vllm_config.parallel_config
+    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+        raise ValueError("lmcache-vllm does not support pipeline parallelism yet")
+    for name, flag in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size"),
+    ):
+        if getattr(pc, name, 1) > 1:
+            raise ValueError(
+                f"lmcache-vllm does not support context parallelism yet ({flag} "
+                f"{getattr(pc, name)} splits each request's tokens across ranks); "
+                "use tensor parallelism"
+            )

@@ -43,6 +43,7 @@ from lmcache_vllm.save_tracker import SaveTracker
 from lmcache_vllm.settings import (
     async_saves,
     check_chunk_size,
+    check_parallelism,
     checked_kv_spec,
     load_cache_config,
     model_id,
@@ -100,6 +101,7 @@ class WorkerSide:
             get_tensor_model_parallel_world_size,
         )
 
+        check_parallelism(self.vllm_config)
         spec = checked_kv_spec(self.kv_cache_config, self.config)
         layout = detect_layout(
             kv_caches,
