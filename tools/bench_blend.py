@@ -119,8 +119,11 @@ def kl(p: dict[int, float], q: dict[int, float]) -> float:
     return sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items())
 
 
-def quality(b: Bench, n_items: int, warm: str) -> dict:
-    items = qa.make_items(n_items, doc_tokens=80, seed=11)
+def quality(b: Bench, n_items: int, warm: str, qa_set: str = "facts") -> dict:
+    if qa_set == "linked":  # answers that need two passages read together
+        items = qa.make_linked_items(n_items, doc_tokens=60, seed=11)
+    else:
+        items = qa.make_items(n_items, doc_tokens=80, seed=11)
     rows = []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("quality", total=len(items))
@@ -148,6 +151,7 @@ def quality(b: Bench, n_items: int, warm: str) -> dict:
 
     return {
         "items": n,
+        "set": qa_set,
         "warm": warm,
         "accuracy": {"full": acc(1), "blend": acc(2), "ratio0": acc(3)},
         "agreement_with_full": {"blend": agree(2), "ratio0": agree(3)},
@@ -213,6 +217,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["quality", "speed", "overhead"], action="append")
     ap.add_argument("--items", type=int, default=50, help="quality items")
     ap.add_argument("--warm", choices=["reordered", "alone"], default="reordered")
+    ap.add_argument(
+        "--set",
+        choices=["facts", "linked"],
+        default="facts",
+        help="facts: one fact per document; linked: a fact and its person in two passages",
+    )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--check-layer", type=int, default=1)
@@ -229,7 +239,7 @@ def main() -> None:
     for name in todo:
         console.print(f"[bold]{name}[/bold]")
         if name == "quality":
-            out[name] = quality(b, a.items, a.warm)
+            out[name] = quality(b, a.items, a.warm, a.set)
         elif name == "speed":
             out[name] = speed(b, a.trials)
         else:

@@ -134,6 +134,56 @@ def make_items(
     return items
 
 
+def make_linked_items(
+    n_items: int, *, pairs: int = 2, doc_tokens: int = 40, seed: int = 0
+) -> list[dict]:
+    """Items whose answer needs two documents read together (CacheBlend's cross-attention).
+
+    Each person takes two passages, as a chunked document does: the first ends
+    by naming them ("This page is about Mira Castell."), the second states the
+    fact without the name ("They live in Oslo."). Every person's fact is of the
+    same kind, so only the link from a fact to the name before it tells the
+    answer. In ``order`` each person's passages are adjacent; in ``warm_order``
+    every fact passage follows *another* person's first passage, so its stored
+    KV links the fact to the wrong name: reuse at ratio 0 inherits that link,
+    and only recomputing the fact's tokens with their new neighbours fixes it.
+    """
+    rnd = random.Random(seed)
+    names = [f"{a} {b}" for a in FIRST for b in LAST]
+    linked = {"city": "They live in {v}.", "trade": "They work as a {v}."}
+    items = []
+    for _ in range(n_items):
+        kind = rnd.choice(sorted(linked))
+        values, _, question, lead = KINDS[kind]
+        people = rnd.sample(names, pairs)
+        facts = rnd.sample(values, pairs)
+        docs: list[str] = []
+        for name, value in zip(people, facts):
+            intro = [f"This page is about {name}."]
+            while len(" ".join(intro).split()) * 1.3 < doc_tokens:
+                intro.insert(0, rnd.choice(FILLER))
+            fact = [linked[kind].format(v=value)]
+            while len(" ".join(fact).split()) * 1.3 < doc_tokens:
+                fact.append(rnd.choice(FILLER))
+            docs += [" ".join(intro), " ".join(fact)]
+        perm = list(range(pairs))
+        rnd.shuffle(perm)
+        order = [d for i in perm for d in (2 * i, 2 * i + 1)]
+        warm = [d for i in perm for d in (2 * i, 2 * ((i + 1) % pairs) + 1)]
+        target = rnd.randrange(pairs)
+        items.append(
+            {
+                "docs": docs,
+                "order": order,
+                "warm_order": warm,
+                "question": question.format(n=people[target]),
+                "lead": lead.format(n=people[target]),
+                "answer": facts[target],
+            }
+        )
+    return items
+
+
 def render(item: dict, order: list[int] | None = None, question: str | None = None) -> str:
     """The prompt: an instruction, the documents, the question and the answer's start."""
     order = item["order"] if order is None else order
