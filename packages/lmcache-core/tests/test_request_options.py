@@ -18,6 +18,7 @@ from lmcache_core.request_options import (
     MAX_TAGS,
     NO_OPTIONS,
     RequestOptionsError,
+    epoch_salt,
     parse_request_options,
 )
 
@@ -88,6 +89,27 @@ def test_salts_with_tags_are_injective(a, b):
     sa = parse_request_options(a[1]).key_salt(a[0])
     sb = parse_request_options(b[1]).key_salt(b[0])
     assert (sa == sb) == (canonical(a) == canonical(b))
+
+
+epochs = st.none() | st.text(alphabet="0123456789abcdef", min_size=1, max_size=8)
+
+
+@given(a=st.tuples(salts, tag_dicts, epochs), b=st.tuples(salts, tag_dicts, epochs))
+def test_salts_with_tags_and_epochs_are_injective(a, b):
+    """After a cache reset (a new epoch) no key equals one from before, nor another
+    request's in any epoch."""
+
+    def canonical(request):
+        salt, tags, epoch = request
+        return salt or None, {k: json.dumps(v) for k, v in tags.items()}, epoch
+
+    sa = epoch_salt(parse_request_options(a[1]).key_salt(a[0]), a[2])
+    sb = epoch_salt(parse_request_options(b[1]).key_salt(b[0]), b[2])
+    assert (sa == sb) == (canonical(a) == canonical(b))
+
+
+def test_no_epoch_leaves_the_salt_unchanged():
+    assert epoch_salt("tenant", None) == "tenant" and epoch_salt(None, "") is None
 
 
 def test_tag_order_and_value_types_are_canonical():

@@ -199,6 +199,29 @@ def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier():
         assert torch.equal(again.mem_pool_host.token_kv(28), pool.token_kv(0))
 
 
+def test_clear_means_nothing_stored_before_is_read_again_from_any_tier():
+    """SGLang's clear_storage_backend: DRAM empties, and what Redis holds from before is no
+    longer read by this instance (it was: only DRAM was emptied)."""
+    with RedisServer() as redis:
+        extra = {
+            "max_local_cpu_size": "64MiB",
+            "remote_url": redis.url,
+            "extra_config": {"redis_key_prefix": f"c-{uuid.uuid4().hex[:6]}:"},
+        }
+        pool = HostPool()
+        b = backend(pool, extra_config=extra)
+        ks = keys(2, "clear")
+        b.batch_set_v1(ks, page_indices([0, 1], 4))
+        assert b.engine.flush(10) and b.batch_exists(ks) == 2
+        b.clear()
+        assert len(list(b.engine.cpu.keys())) == 0
+        assert b.batch_exists(ks) == 0
+        assert b.batch_get_v1(ks, page_indices([7, 8], 4)) == [False, False]
+        # Stored again after the clear: found again.
+        b.batch_set_v1(ks, page_indices([2, 3], 4))
+        assert b.batch_exists(ks) == 2
+
+
 def test_mla_replicas_write_once():
     pool = HostPool(mla=True)
     reader = backend(pool, tp_rank=1, tp_size=2)

@@ -535,6 +535,33 @@ def scenario_sliding_window(model: str) -> dict:
     return r
 
 
+def _reload_weights(worker, path: str) -> bool:
+    """A weight update, as an RL trainer pushes one (vLLM's in-place reload)."""
+    worker.model_runner.reload_weights(weights_path=path)
+    return True
+
+
+def scenario_weight_update(model: str) -> dict:
+    """After new weights and vLLM's cache reset (``reset_prefix_cache(reset_connector=True)``,
+    what ``pause_generation(clear_cache=True)`` does), no KV of the old weights is loaded."""
+    h = Harness(make_llm(model))
+    llm = h.llm
+    p = tokens(21, 700)
+    r = {"old": h.gen(p)}  # stored under the old weights
+    new_weights = os.environ["LMC_TEST_NEW_WEIGHTS"]  # another checkpoint of the same shape
+    r["reloaded"] = all(llm.collective_rpc(_reload_weights, args=(new_weights,)))
+    r["reset"] = llm.reset_prefix_cache(reset_connector=True)
+    r["new_reference"] = h.gen(p, salt="reference")  # computed with the new weights
+    before = h.retrieved()
+    r["after_reset"] = h.gen(p)
+    r["loaded_after_reset"] = h.retrieved() - before
+    llm.reset_prefix_cache()  # vLLM's own cache only: lmcache's new KV must serve it
+    before = h.retrieved()
+    r["hit"] = h.gen(p)
+    r["loaded_hit"] = h.retrieved() - before
+    return r
+
+
 def scenario_bad_chunk_size(model: str) -> dict:
     try:
         make_llm(model, kv_connector_extra_config={"chunk_size": 200})

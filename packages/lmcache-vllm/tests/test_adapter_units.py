@@ -365,6 +365,45 @@ def test_saves_carry_the_block_prefix_keys_later_prompts_find_inside_a_chunk():
         lookup._LOCAL.pop(("inner-test", 0), None)
 
 
+def test_a_cache_reset_starts_a_key_epoch_and_releases_every_pin():
+    """vLLM's reset_prefix_cache(reset_connector=True): nothing looked up before the reset
+    keeps its keys, pins are released, and every later key differs from every earlier one."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm import lookup
+
+    seen: list[list[bytes]] = []
+    unpinned: list[str] = []
+
+    def fake_lookup(cs, n, digests, owner):
+        seen.append(list(digests))
+        return len(digests)
+
+    lookup._LOCAL[("reset-test", 0)] = (fake_lookup, unpinned.append)
+    try:
+        side = _scheduler("reset-test")
+        req = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)), cache_salt="t")
+        assert side.get_num_new_matched_tokens(req, 0) > 0
+        before = seen[-1]
+        assert side.requests["r"].pinned
+        assert side.reset_cache() is True
+        assert unpinned == ["r"] and not side.requests
+        again = SimpleNamespace(
+            request_id="r2", prompt_token_ids=req.prompt_token_ids, cache_salt="t"
+        )
+        side.get_num_new_matched_tokens(again, 0)
+        after = seen[-1]
+        assert len(after) == len(before) and not set(after) & set(before)
+        side.reset_cache()  # each reset is a new epoch
+        side.get_num_new_matched_tokens(
+            SimpleNamespace(request_id="r3", prompt_token_ids=req.prompt_token_ids, cache_salt="t"),
+            0,
+        )
+        assert not set(seen[-1]) & (set(before) | set(after))
+    finally:
+        lookup._LOCAL.pop(("reset-test", 0), None)
+
+
 def _spec_config(spec):
     from types import SimpleNamespace
 

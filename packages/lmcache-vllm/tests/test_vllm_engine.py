@@ -222,6 +222,21 @@ def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peak
     assert second["out"] == first["out"], "a p2p hit must give the output of computing it"
 
 
+def test_after_a_weight_update_and_a_cache_reset_no_old_kv_is_loaded(peaked_model, tiny_model):
+    """RL and weight-sync deployments: new weights pushed in place (vLLM's ``reload_weights``),
+    then ``reset_prefix_cache(reset_connector=True)`` (what ``pause_generation(clear_cache=
+    True)`` does). lmcache used to accept the reset and load the old weights' KV: another
+    answer than the new weights give."""
+    r = run_scenario("weight_update", peaked_model, LMC_TEST_NEW_WEIGHTS=str(tiny_model))
+    assert r["reloaded"] and r["reset"] is True
+    assert r["new_reference"] != r["old"], "the new weights answer otherwise"
+    assert r["loaded_after_reset"] == 0, "KV of the old weights was loaded"
+    assert r["after_reset"] == r["new_reference"]
+    # The new epoch's KV serves hits as before.
+    assert r["loaded_hit"] == 699 // BLOCK * BLOCK
+    assert r["hit"] == r["new_reference"]
+
+
 def test_async_saves_keep_blocks_until_reported_and_give_them_all_back(tiny_model):
     """The GPU save protocol, run on the CPU backend with async_saves forced on."""
     r = run_scenario("async_saves", tiny_model)

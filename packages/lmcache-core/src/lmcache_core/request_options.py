@@ -90,6 +90,25 @@ class RequestOptions:
 NO_OPTIONS = RequestOptions()
 
 
+def epoch_salt(key_salt: str | None, epoch: str | None) -> str | None:
+    """``key_salt`` (from :meth:`RequestOptions.key_salt`) within a cache *epoch*.
+
+    An adapter starts a new epoch when its engine resets the connector's cache
+    (vLLM's ``reset_prefix_cache(reset_connector=True)``, which
+    ``pause_generation(clear_cache=True)`` calls around a weight update): KV
+    stored before, in any tier, shared ones too, was computed by other weights
+    and must never load again, and no tier can be emptied for every instance
+    at once. The epoch is a random name folded into every key.
+
+    Without an epoch the salt is unchanged. With one it is a NUL byte and the
+    canonical JSON of an *object* (tagged salts are a NUL and an *array*, and
+    clients cannot send a NUL), so salts stay injective across all three.
+    """
+    if not epoch:
+        return key_salt
+    return "\x00" + json.dumps({"epoch": epoch, "salt": key_salt}, ensure_ascii=False)
+
+
 def _flag(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value

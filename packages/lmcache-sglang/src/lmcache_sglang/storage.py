@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         # MLA ranks hold the same KV: one writer per shard (SGLang's rule).
         self.writer = bool(storage_config.is_storage_writer)
         self.engine: CacheEngine | None = None
+        #: Folded into every page key; a clear() starts a new one.
+        self._epoch = b""
         self.memory: CPagedMemory | None = None
         self.page_size = 0
         self.metrics_server: Any = None
@@ -171,7 +174,9 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         if not isinstance(key, str) or not key:
             raise ValueError(f"SGLang page key must be a non-empty string, got {key!r}")
         engine = self._require()
-        return CacheKey.of(engine.namespace.digest, hashlib.sha256(key.encode()).digest())
+        return CacheKey.of(
+            engine.namespace.digest, hashlib.sha256(self._epoch + key.encode()).digest()
+        )
 
     def _pages(self, host_indices: Any, n: int) -> list[int] | None:
         """Page ids of ``n`` pages given by token indices (one page each, page-aligned)."""
@@ -333,8 +338,14 @@ class LMCacheHiCacheStorage(HiCacheStorage):
     # ------------------------------------------------------------------ the rest
 
     def clear(self) -> None:
+        """SGLang's ``clear_storage_backend`` (an operator's "forget what is stored", e.g.
+        after new weights): DRAM is emptied, and keys start a new epoch, so nothing stored
+        before in any tier is read by this instance again (shared tiers belong to every
+        instance and cannot be emptied for all; what is left ages out by eviction)."""
+        self._epoch = secrets.token_bytes(16)
         if self.engine is not None and self.engine.cpu is not None:
             self.engine.cpu.remove(list(self.engine.cpu.keys()))
+        logger.info("lmcache: storage cleared by SGLang; keys start a new epoch")
 
     def get_stats(self) -> dict[str, float]:
         if self.engine is None:

@@ -191,6 +191,18 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         if self.scheduler is not None and self.scheduler.events is not None and events:
             self.scheduler.events.add(events)
 
+    def reset_cache(self) -> bool | None:
+        """vLLM resets its caches (``reset_prefix_cache(reset_connector=True)``, and
+        ``pause_generation(clear_cache=True)`` around a weight update): lmcache must
+        never load KV stored before (it was computed by other weights)."""
+        if self.scheduler is None:
+            return None
+        try:
+            return self.scheduler.reset_cache()
+        except Exception:
+            logger.exception("lmcache: cache reset failed")
+            return False
+
     def take_events(self) -> Iterable[KVCacheEvent]:
         """Events every rank reported, for vLLM's event publisher."""
         if self.scheduler is None or self.scheduler.events is None:

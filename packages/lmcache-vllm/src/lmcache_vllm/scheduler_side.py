@@ -9,10 +9,13 @@ their segments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import secrets
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
+from lmcache_core.request_options import epoch_salt
 
 from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
 from lmcache_vllm.inner_keys import InnerKeys
@@ -28,6 +31,8 @@ from lmcache_vllm.settings import (
     checked_kv_spec,
     load_cache_config,
 )
+
+logger = logging.getLogger("vllm.lmcache")
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -93,6 +98,8 @@ class SchedulerSide:
             self.config.blocking_timeout_secs,
         )
         self.requests: dict[str, _RequestState] = {}
+        #: Set by a cache reset (:meth:`reset_cache`); folded into every key's salt.
+        self.epoch: str | None = None
         #: Saves may finish after the step (GPU): requests that had one keep their
         #: blocks when they finish until the workers report the saves done.
         self.tracker = SaveTracker(async_saves(vllm_config))
@@ -110,12 +117,34 @@ class SchedulerSide:
         )
         SCHEDULERS.append(self)
 
+    def reset_cache(self) -> bool:
+        """vLLM reset the connector's cache (``reset_prefix_cache(reset_connector=True)``,
+        ``pause_generation(clear_cache=True)`` around a weight update): start a new key
+        epoch, so that no KV stored before, in any tier, is ever loaded here again.
+
+        Tiers are not emptied: shared ones belong to every instance, and what this one
+        stored ages out of its own by eviction. Requests planned under the old epoch
+        forget their keys (a preempted one looks up again when it comes back)."""
+        self.epoch = secrets.token_hex(16)
+        for req_id, st in list(self.requests.items()):
+            if st.pinned:
+                self.client.unpin(req_id)
+        self.requests.clear()
+        logger.info(
+            "lmcache: cache reset by vLLM; new key epoch %s: KV stored before is never "
+            "loaded by this instance again",
+            self.epoch,
+        )
+        return True
+
     def _state(self, request: Request) -> _RequestState | None:
         st = self.requests.get(request.request_id)
         if st is None:
             identity = request_identity(request)
             if identity is None:
                 return None
+            if self.epoch:  # after a cache reset: keys of their own
+                identity = replace(identity, cache_salt=epoch_salt(identity.cache_salt, self.epoch))
             blend = self.blend.state(request, identity) if self.blend is not None else None
             if blend is not None:
                 st = _RequestState(
