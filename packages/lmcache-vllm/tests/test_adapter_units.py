@@ -394,6 +394,9 @@ def test_a_cache_reset_starts_a_key_epoch_and_releases_every_pin():
         side.get_num_new_matched_tokens(again, 0)
         after = seen[-1]
         assert len(after) == len(before) and not set(after) & set(before)
+        # vLLM's own hit ending inside a block: nothing is loaded after it.
+        mid = SimpleNamespace(request_id="m", prompt_token_ids=req.prompt_token_ids, cache_salt="t")
+        assert side.get_num_new_matched_tokens(mid, 40) == 0
         side.reset_cache()  # each reset is a new epoch
         side.get_num_new_matched_tokens(
             SimpleNamespace(request_id="r3", prompt_token_ids=req.prompt_token_ids, cache_salt="t"),

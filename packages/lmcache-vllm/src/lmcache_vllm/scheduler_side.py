@@ -180,6 +180,10 @@ class SchedulerSide:
             return 0
         if getattr(request, "skip_reading_prefix_cache", False):
             return 0  # prompt logprobs: vLLM computes every token and would drop a hit
+        if num_computed_tokens % self.block_size:
+            # vLLM's own hit ends inside a block (its partial-block hits, made for hybrid
+            # models): loads write whole blocks, so load nothing after it.
+            return 0
         st = self._state(request)
         if st is not None and st.blend is not None and self.blend is not None:
             new = self.blend.matched(
