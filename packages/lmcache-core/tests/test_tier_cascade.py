@@ -302,3 +302,36 @@ def test_a_chunk_evicted_from_dram_is_demoted_to_disk_when_missing_there(tmp_pat
                 src.table(len(first), 1), i * CHUNK, (i + 1) * CHUNK
             )
             c.release()
+
+
+def test_hit_sources_say_which_kind_of_tier_holds_each_found_chunk(tmp_path, redis_server):
+    """What an engine adapter reports per tier (vLLM: prompt_tokens_cached_by_source),
+    answered from memory: DRAM, then the local disk, else the remote kind configured."""
+    src = PagedKVMemory(LAYOUT)
+    toks = prompt(3)
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    cfg = {
+        "local_disk": str(tmp_path),
+        "max_local_disk_size": "1MiB",
+        "remote_url": redis_server.url,
+        "extra_config": {"redis_key_prefix": prefix},
+    }
+    with make_engine(**cfg) as e:
+        assert e.store(toks, src.kv(src.table(len(toks), 3))) == len(toks)
+        assert e.flush(10)
+        keys = e.keys(e.spans(toks))
+        assert e.lookup(toks, pin_owner="a") == len(toks)
+        assert e.hit_sources("a") == ["host"] * 4
+        e.unpin("a")
+        assert e.hit_sources("a") == [], "an unpinned owner's lookup is forgotten"
+        e.cpu.remove(keys[2:])  # out of DRAM: on disk (and in Redis)
+        assert e.lookup(toks, pin_owner="b") == len(toks)
+        assert e.hit_sources("b") == ["host", "host", "disk", "disk"]
+        disk = e.tiers[1]
+        disk.remove([keys[3]])  # only Redis has it now
+        assert e.lookup(toks, pin_owner="c") == len(toks)
+        assert e.hit_sources("c") == ["host", "host", "disk", "remote"]
+    # A process with Redis alone: every chunk is remote.
+    with make_engine(remote_url=redis_server.url, extra_config={"redis_key_prefix": prefix}) as e:
+        assert e.lookup(toks, pin_owner="d") == len(toks)
+        assert e.hit_sources("d") == ["remote"] * 4

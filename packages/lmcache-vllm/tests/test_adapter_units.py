@@ -78,6 +78,7 @@ server = LookupServer(
     lambda cs, n, d, o: min(held, len(d)),
     lambda o: None,
     lambda cs, chains, o: [min(held + i, len(c)) for i, c in enumerate(chains)],
+    sources=lambda o: ["host"] * (held - 1) + ["disk" if rank == 0 else "remote"],
 )
 print("ready", flush=True)
 sys.stdin.read()
@@ -111,12 +112,18 @@ def test_lookup_over_sockets_takes_the_minimum_over_ranks(tmp_path, monkeypatch)
         # Blend segments: each chain's count is the minimum over the ranks, in one round trip.
         chains = [digests[:8], digests[:1], [], digests[:7]]
         assert client.lookup_chains(256, chains, "req-4") == [3, 1, 0, 6]
+        # Where each rank found the chunks of an owner's last lookup.
+        assert client.sources("req-1") == [
+            ["host", "host", "disk"],
+            ["host"] * 4 + ["remote"],
+        ]
         client.unpin("req-1")
         # A rank that dies counts as a miss, never as an error.
         procs[1].kill()
         procs[1].wait()
         assert client.lookup(256, 2048, digests, "req-3") == 0
         assert client.lookup_chains(256, chains, "req-5") == [0, 0, 0, 0]
+        assert client.sources("req-5")[1] == [], "a dead rank cannot say"
         client.close()
     finally:
         for p in procs:
@@ -405,6 +412,40 @@ def test_a_cache_reset_starts_a_key_epoch_and_releases_every_pin():
         assert not set(seen[-1]) & (set(before) | set(after))
     finally:
         lookup._LOCAL.pop(("reset-test", 0), None)
+
+
+def test_hit_sources_split_the_planned_load_by_tier_kind():
+    """vLLM asks, at admission, where the tokens it will load come from: each chunk's
+    kind as the farthest rank has it, clipped to the load range."""
+    from types import SimpleNamespace
+
+    from lmcache_vllm import lookup
+
+    where = {0: ["host", "host", "disk"], 1: ["host", "remote", "host"]}
+    for rank in (0, 1):
+        lookup._LOCAL[("src-test", rank)] = (
+            lambda cs, n, d, o: min(3, len(d)),
+            lambda o: None,
+            lookup._no_chains,
+            lookup._no_chains,
+            lambda o, r=rank: where[r],
+        )
+    try:
+        side = _scheduler("src-test")
+        side.client.world_size = 2
+        side.config = side.config.replace(chunk_size=64)
+        side.chunker = type(side.chunker)(64, side.config.hash_algorithm)
+        req = SimpleNamespace(request_id="r", prompt_token_ids=list(range(400)), cache_salt=None)
+        # vLLM's own cache has the first 32 tokens: the load is [32, 192).
+        assert side.get_num_new_matched_tokens(req, 32) == 160
+        side.update_state_after_alloc(req, None, 160)
+        assert side.hit_sources(req, 160) == {"host": 32, "remote": 64, "disk": 64}
+        assert side.hit_sources(req, 150) == {}, "counts that do not add up are not reported"
+        where[1] = ["host"]  # a rank that says less than was found: unknown
+        assert side.hit_sources(req, 160) == {}
+    finally:
+        for rank in (0, 1):
+            lookup._LOCAL.pop(("src-test", rank), None)
 
 
 def _spec_config(spec):

@@ -237,3 +237,39 @@ def test_per_request_controls_over_http(server):
     hits, kept = loaded(), stored()
     complete(port, tagged, max_tokens=1, kv_transfer_params={**alice, "lmcache.skip_save": True})
     assert loaded() >= hits + 256 and stored() == kept, "skip_save loads, stores nothing"
+
+
+def test_hits_are_counted_by_source_on_vllms_own_metric(server):
+    """vLLM 0.32's ``vllm:prompt_tokens_cached_by_source``: lmcache's hits from DRAM count
+    as ``host`` (they were ``external_unspecified``, the default for a connector)."""
+    from lmcache_core.workload import scrape_metrics
+    from lmcache_vllm.testing import complete
+
+    port, metrics_port, _ = server
+
+    def by_source() -> dict[str, float]:
+        fams = _families(f"http://127.0.0.1:{port}/metrics")
+        fam = fams.get("vllm:prompt_tokens_cached_by_source")
+        assert fam is not None, "this vLLM has no per-source metric"
+        return {s.labels["source"]: s.value for s in fam.samples if s.name.endswith("_total")}
+
+    def loaded() -> float:
+        return scrape_metrics(f"http://127.0.0.1:{metrics_port}/metrics").get(
+            "lmcache:num_hit_tokens", 0
+        )
+
+    prompt = " ".join(f"sources{i}" for i in range(300))
+    complete(port, prompt, max_tokens=1)
+    before, hits = by_source(), loaded()
+    complete(port, prompt, max_tokens=1)  # from lmcache's DRAM tier
+    import time
+
+    deadline = time.monotonic() + 20
+    while (after := by_source()).get("host", 0) == before.get("host", 0):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    got = loaded() - hits
+    assert got >= 256
+    assert after.get("host", 0) - before.get("host", 0) == got
+    assert after.get("external_unspecified", 0) == before.get("external_unspecified", 0)

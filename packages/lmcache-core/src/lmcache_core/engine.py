@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmcache_core import staged_load, staged_store
+from lmcache_core import hit_sources, staged_load, staged_store
 from lmcache_core.arena import Arena
 from lmcache_core.auth import load_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
@@ -93,6 +93,8 @@ class CacheEngine:
         self._allocate = self.cascade.allocate
         #: Partial-chunk keys that stored chunks' first blocks answer (``add_aliases``).
         self.aliases = ChunkAliases(config.max_chunk_aliases)
+        #: Each lookup owner's found chunks, for :meth:`hit_sources`.
+        self.held = hit_sources.HeldByOwner()
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
@@ -236,10 +238,16 @@ class CacheEngine:
 
     def _pin(self, keys: list[CacheKey], owner: str | None) -> None:
         """Pin ``keys`` in the CPU tier for ``owner``, replacing its earlier pins."""
+        if owner is not None:
+            self.held.record(owner, keys)
         if owner is not None and self.cpu is not None:
             self.cpu.unpin(owner)
             if keys:
                 self.cpu.pin(keys, owner, self.config.pin_timeout)
+
+    def hit_sources(self, owner: str) -> list[str]:
+        """Where each chunk ``owner``'s last lookup found is (:mod:`lmcache_core.hit_sources`)."""
+        return hit_sources.classify(self.cascade, self.held.get(owner))
 
     def add_aliases(
         self, prompt: ChunkedPrompt, inner: Mapping[int, Sequence[bytes]], step: int
@@ -261,6 +269,7 @@ class CacheEngine:
             self.aliases.add(target, prompt.end(i) - prompt.start(i), pairs)
 
     def unpin(self, owner: str) -> None:
+        self.held.forget(owner)
         if self.cpu is not None:
             self.cpu.unpin(owner)
 

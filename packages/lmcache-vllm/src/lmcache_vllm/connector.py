@@ -182,6 +182,34 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[Any, int]:
+        """vLLM's ``vllm:prompt_tokens_cached_by_source``: lmcache's hit split into host
+        (DRAM), disk, p2p, and external_unspecified (Redis, S3, a shared filesystem)."""
+        if num_external_tokens <= 0 or self.scheduler is None:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        names = {
+            "host": CacheHitSource.HOST,
+            "disk": CacheHitSource.DISK,
+            "p2p": CacheHitSource.P2P,
+            "remote": CacheHitSource.EXTERNAL_UNSPECIFIED,
+        }
+        try:
+            split = self.scheduler.hit_sources(request, num_external_tokens)
+        except Exception:
+            logger.debug("lmcache: hit sources unknown", exc_info=True)
+            split = {}
+        if not split:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        out: dict[Any, int] = {}
+        for kind, n in split.items():
+            src = names.get(kind, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[src] = out.get(src, 0) + n
+        return out
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
         return self.scheduler.build_connector_meta(scheduler_output)

@@ -39,6 +39,10 @@ _OP_UNPIN = 2
 _OP_PING = 3
 _OP_LOOKUP_CHAINS = 4  # blend segments' chains
 _OP_LOOKUP_PROMPTS = 5  # prompt chains (a prompt's own keys), several at once
+_OP_SOURCES = 6  # where the chunks an owner's last lookup found are
+#: Hit sources on the wire (:mod:`lmcache_core.hit_sources` names), 0: unknown.
+SOURCE_CODES = {"host": 1, "disk": 2, "p2p": 3, "remote": 4}
+_SOURCE_NAMES = {v: k for k, v in SOURCE_CODES.items()}
 _HDR = struct.Struct("<IB")  # payload length, op
 _LOOKUP = struct.Struct("<IIIBH")  # chunk_size, num_tokens, n_digests, digest_size, owner_len
 _CHAINS = struct.Struct("<IIBH")  # chunk_size, n_chains, digest_size, owner_len
@@ -50,6 +54,12 @@ LookupFn = Callable[[int, int, list[bytes], str], int]
 UnpinFn = Callable[[str], None]
 #: ``lookup_chains(chunk_size, chains, owner) -> leading chunks held of each chain``.
 ChainsFn = Callable[[int, list[list[bytes]], str], list[int]]
+#: ``sources(owner) -> where each chunk its last lookup found is``.
+SourcesFn = Callable[[str], list[str]]
+
+
+def _no_sources(owner: str) -> list[str]:
+    return []
 
 
 def _no_chains(chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
@@ -150,13 +160,14 @@ class LookupServer:
         unpin: UnpinFn,
         lookup_chains: ChainsFn = _no_chains,
         lookup_prompts: ChainsFn = _no_chains,
+        sources: SourcesFn = _no_sources,
     ) -> None:
         self.key = (engine_id, rank)
         self.path = socket_path(engine_id, rank)
-        self._lookup, self._unpin = lookup, unpin
+        self._lookup, self._unpin, self._sources = lookup, unpin, sources
         self._chains = {_OP_LOOKUP_CHAINS: lookup_chains, _OP_LOOKUP_PROMPTS: lookup_prompts}
         with _LOCAL_LOCK:
-            _LOCAL[self.key] = (lookup, unpin, lookup_chains, lookup_prompts)
+            _LOCAL[self.key] = (lookup, unpin, lookup_chains, lookup_prompts, sources)
         self._closed = False
         self._sock: socket.socket | None = None
         try:
@@ -201,6 +212,10 @@ class LookupServer:
                         conn.sendall(
                             _U32.pack(len(counts)) + b"".join(_U32.pack(c) for c in counts)
                         )
+                        continue
+                    if op == _OP_SOURCES:
+                        codes = [SOURCE_CODES.get(s, 0) for s in self._sources(payload.decode())]
+                        conn.sendall(_U32.pack(len(codes)) + b"".join(_U32.pack(c) for c in codes))
                         continue
                     if op == _OP_LOOKUP:
                         chunk_size, ntok, digests, owner = _decode_lookup(payload)
@@ -332,6 +347,24 @@ class LookupClient:
 
         best = [len(c) for c in chains]
         return self._min_over_ranks(ask, best) if any(best) else best
+
+    def sources(self, owner: str) -> list[list[str]]:
+        """Each rank's answer to where the chunks ``owner``'s last lookup found are (a rank
+        that cannot say answers an empty list)."""
+        out: list[list[str]] = []
+        with self._lock:
+            for rank in range(self.world_size):
+                local = _LOCAL.get((self.engine_id, rank))
+                try:
+                    if local is not None:
+                        out.append(list(local[4](owner)) if len(local) > 4 else [])
+                        continue
+                    raw = self._request(rank, _OP_SOURCES, owner.encode(), None)
+                    codes = [_U32.unpack_from(raw, 4 * i)[0] for i in range(len(raw) // 4)]
+                    out.append([_SOURCE_NAMES.get(c, "remote") for c in codes])
+                except Exception:
+                    out.append([])
+        return out
 
     def unpin(self, owner: str) -> None:
         with self._lock:

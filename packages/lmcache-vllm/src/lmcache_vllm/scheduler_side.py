@@ -33,6 +33,8 @@ from lmcache_vllm.settings import (
 )
 
 logger = logging.getLogger("vllm.lmcache")
+#: Hit sources from nearest to farthest: a chunk counts where the farthest rank holds it.
+SOURCE_ORDER = {"host": 0, "disk": 1, "p2p": 2, "remote": 3}
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -267,6 +269,28 @@ class SchedulerSide:
         elif st.pinned:  # vLLM took none of the hit (its own cache covered it, or a
             self.client.unpin(request.request_id)  # request that reads no cache): free now
             st.pinned = False
+
+    def hit_sources(self, request: Request, num_tokens: int) -> dict[str, int]:
+        """The tokens of the load just planned for ``request``, per kind of tier that holds
+        them (:mod:`lmcache_core.hit_sources`), as every rank's last lookup found them
+        (a chunk counts where the farthest rank has it); {} when that is not known."""
+        st = self.requests.get(request.request_id)
+        if st is None or st.load is None or st.blend is not None or num_tokens <= 0:
+            return {}
+        answers = self.client.sources(request.request_id)
+        p = st.hit or st.prompt  # the held keys: its chunks, in order
+        lo, hi = st.load
+        out: dict[str, int] = {}
+        for i in range(len(p)):
+            n = min(p.end(i), hi) - max(p.start(i), lo)
+            if n <= 0:
+                continue
+            kinds = [r[i] for r in answers if i < len(r)]
+            if not kinds or len(kinds) != len(answers):
+                return {}
+            kind = max(kinds, key=lambda k: SOURCE_ORDER.get(k, len(SOURCE_ORDER)))
+            out[kind] = out.get(kind, 0) + n
+        return out if sum(out.values()) == num_tokens else {}
 
     def build_connector_meta(self, so: SchedulerOutput) -> LMCacheConnectorMetadata:
         meta = LMCacheConnectorMetadata()

@@ -143,6 +143,7 @@ class WorkerSide:
             self.engine.unpin,
             self._lookup_chains,
             self._lookup_prompts,
+            self.engine.hit_sources,
         )
         self.metrics_server = start_exporter(
             self.engine.metrics, self.config.metrics_port, self.config.metrics_host, rank
