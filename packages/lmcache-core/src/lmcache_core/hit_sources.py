@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from lmcache_core.tier_cascade import TierCascade
 
 HOST, DISK, P2P, REMOTE = "host", "disk", "p2p", "remote"
+#: Every kind, from nearest to farthest (a chunk several ranks hold counts as the farthest).
+KINDS = (HOST, DISK, P2P, REMOTE)
 #: Tiers in this process's memory or on its own disk, by name: they answer locally.
 _LOCAL_KINDS = {"cpu": HOST, "disk": DISK}
 #: Owners whose last lookup is remembered, at most (a request forgets its at unpin).

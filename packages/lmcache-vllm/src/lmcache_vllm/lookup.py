@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmcache_core.hit_sources import KINDS
+
 logger = logging.getLogger(__name__)
 
 _OP_LOOKUP = 1
@@ -41,7 +43,7 @@ _OP_LOOKUP_CHAINS = 4  # blend segments' chains
 _OP_LOOKUP_PROMPTS = 5  # prompt chains (a prompt's own keys), several at once
 _OP_SOURCES = 6  # where the chunks an owner's last lookup found are
 #: Hit sources on the wire (:mod:`lmcache_core.hit_sources` names), 0: unknown.
-SOURCE_CODES = {"host": 1, "disk": 2, "p2p": 3, "remote": 4}
+SOURCE_CODES = {kind: i + 1 for i, kind in enumerate(KINDS)}
 _SOURCE_NAMES = {v: k for k, v in SOURCE_CODES.items()}
 _HDR = struct.Struct("<IB")  # payload length, op
 _LOOKUP = struct.Struct("<IIIBH")  # chunk_size, num_tokens, n_digests, digest_size, owner_len

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from lmcache_core.hit_sources import KINDS
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
 from lmcache_core.request_options import epoch_salt
 
@@ -34,7 +35,7 @@ from lmcache_vllm.settings import (
 
 logger = logging.getLogger("vllm.lmcache")
 #: Hit sources from nearest to farthest: a chunk counts where the farthest rank holds it.
-SOURCE_ORDER = {"host": 0, "disk": 1, "p2p": 2, "remote": 3}
+SOURCE_ORDER = {kind: i for i, kind in enumerate(KINDS)}
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
