@@ -41,6 +41,16 @@ def make_engine(**cfg) -> CacheEngine:
     return CacheEngine(CacheConfig.from_dict(base), model="test/model", layout=LAYOUT)
 
 
+def disk_and_redis(disk: object, redis_url: str, prefix: str) -> dict:
+    """Config for CPU -> a local disk -> Redis, under its own Redis key prefix."""
+    return {
+        "local_disk": str(disk),
+        "max_local_disk_size": "1MiB",
+        "remote_url": redis_url,
+        "extra_config": {"redis_key_prefix": prefix},
+    }
+
+
 def prompt(i: int, ntok: int = 4 * CHUNK) -> list[int]:
     return [i * 1000 + t for t in range(ntok)]
 
@@ -67,12 +77,7 @@ def test_lower_tiers_serve_after_dram_is_gone_and_promote(tmp_path, redis_server
     toks = prompt(1)
     table = src.table(len(toks), 1)
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
-    cfg = {
-        "local_disk": str(tmp_path),
-        "max_local_disk_size": "1MiB",
-        "remote_url": redis_server.url,
-        "extra_config": {"redis_key_prefix": prefix},
-    }
+    cfg = disk_and_redis(tmp_path, redis_server.url, prefix)
     with make_engine(**cfg) as first:
         assert first.store(toks, src.kv(table)) == len(toks)
         assert first.flush(10)
@@ -165,12 +170,7 @@ def test_corrupted_bytes_on_disk_and_in_redis_are_misses_never_wrong_kv(tmp_path
     src = PagedKVMemory(LAYOUT)
     toks = prompt(3)
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
-    cfg = {
-        "local_disk": str(tmp_path),
-        "max_local_disk_size": "1MiB",
-        "remote_url": redis_server.url,
-        "extra_config": {"redis_key_prefix": prefix},
-    }
+    cfg = disk_and_redis(tmp_path, redis_server.url, prefix)
     with make_engine(**cfg) as e:
         e.store(toks, src.kv(src.table(len(toks), 3)))
         assert e.flush(10)
@@ -310,12 +310,7 @@ def test_hit_sources_say_which_kind_of_tier_holds_each_found_chunk(tmp_path, red
     src = PagedKVMemory(LAYOUT)
     toks = prompt(3)
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
-    cfg = {
-        "local_disk": str(tmp_path),
-        "max_local_disk_size": "1MiB",
-        "remote_url": redis_server.url,
-        "extra_config": {"redis_key_prefix": prefix},
-    }
+    cfg = disk_and_redis(tmp_path, redis_server.url, prefix)
     with make_engine(**cfg) as e:
         assert e.store(toks, src.kv(src.table(len(toks), 3))) == len(toks)
         assert e.flush(10)

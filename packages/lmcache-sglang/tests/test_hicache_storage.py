@@ -175,13 +175,18 @@ def test_legacy_flat_page_calls_agree_with_the_host_pool_layout():
         assert not b.batch_set(["x"], [page[:-1]])  # wrong size: refused
 
 
+def with_redis(url: str) -> dict:
+    """Extra config: 64 MiB of DRAM over Redis, under a key prefix of this test's own."""
+    return {
+        "max_local_cpu_size": "64MiB",
+        "remote_url": url,
+        "extra_config": {"redis_key_prefix": f"t-{uuid.uuid4().hex[:6]}:"},
+    }
+
+
 def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier():
     with RedisServer() as redis:
-        extra = {
-            "max_local_cpu_size": "64MiB",
-            "remote_url": redis.url,
-            "extra_config": {"redis_key_prefix": f"t-{uuid.uuid4().hex[:6]}:"},
-        }
+        extra = with_redis(redis.url)
         pool = HostPool()
         r0 = backend(pool, tp_rank=0, tp_size=2, extra_config=extra)
         r1 = backend(HostPool(), tp_rank=1, tp_size=2, extra_config=extra)
@@ -203,11 +208,7 @@ def test_clear_means_nothing_stored_before_is_read_again_from_any_tier():
     """SGLang's clear_storage_backend: DRAM empties, and what Redis holds from before is no
     longer read by this instance (it was: only DRAM was emptied)."""
     with RedisServer() as redis:
-        extra = {
-            "max_local_cpu_size": "64MiB",
-            "remote_url": redis.url,
-            "extra_config": {"redis_key_prefix": f"c-{uuid.uuid4().hex[:6]}:"},
-        }
+        extra = with_redis(redis.url)
         pool = HostPool()
         b = backend(pool, extra_config=extra)
         ks = keys(2, "clear")
