@@ -54,7 +54,7 @@ def answer(text: str) -> str:
 
 
 class Bench:
-    def __init__(self, model: str, ratio: float, check: int) -> None:
+    def __init__(self, model: str, ratios: tuple[float, ...], checks: tuple[int, ...]) -> None:
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(
@@ -71,8 +71,8 @@ class Bench:
                 "kv_connector_module_path": "lmcache_vllm",
                 "kv_connector_extra_config": {
                     "enable_blending": True,
-                    "blend_recompute_ratios": [ratio],
-                    "blend_check_layers": [check],
+                    "blend_recompute_ratios": list(ratios),
+                    "blend_check_layers": list(checks),
                     "blend_min_tokens": 32,
                 },
             },
@@ -86,13 +86,14 @@ class Bench:
         # stores into a slot first.
         self.worker.engine.pool.arena.prefault()
         self.blend_sched = self.sched.blend
-        self.ratio = ratio
+        self.ratios = ratios
         self.sp = SamplingParams(max_tokens=8, temperature=0, logprobs=20)
         self.sp1 = SamplingParams(max_tokens=1, temperature=0)
         self.salt = 0
 
     def gen(self, prompt: str, *, fresh: bool = False, ratio: float | None = None, one=False):
-        self.worker.blend.ratios = (self.ratio if ratio is None else ratio,)
+        # ratio: every check layer's (0: re-rotation only); None: the configured ones
+        self.worker.blend.ratios = self.ratios if ratio is None else (ratio,) * len(self.ratios)
         p: dict = {"prompt": prompt}
         if fresh:  # a salt no request used before: every lookup misses
             self.salt += 1
@@ -224,8 +225,12 @@ def main() -> None:
         help="facts: one fact per document; linked: a fact and its person in two passages",
     )
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--check-layer", type=int, default=1)
+    ap.add_argument(
+        "--ratio", default="0.15", help="comma-separated, one per check layer (non-increasing)"
+    )
+    ap.add_argument(
+        "--check-layer", default="1", help="comma-separated: several narrow the set layer by layer"
+    )
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     model = a.model
@@ -233,9 +238,13 @@ def main() -> None:
         from make_test_model import ensure_model
 
         model = str(ensure_model(ROOT / ".cache" / "test-models" / "smollm2", preset="smollm2"))
-    b = Bench(model, a.ratio, a.check_layer)
+    ratios = tuple(float(x) for x in a.ratio.split(","))
+    checks = tuple(int(x) for x in a.check_layer.split(","))
+    if len(ratios) != len(checks):
+        ap.error("--ratio and --check-layer need as many values each")
+    b = Bench(model, ratios, checks)
     todo = a.only or ["quality", "speed", "overhead"]
-    out: dict = {"model": model, "ratio": a.ratio, "check_layer": a.check_layer}
+    out: dict = {"model": model, "ratio": list(ratios), "check_layer": list(checks)}
     for name in todo:
         console.print(f"[bold]{name}[/bold]")
         if name == "quality":
