@@ -45,6 +45,57 @@ def _cmd_plugins(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_disk(args: argparse.Namespace) -> int:
+    """What a disk tier's folder holds, per namespace; ``--prune`` frees the unused ones."""
+    import datetime
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from lmcache_core.backends.chunk_files import path_from_url
+    from lmcache_core.backends.disk_namespaces import survey
+    from lmcache_core.sizes import format_size
+
+    root = path_from_url(args.dir)
+    if not Path(root).is_dir():
+        print(f"lmcache: error: {root} is not a folder (give the local_disk setting)")
+        return 2
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("namespaces", total=None)
+        rows = survey(root, prune=args.prune, on_namespace=lambda _: progress.advance(task))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    table = Table(title=f"lmcache disk tier folder {root}")
+    table.add_column("namespace", no_wrap=True)
+    table.add_column("state")
+    table.add_column("chunks", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("newest chunk")
+    for r in rows:
+        state = {True: "in use", False: "unused", None: "unknown"}[r.in_use]
+        newest = "-"
+        if r.newest is not None:
+            newest = datetime.datetime.fromtimestamp(r.newest).isoformat(" ", "seconds")
+        table.add_row(
+            r.namespace,
+            state + (" (pruned)" if r.pruned else ""),
+            str(r.files),
+            format_size(r.nbytes),
+            newest,
+        )
+    Console().print(table)
+    unused_bytes = sum(r.nbytes for r in rows if r.in_use is False and not r.pruned)
+    if unused_bytes and not args.prune:
+        print(
+            f"{format_size(unused_bytes)} in unused namespaces: running tiers delete them "
+            "first when they need room; --prune deletes them now"
+        )
+    return 0
+
+
 def _cmd_bench_core(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -246,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="installed backends, policies, serdes").set_defaults(
         fn=_cmd_plugins
     )
+
+    p = sub.add_parser(
+        "disk", help="a disk tier folder: namespaces, in use or not, sizes (--prune: free unused)"
+    )
+    p.add_argument("dir", help="the local_disk folder (a path or file:// URL)")
+    p.add_argument("--prune", action="store_true", help="delete unused namespaces' chunks now")
+    p.add_argument("--json", action="store_true", help="print the survey as JSON")
+    p.set_defaults(fn=_cmd_disk)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("core", help="CPU tier store/retrieve vs memcpy, 128K lookup")

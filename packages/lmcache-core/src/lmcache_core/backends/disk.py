@@ -11,7 +11,8 @@
   header and chunk view, ``preadv`` straight into the chunk that will serve
   the engine.
 * Bounded by ``max_local_disk_size``: least recently used chunks are deleted
-  to make room.
+  to make room, after the files of namespaces no process uses any more
+  (an older model, configuration or key scheme: :mod:`disk_namespaces`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +45,7 @@ from lmcache_core.backends.chunk_files import (
     write_atomically,
     writer_gone,
 )
+from lmcache_core.backends.disk_namespaces import OrphanFiles, hold
 from lmcache_core.config import extra_bool
 from lmcache_core.errors import LMCacheError
 from lmcache_core.eviction.base import EvictionPolicy
@@ -101,6 +104,13 @@ class LocalDiskBackend(StorageBackend):
         self.on_evict: Callable[[CacheKey], None] | None = None
         self._index: dict[CacheKey, int] = {}  # key -> payload bytes
         self._used = 0
+        #: Other namespaces' files that no process uses: deleted before our own chunks.
+        self._orphans: OrphanFiles | None = None
+        if namespace is not None:
+            fd = hold(self.root / namespace.hex())
+            if fd is not None:
+                self._release = weakref.finalize(self, os.close, fd)
+                self._orphans = OrphanFiles(self.root, namespace.hex())
         self._rebuild_index()
 
     @classmethod
@@ -187,6 +197,13 @@ class LocalDiskBackend(StorageBackend):
         unlink_chunk(self._path(key))
 
     def _make_room(self, nbytes: int) -> bool:
+        orphans = self._orphans
+        if orphans is not None and orphans.nbytes:
+            over = self._used + orphans.nbytes + nbytes - self.capacity
+            if over > 0:
+                deleted = orphans.reclaim(over)
+                if deleted:
+                    self.metrics.inc("lmcache:num_evictions", deleted, tier=self.name)
         while self._used + nbytes > self.capacity:
             victim = self.policy.evict(lambda k: True)
             if victim is None:
@@ -215,6 +232,8 @@ class LocalDiskBackend(StorageBackend):
                 out[i] = False
                 continue
             todo.append(i)
+        if todo and self._orphans is not None:
+            self._orphans.scan()  # at most once a minute, off the tier's lock
         if todo:
             # Evict before writing, so the files of evicted chunks free the space the
             # new ones need (it matters when the filesystem, not the bound, is full).
@@ -393,4 +412,7 @@ class LocalDiskBackend(StorageBackend):
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()  # this namespace may now be reclaimed by other tiers on the folder
         # The files stay: that is the point.

@@ -1,0 +1,209 @@
+"""A disk folder shared by namespaces: the bound holds after a model or config changes.
+
+A namespace no process uses (an older model, ``--hf-overrides``, KV dtype,
+chunk size or key scheme on the same ``local_disk``) used to keep its files
+forever. Its files now count against the bound and go first; a namespace a
+live process holds is never touched, and files lmcache did not make never are.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from lmcache_core import CacheConfig, CacheEngine, KVLayout
+from lmcache_core.backends.disk import LocalDiskBackend
+from lmcache_core.cache_key import CacheKey
+from lmcache_core.testing import ChunkFactory, chunk_payload
+
+CHUNK = 4096
+OLD, NEW = b"\x0a" * 16, b"\x0b" * 16
+
+
+def key(ns: bytes, i: int) -> CacheKey:
+    return CacheKey.of(ns, i.to_bytes(8, "big"))
+
+
+def put(tier: LocalDiskBackend, factory: ChunkFactory, keys) -> None:
+    for k in keys:
+        c = factory.make(k, CHUNK)
+        assert tier.put([c]) == [True]
+        c.release()
+
+
+def chunk_files(root) -> dict[str, int]:
+    """Every chunk file under ``root``: name -> size."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            if n.endswith(".chunk"):
+                out[n] = os.path.getsize(os.path.join(d, n))
+    return out
+
+
+def stored_by_old_namespace(root, n: int) -> list[CacheKey]:
+    """``n`` chunks of OLD, written oldest first, by a tier that is then closed."""
+    f = ChunkFactory(CHUNK)
+    old = LocalDiskBackend(root, 1 << 20, namespace=OLD)
+    keys = [key(OLD, i) for i in range(n)]
+    for i, k in enumerate(keys):
+        put(old, f, [k])
+        os.utime(old._path(k), (1000 + i, 1000 + i))
+    old.close()
+    return keys
+
+
+def test_an_unused_namespace_is_deleted_oldest_first_before_the_tiers_own_chunks(tmp_path):
+    old_keys = stored_by_old_namespace(tmp_path, 6)
+    frame = next(iter(chunk_files(tmp_path).values()))  # a chunk file: header, key, payload
+    new = LocalDiskBackend(tmp_path, 8 * frame, namespace=NEW)
+    # Room enough for both: an old namespace stays (a rollback finds its cache).
+    assert len(chunk_files(tmp_path)) == 6
+    f = ChunkFactory(CHUNK)
+    new_keys = [key(NEW, i) for i in range(5)]
+    put(new, f, new_keys)
+    assert new.contains(new_keys) == [True] * 5  # none of its own evicted
+    files = chunk_files(tmp_path)
+    assert sum(files.values()) <= 8 * frame  # the folder holds the bound
+    assert [k.hex() + ".chunk" in files for k in old_keys] == [False] * 3 + [True] * 3
+    assert new.metrics.get("lmcache:num_evictions", tier="disk") == 3
+    new.close()
+    # The old deployment, rolled back, finds what is left and reads it intact.
+    again = LocalDiskBackend(tmp_path, 1 << 20, namespace=OLD)
+    assert set(again.keys()) == set(old_keys[3:])
+    for k in old_keys[3:]:
+        (c,) = again.get([k], f.allocate)
+        assert c is not None and bytes(c.view) == chunk_payload(k, CHUNK)
+        c.release()
+
+
+def test_unused_namespaces_over_the_bound_are_cut_to_it_at_start(tmp_path):
+    stored_by_old_namespace(tmp_path, 6)
+    frame = next(iter(chunk_files(tmp_path).values()))
+    LocalDiskBackend(tmp_path, 2 * frame, namespace=NEW).close()
+    assert sum(chunk_files(tmp_path).values()) == 2 * frame
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from lmcache_core.backends.disk import LocalDiskBackend
+    tier = LocalDiskBackend(sys.argv[1], 1 << 20, namespace=bytes.fromhex(sys.argv[2]))
+    print("ready", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_namespace_a_live_process_holds_is_never_touched_and_is_reclaimed_once_it_dies(
+    tmp_path,
+):
+    old_keys = stored_by_old_namespace(tmp_path, 6)
+    frame = next(iter(chunk_files(tmp_path).values()))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), OLD.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        new = LocalDiskBackend(tmp_path, 4 * frame, namespace=NEW)
+        f = ChunkFactory(CHUNK)
+        put(new, f, [key(NEW, i) for i in range(8)])
+        files = chunk_files(tmp_path)
+        assert all(k.hex() + ".chunk" in files for k in old_keys)  # in use: untouched
+        assert new.used_bytes <= 4 * frame  # the tier evicted its own instead
+        # A rolling update: the old process goes (kill -9 drops its lock too), and the
+        # next scan finds its namespace unused.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        new._orphans._next_scan = 0.0  # the scan runs at most once a minute
+        put(new, f, [key(NEW, 100)])
+        assert sum(chunk_files(tmp_path).values()) <= 4 * frame
+        assert not any(k.hex() + ".chunk" in chunk_files(tmp_path) for k in old_keys)
+        new.close()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_files_lmcache_did_not_make_are_never_deleted(tmp_path):
+    old_keys = stored_by_old_namespace(tmp_path, 2)
+    foreign = [
+        tmp_path / "notes" / "a.chunk",  # not a namespace folder
+        tmp_path / OLD.hex() / "readme.txt",
+        tmp_path / OLD.hex() / "zz" / f"v1-{OLD.hex()}-00.chunk",  # not a shard folder
+        tmp_path / OLD.hex() / "00" / "data.chunk",  # not a chunk name
+        tmp_path / OLD.hex() / "00" / f"v1-{NEW.hex()}-0001.chunk",  # another namespace's name
+    ]
+    for p in foreign:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * 100)
+    new = LocalDiskBackend(tmp_path, 1, namespace=NEW)  # room for nothing: reclaim everything
+    assert len(new._orphans) == 0
+    assert all(p.exists() for p in foreign)
+    files = chunk_files(tmp_path)
+    assert not any(k.hex() + ".chunk" in files for k in old_keys)  # lmcache's own: gone
+    new.close()
+
+
+def test_an_engine_for_another_model_keeps_the_shared_folder_within_its_bound(tmp_path):
+    """What a user sees: the model changes, the disk tier's folder stays within the bound."""
+    from lmcache_core.testing.paged_memory import PagedKVMemory
+
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+    )
+    per_chunk = layout.chunk_bytes(16)  # the bound is counted in payload bytes
+    cfg = CacheConfig.from_dict(
+        {
+            "chunk_size": 16,
+            "max_local_cpu_size": "1MiB",
+            "local_disk": f"file://{tmp_path}",
+            "max_local_disk_size": f"{12 * per_chunk // 1024}KiB",  # a bare number is GiB
+        }
+    )
+
+    def fill(model: str, n_prompts: int) -> None:
+        mem = PagedKVMemory(layout, num_blocks=64)
+        with CacheEngine(cfg, model=model, layout=layout) as engine:
+            for p in range(n_prompts):
+                tokens = [p * 1000 + t for t in range(64)]  # 4 chunks each
+                assert engine.store(tokens, mem.kv(range(16))) == 64
+                engine.flush()
+
+    fill("model-v1", 3)
+    at_bound = chunk_files(tmp_path)  # 12 chunks: the bound
+    assert len(at_bound) == 12
+    fill("model-v2", 3)  # 12 more, in another namespace
+    files = chunk_files(tmp_path)
+    assert len(files) == len(at_bound) and sum(files.values()) == sum(at_bound.values())
+    assert not set(files) & set(at_bound)  # the old model's all went, none of the new's
+
+
+def test_lmcache_disk_reports_each_namespace_and_prunes_only_unused_ones(tmp_path, capsys):
+    import json
+
+    from lmcache_core.cli import main
+
+    old_keys = stored_by_old_namespace(tmp_path, 3)
+    live = LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW)
+    put(live, ChunkFactory(CHUNK), [key(NEW, 1), key(NEW, 2)])
+    assert main(["disk", str(tmp_path), "--json"]) == 0
+    rows = {r["namespace"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[OLD.hex()]["in_use"] is False and rows[OLD.hex()]["files"] == 3
+    assert rows[NEW.hex()]["in_use"] is True and rows[NEW.hex()]["files"] == 2
+    assert main(["disk", f"file://{tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "unused" in out and "in use" in out and "--prune deletes them now" in out
+    assert main(["disk", str(tmp_path), "--prune"]) == 0
+    files = chunk_files(tmp_path)
+    assert not any(k.hex() + ".chunk" in files for k in old_keys)
+    assert len(files) == 2  # the live tier's chunks stay
+    live.close()
+    assert main(["disk", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().out
