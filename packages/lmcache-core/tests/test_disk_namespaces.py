@@ -207,3 +207,24 @@ def test_lmcache_disk_reports_each_namespace_and_prunes_only_unused_ones(tmp_pat
     live.close()
     assert main(["disk", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().out
+
+
+def test_a_second_process_on_the_same_namespace_and_folder_is_warned(tmp_path, caplog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), NEW.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with caplog.at_level("WARNING"):
+            LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()
+        assert "give each instance its own local_disk folder" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()
+    assert "another process" not in caplog.text

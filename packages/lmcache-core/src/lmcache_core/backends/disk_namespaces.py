@@ -66,6 +66,19 @@ def hold(ns_dir: Path) -> int | None:
     ns_dir.mkdir(parents=True, exist_ok=True)
     fd = _open_lock(ns_dir)
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Another live process has this namespace here (two replicas of one model on
+            # a host, one folder): each indexes what it writes, so neither finds the
+            # other's new chunks, and the folder holds up to twice the bound.
+            logger.warning(
+                "disk tier: another process uses namespace %s in %s; each bounds and finds "
+                "only the chunks it wrote since it started: give each instance its own "
+                "local_disk folder (share KV between instances through p2p, Redis or S3)",
+                ns_dir.name,
+                ns_dir.parent,
+            )
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError as e:
         os.close(fd)
