@@ -8,6 +8,7 @@ live process holds is never touched, and files lmcache did not make never are.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -98,19 +99,29 @@ HOLDER = textwrap.dedent(
 )
 
 
-def test_a_namespace_a_live_process_holds_is_never_touched_and_is_reclaimed_once_it_dies(
-    tmp_path,
-):
-    old_keys = stored_by_old_namespace(tmp_path, 6)
-    frame = next(iter(chunk_files(tmp_path).values()))
+@contextlib.contextmanager
+def another_process_holding(root, ns: bytes):
+    """A live process with a disk tier of namespace ``ns`` on ``root``."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), OLD.hex()],
+        [sys.executable, "-c", HOLDER, str(root), ns.hex()],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_namespace_a_live_process_holds_is_never_touched_and_is_reclaimed_once_it_dies(
+    tmp_path,
+):
+    old_keys = stored_by_old_namespace(tmp_path, 6)
+    frame = next(iter(chunk_files(tmp_path).values()))
+    with another_process_holding(tmp_path, OLD) as holder:
         new = LocalDiskBackend(tmp_path, 4 * frame, namespace=NEW)
         f = ChunkFactory(CHUNK)
         put(new, f, [key(NEW, i) for i in range(8)])
@@ -126,9 +137,6 @@ def test_a_namespace_a_live_process_holds_is_never_touched_and_is_reclaimed_once
         assert sum(chunk_files(tmp_path).values()) <= 4 * frame
         assert not any(k.hex() + ".chunk" in chunk_files(tmp_path) for k in old_keys)
         new.close()
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 def test_files_lmcache_did_not_make_are_never_deleted(tmp_path):
@@ -210,20 +218,9 @@ def test_lmcache_disk_reports_each_namespace_and_prunes_only_unused_ones(tmp_pat
 
 
 def test_a_second_process_on_the_same_namespace_and_folder_is_warned(tmp_path, caplog):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), NEW.hex()],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        with caplog.at_level("WARNING"):
-            LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()
-        assert "give each instance its own local_disk folder" in caplog.text
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
+    with another_process_holding(tmp_path, NEW), caplog.at_level("WARNING"):
+        LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()
+    assert "give each instance its own local_disk folder" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -91,6 +92,29 @@ def files(path: Path) -> list[os.DirEntry[str]]:
             return [e for e in it if e.is_file(follow_symlinks=False)]
     except OSError:
         return []
+
+
+SUFFIX = ".chunk"
+_SHARD_DIR = re.compile(r"^[0-9a-f]{2}$")
+
+
+def chunk_entries(ns_dir: Path) -> Iterator[os.DirEntry[str]]:
+    """The ``*.chunk`` files of a namespace folder, in its shard folders (``<xx>/``).
+
+    Never through a symlink; temporary files whose writer is gone are deleted
+    on the way (one that another process is writing now is left alone).
+    """
+    me = os.getpid()
+    for shard in subdirs(ns_dir):
+        if not _SHARD_DIR.match(shard.name):
+            continue
+        for entry in files(shard):
+            name = entry.name
+            if name.startswith(".") and ".tmp" in name:
+                if writer_gone(name, me):
+                    unlink_chunk(Path(entry.path))
+            elif name.endswith(SUFFIX):
+                yield entry
 
 
 def writer_gone(tmp_name: str, me: int) -> bool:

@@ -36,14 +36,14 @@ from lmcache_core.backends.base import (
     StorageBackend,
 )
 from lmcache_core.backends.chunk_files import (
+    SUFFIX,
+    chunk_entries,
     drop_page_cache,
     ensure_writable_dir,
-    files,
     path_from_url,
     subdirs,
     unlink_chunk,
     write_atomically,
-    writer_gone,
 )
 from lmcache_core.backends.disk_namespaces import OrphanFiles, hold
 from lmcache_core.config import extra_bool
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".chunk"
 _counter = itertools.count()
 
 
@@ -148,32 +147,23 @@ class LocalDiskBackend(StorageBackend):
         it is gone (another process may be writing it now).
         """
         found = []
-        me = os.getpid()
         for ns_dir in self._namespace_dirs():
-            for sub in subdirs(ns_dir):
-                for entry in files(sub):
-                    name = entry.name
-                    if name.startswith(".") and ".tmp" in name:
-                        if writer_gone(name, me):
-                            unlink_chunk(Path(entry.path))
-                        continue
-                    if not name.endswith(SUFFIX):
-                        continue
-                    try:
-                        key = CacheKey.from_hex(name[: -len(SUFFIX)])
-                        st = entry.stat(follow_symlinks=False)
-                    except (ValueError, OSError):
-                        continue
-                    nbytes = st.st_size - HEADER_SIZE - len(key)
-                    if nbytes > self.max_chunk_bytes or nbytes < 0:
-                        logger.warning(
-                            "disk tier: %s is %d bytes, not a chunk of this cache; deleted",
-                            entry.path,
-                            st.st_size,
-                        )
-                        unlink_chunk(Path(entry.path))
-                        continue
-                    found.append((st.st_mtime, key, nbytes))
+            for entry in chunk_entries(ns_dir):
+                try:
+                    key = CacheKey.from_hex(entry.name[: -len(SUFFIX)])
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue
+                nbytes = st.st_size - HEADER_SIZE - len(key)
+                if nbytes > self.max_chunk_bytes or nbytes < 0:
+                    logger.warning(
+                        "disk tier: %s is %d bytes, not a chunk of this cache; deleted",
+                        entry.path,
+                        st.st_size,
+                    )
+                    unlink_chunk(Path(entry.path))
+                    continue
+                found.append((st.st_mtime, key, nbytes))
         for _, key, nbytes in sorted(found, key=lambda f: f[0]):
             self._index[key] = nbytes
             self.policy.on_insert(key)

@@ -43,14 +43,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_core.backends.chunk_files import files, subdirs, unlink_chunk, writer_gone
+from lmcache_core.backends.chunk_files import chunk_entries, subdirs, unlink_chunk
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _NAMESPACE_DIR = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK_FILE = re.compile(r"^v[0-9]+-([0-9a-f]{32})-[0-9a-f]+\.chunk$")
-_SHARD_DIR = re.compile(r"^[0-9a-f]{2}$")
 
 
 def _open_lock(ns_dir: Path) -> int:
@@ -256,25 +255,16 @@ class OrphanFiles:
 
 
 def _chunk_files(ns_dir: Path) -> Iterator[OrphanFile]:
-    """This module's files in an orphan namespace; dead writers' temp files are removed."""
-    me = os.getpid()
-    for shard in subdirs(ns_dir):
-        if not _SHARD_DIR.match(shard.name):
+    """This module's files in an orphan namespace: chunk names of that namespace only."""
+    for entry in chunk_entries(ns_dir):
+        m = _CHUNK_FILE.match(entry.name)
+        if m is None or m.group(1) != ns_dir.name:
             continue
-        for entry in files(shard):
-            name = entry.name
-            if name.startswith(".") and ".tmp-" in name:
-                if writer_gone(name, me):
-                    unlink_chunk(Path(entry.path))
-                continue
-            m = _CHUNK_FILE.match(name)
-            if m is None or m.group(1) != ns_dir.name:
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            yield OrphanFile(st.st_mtime, Path(entry.path), st.st_size)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        yield OrphanFile(st.st_mtime, Path(entry.path), st.st_size)
 
 
 def _remove_if_empty(shard: Path) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.chunk_files import ensure_writable_dir, write_atomically
+from lmcache_core.backends.chunk_files import SUFFIX, ensure_writable_dir, write_atomically
 from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
@@ -37,7 +37,6 @@ from lmcache_core.serdes.base import Serde
 if TYPE_CHECKING:
     from lmcache_core.config import CacheConfig
 
-SUFFIX = ".chunk"
 _counter = itertools.count()
 
 
