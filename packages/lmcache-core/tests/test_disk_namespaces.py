@@ -225,3 +225,13 @@ def test_a_second_process_on_the_same_namespace_and_folder_is_warned(tmp_path, c
     with caplog.at_level("WARNING"):
         LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW).close()
     assert "another process" not in caplog.text
+
+
+def test_a_lock_that_cannot_be_opened_degrades_to_no_reclaiming_not_a_failed_start(tmp_path):
+    (tmp_path / NEW.hex()).mkdir()
+    (tmp_path / NEW.hex() / ".lock").symlink_to("/dev/null")  # never followed
+    tier = LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW)
+    assert tier._orphans is None
+    put(tier, ChunkFactory(CHUNK), [key(NEW, 1)])
+    assert tier.contains([key(NEW, 1)]) == [True]
+    tier.close()

@@ -62,8 +62,17 @@ def hold(ns_dir: Path) -> int | None:
     Blocks only while another process is deleting this namespace's files as
     orphans. None (logged) where the filesystem has no ``flock``.
     """
-    ns_dir.mkdir(parents=True, exist_ok=True)
-    fd = _open_lock(ns_dir)
+    try:
+        ns_dir.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(ns_dir)
+    except OSError as e:  # a symlink or a folder in the lock's place, permissions
+        logger.warning(
+            "disk tier: cannot open %s (%s); this namespace is not marked in use, and "
+            "unused namespaces are not reclaimed by this process",
+            ns_dir / LOCK_NAME,
+            e.strerror,
+        )
+        return None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
