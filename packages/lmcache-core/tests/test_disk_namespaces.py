@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from lmcache_core import CacheConfig, CacheEngine, KVLayout
 from lmcache_core.backends.disk import LocalDiskBackend
 from lmcache_core.cache_key import CacheKey
@@ -234,4 +235,34 @@ def test_a_lock_that_cannot_be_opened_degrades_to_no_reclaiming_not_a_failed_sta
     assert tier._orphans is None
     put(tier, ChunkFactory(CHUNK), [key(NEW, 1)])
     assert tier.contains([key(NEW, 1)]) == [True]
+    tier.close()
+
+
+def test_a_full_filesystem_frees_unused_namespaces_before_lowering_the_bound(tmp_path, monkeypatch):
+    import errno
+
+    import lmcache_core.backends.disk as disk_module
+
+    old_keys = stored_by_old_namespace(tmp_path, 4)
+    tier = LocalDiskBackend(tmp_path, 1 << 20, namespace=NEW)
+    f = ChunkFactory(CHUNK)
+    put(tier, f, [key(NEW, 1), key(NEW, 2)])
+    real = disk_module.write_atomically
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "write_atomically", full)
+    c = f.make(key(NEW, 3), CHUNK)
+    with pytest.raises(OSError):
+        tier.put([c])
+    files = chunk_files(tmp_path)
+    assert not any(k.hex() + ".chunk" in files for k in old_keys)  # freed first
+    assert tier.capacity == 1 << 20  # the bound stays
+    # With nothing unused left, a full filesystem lowers the bound to what the tier holds.
+    with pytest.raises(OSError):
+        tier.put([c])
+    assert tier.capacity < 2 * CHUNK
+    c.release()
+    monkeypatch.setattr(disk_module, "write_atomically", real)
     tier.close()

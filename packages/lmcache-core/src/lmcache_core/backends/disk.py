@@ -284,9 +284,15 @@ class LocalDiskBackend(StorageBackend):
 
         Eviction then makes room for each new chunk, so the tier keeps working
         inside the space the filesystem really has (until a restart re-reads
-        ``max_local_disk_size``).
+        ``max_local_disk_size``). Unused namespaces' files go first: space
+        they free is not a reason to lower the bound.
         """
         with self._lock:
+            orphans = self._orphans
+            if orphans is not None and orphans.nbytes:
+                deleted = orphans.reclaim(orphans.nbytes)
+                self.metrics.inc("lmcache:num_evictions", deleted, tier=self.name)
+                return
             target = max(0, self._used - self._used // 8)  # leave headroom for the next writes
             if target < self.capacity:
                 logger.warning(
