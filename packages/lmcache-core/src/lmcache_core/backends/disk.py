@@ -186,14 +186,17 @@ class LocalDiskBackend(StorageBackend):
         self._used -= nbytes
         unlink_chunk(self._path(key))
 
+    def _reclaim_orphans(self, need: int) -> int:
+        """Delete unused namespaces' files, oldest first, to free ``need`` bytes; files deleted."""
+        assert self._orphans is not None
+        deleted = self._orphans.reclaim(need) if need > 0 else 0
+        if deleted:
+            self.metrics.inc("lmcache:num_evictions", deleted, tier=self.name)
+        return deleted
+
     def _make_room(self, nbytes: int) -> bool:
-        orphans = self._orphans
-        if orphans is not None and orphans.nbytes:
-            over = self._used + orphans.nbytes + nbytes - self.capacity
-            if over > 0:
-                deleted = orphans.reclaim(over)
-                if deleted:
-                    self.metrics.inc("lmcache:num_evictions", deleted, tier=self.name)
+        if self._orphans is not None:
+            self._reclaim_orphans(self._used + self._orphans.nbytes + nbytes - self.capacity)
         while self._used + nbytes > self.capacity:
             victim = self.policy.evict(lambda k: True)
             if victim is None:
@@ -288,10 +291,7 @@ class LocalDiskBackend(StorageBackend):
         they free is not a reason to lower the bound.
         """
         with self._lock:
-            orphans = self._orphans
-            if orphans is not None and orphans.nbytes:
-                deleted = orphans.reclaim(orphans.nbytes)
-                self.metrics.inc("lmcache:num_evictions", deleted, tier=self.name)
+            if self._orphans is not None and self._reclaim_orphans(self._orphans.nbytes):
                 return
             target = max(0, self._used - self._used // 8)  # leave headroom for the next writes
             if target < self.capacity:

@@ -150,8 +150,7 @@ def survey(
             pruned = bool(prune and free and got)
             if pruned:
                 for f in got:
-                    unlink_chunk(f.path)
-                    _remove_if_empty(f.path.parent)
+                    _delete(f)
         out.append(
             NamespaceUsage(
                 ns_dir.name,
@@ -253,11 +252,10 @@ class OrphanFiles:
                         continue
                     while q and freed < need and q[0].path.parent.parent == ns_dir:
                         f = q.popleft()
-                        unlink_chunk(f.path)
+                        _delete(f)
                         self.nbytes -= f.nbytes
                         freed += f.nbytes
                         deleted += 1
-                        _remove_if_empty(f.path.parent)
             if not q:
                 self._known.clear()  # all deleted: a namespace orphaned again is found anew
         return deleted
@@ -276,8 +274,10 @@ def _chunk_files(ns_dir: Path) -> Iterator[OrphanFile]:
         yield OrphanFile(st.st_mtime, Path(entry.path), st.st_size)
 
 
-def _remove_if_empty(shard: Path) -> None:
+def _delete(f: OrphanFile) -> None:
+    """Delete an orphan's chunk file, and its shard folder once that is empty."""
+    unlink_chunk(f.path)
     try:
-        shard.rmdir()
+        f.path.parent.rmdir()
     except OSError:
         pass  # other chunk files still in it, or gone
