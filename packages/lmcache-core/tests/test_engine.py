@@ -162,8 +162,6 @@ def test_a_failing_tier_is_a_miss_not_an_error():
     pool = SlotPool.anonymous(1024 * 1024, LAYOUT.chunk_bytes(16))
     cpu = LocalCPUBackend(pool)
     engine = CacheEngine(config, model="m", layout=LAYOUT, tiers=[DownTier(), cpu])
-    engine.pool = pool
-    engine._allocate = cpu.allocate
     tokens = list(range(48))
     assert engine.lookup(tokens) == 0
     assert engine.store(tokens, src.kv(src.table(48, 0))) == 0  # first tier down: nothing counted

@@ -1,7 +1,11 @@
-"""``CacheEngine``: lookup, store and retrieve of token prefixes over a cascade of tiers.
+"""``CacheEngine``: lookup, store and retrieve of token prefixes over a chunk store.
 
-The engine owns the memory pool and the tiers; it never touches engine
-memory itself. Moving bytes is delegated to a :class:`~lmcache_core.transfer.KVReader`
+The engine keys prompts (chunks, namespace, salts) and moves KV between the
+engine's memory and chunks; where chunks live is its
+:class:`~lmcache_core.chunk_store.ChunkStore`: this process's pool and tiers
+(:class:`~lmcache_core.chunk_store.LocalChunkStore`, the default) or an
+``lmcache server`` on the host. It never touches engine memory itself.
+Moving bytes is delegated to a :class:`~lmcache_core.transfer.KVReader`
 (store) or :class:`~lmcache_core.transfer.KVWriter` (retrieve) that the engine
 adapter supplies, so each chunk is copied exactly once on the way in (engine
 memory -> pool slot) and once on the way out (pool slot -> engine memory).
@@ -19,12 +23,13 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmcache_core import hit_sources, staged_load, staged_store
+from lmcache_core import staged_load, staged_store
 from lmcache_core.arena import Arena
 from lmcache_core.auth import load_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
 from lmcache_core.backends.cpu import LocalCPUBackend
-from lmcache_core.chunk_aliases import ChunkAliases, holders_with_alias, present_with_alias
+from lmcache_core.chunk_aliases import ChunkAliases
+from lmcache_core.chunk_store import ChunkStore, LocalChunkStore
 from lmcache_core.config import CacheConfig
 from lmcache_core.keys import (
     CacheKey,
@@ -61,9 +66,12 @@ class CacheEngine:
         metrics: Metrics | None = None,
         tiers: Sequence[StorageBackend] | None = None,
         key_extra: Sequence[tuple[str, str]] = (),
+        store: ChunkStore | None = None,
     ) -> None:
         """``key_extra``: what else makes this engine's KV its own (the KV cache dtype,
-        the weights' quantization), as (name, value) pairs in the key namespace."""
+        the weights' quantization), as (name, value) pairs in the key namespace.
+        ``store``: where chunks live (an ``lmcache server``'s client); by default this
+        process's pool (over ``arena``) and tiers (``tiers``, or built from ``config``)."""
         layout.check_chunk_size(config.chunk_size)
         self.config = config
         self.layout = layout
@@ -78,47 +86,68 @@ class CacheEngine:
         )
         self.chunker = TokenChunker(config.chunk_size, config.hash_algorithm)
         self.metrics = metrics if metrics is not None else Metrics()
-        slot_bytes = layout.chunk_bytes(config.chunk_size)
-        if arena is None:
-            arena = dram_arena(config, slot_bytes, layout.bytes_per_token)
-        self.pool = SlotPool(arena, slot_bytes)
-        self.context = BackendContext(
-            layout=layout,
-            pool=self.pool,
-            metrics=self.metrics,
-            secret=load_secret(config),
-            namespace=self.namespace.digest,
-        )
-        self.cascade = TierCascade(config, self.context, tiers)
-        self._allocate = self.cascade.allocate
-        #: Partial-chunk keys that stored chunks' first blocks answer (``add_aliases``).
-        self.aliases = ChunkAliases(config.max_chunk_aliases)
-        #: Each lookup owner's found chunks, for :meth:`hit_sources`.
-        self.held = hit_sources.HeldByOwner()
+        if store is None:
+            slot_bytes = layout.chunk_bytes(config.chunk_size)
+            if arena is None:
+                arena = dram_arena(config, slot_bytes, layout.bytes_per_token)
+            context = BackendContext(
+                layout=layout,
+                pool=SlotPool(arena, slot_bytes),
+                metrics=self.metrics,
+                secret=load_secret(config),
+                namespace=self.namespace.digest,
+            )
+            store = LocalChunkStore(config, context, tiers)
+        self.chunk_store: ChunkStore = store
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(
             "lmcache engine: %s per chunk, %d slots, tiers: %s",
-            format_size(self.pool.slot_bytes),
-            self.pool.num_slots,
-            ", ".join(t.name for t in self.tiers) or "none",
+            format_size(layout.chunk_bytes(config.chunk_size)),
+            store.num_slots,
+            ", ".join(store.tier_names) or "none",
         )
+
+    # The in-process store's parts, for tests, tools and adapters that report them.
+
+    @property
+    def local(self) -> LocalChunkStore:
+        """The in-process store (an engine on an ``lmcache server`` has none)."""
+        if not isinstance(self.chunk_store, LocalChunkStore):
+            raise AttributeError("this engine's chunks live in an lmcache server, not here")
+        return self.chunk_store
+
+    @property
+    def cascade(self) -> TierCascade:
+        return self.local.cascade
+
+    @property
+    def context(self) -> BackendContext:
+        return self.local.context
+
+    @property
+    def pool(self) -> SlotPool:
+        return self.local.context.pool
+
+    @property
+    def aliases(self) -> ChunkAliases:
+        return self.local.aliases
 
     @property
     def tiers(self) -> list[StorageBackend]:
-        return self.cascade.tiers
+        return self.cascade.tiers if isinstance(self.chunk_store, LocalChunkStore) else []
 
     @property
     def cpu(self) -> LocalCPUBackend | None:
-        return self.cascade.cpu
+        return self.cascade.cpu if isinstance(self.chunk_store, LocalChunkStore) else None
 
     def watch(self, callback: Watcher) -> None:
         """See :meth:`TierCascade.watch`."""
-        self.cascade.watch(callback)
+        self.chunk_store.watch(callback)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued lower-tier write is done; False on timeout."""
-        return self.cascade.flush(timeout)
+        return self.chunk_store.flush(timeout)
 
     # ------------------------------------------------------------------ keys
 
@@ -190,8 +219,9 @@ class CacheEngine:
         """
         m = self.metrics
         with m.timer("lmcache:time_to_lookup"):
-            hits, held = present_with_alias(self.cascade, self.aliases, prompt.keys(self.namespace))
-            self._pin(held, pin_owner)
+            hits = self.chunk_store.lookup(
+                prompt.keys(self.namespace), owner=pin_owner, alias_last=True
+            )
         m.inc("lmcache:num_lookup_requests")
         m.inc("lmcache:num_lookup_tokens", prompt.num_tokens)
         m.inc("lmcache:num_lookup_hits", prompt.end(hits - 1) if hits else 0)
@@ -211,43 +241,13 @@ class CacheEngine:
         chain's hits for ``pin_owner``, replacing its earlier pins. With
         ``aliases``, a chain's last key may be found through :meth:`add_aliases`.
         """
-        # One-key chains (candidate keys of one chunk) are checked together.
-        singles = [i for i, c in enumerate(chains) if aliases and len(c) == 1]
-        holder = dict(
-            zip(
-                singles,
-                holders_with_alias(self.cascade, self.aliases, [chains[i][0] for i in singles]),
-            )
-        )
-        hits: list[int] = []
-        held: list[CacheKey] = []
-        for i, chain in enumerate(chains):
-            if i in holder:
-                keys = [k for k in (holder[i],) if k is not None]
-                h = len(keys)
-            elif aliases:
-                h, keys = present_with_alias(self.cascade, self.aliases, chain)
-            else:
-                h = self.cascade.prefix_present(list(chain))
-                keys = list(chain[:h])
-            hits.append(h)
-            held.extend(keys)
-        self._pin(held, pin_owner)
+        hits = self.chunk_store.lookup_chains(chains, owner=pin_owner, aliases=aliases)
         self.metrics.inc("lmcache:num_lookup_requests")
         return hits
 
-    def _pin(self, keys: list[CacheKey], owner: str | None) -> None:
-        """Pin ``keys`` in the CPU tier for ``owner``, replacing its earlier pins."""
-        if owner is not None:
-            self.held.record(owner, keys)
-        if owner is not None and self.cpu is not None:
-            self.cpu.unpin(owner)
-            if keys:
-                self.cpu.pin(keys, owner, self.config.pin_timeout)
-
     def hit_sources(self, owner: str) -> list[str]:
         """Where each chunk ``owner``'s last lookup found is (:mod:`lmcache_core.hit_sources`)."""
-        return hit_sources.classify(self.cascade, self.held.get(owner))
+        return self.chunk_store.hit_kinds(owner)
 
     def add_aliases(
         self, prompt: ChunkedPrompt, inner: Mapping[int, Sequence[bytes]], step: int
@@ -266,12 +266,11 @@ class CacheEngine:
                 continue
             target = CacheKey(ns + prompt.digests[i])
             pairs = [(CacheKey(ns + d), (k + 1) * step) for k, d in enumerate(digests)]
-            self.aliases.add(target, prompt.end(i) - prompt.start(i), pairs)
+            self.chunk_store.add_aliases(target, prompt.end(i) - prompt.start(i), pairs)
 
     def unpin(self, owner: str) -> None:
-        self.held.forget(owner)
-        if self.cpu is not None:
-            self.cpu.unpin(owner)
+        """Release ``owner``'s pins (a request that will not load what it looked up)."""
+        self.chunk_store.unpin(owner)
 
     # ------------------------------------------------------------------ store
 
@@ -307,8 +306,10 @@ class CacheEngine:
     def _store_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
     ) -> int:
-        staged = staged_store.stage(self, keys, spans, reader, asynchronous=False)
-        return 0 if staged is None else staged_store.commit(self, staged)
+        staged = staged_store.stage(
+            self.chunk_store, self.metrics, keys, spans, reader, asynchronous=False
+        )
+        return 0 if staged is None else self.finish_store(staged)
 
     def store_async(
         self,
@@ -331,11 +332,13 @@ class CacheEngine:
         spans = self.spans(tokens, cache_salt=cache_salt)[from_chunk:]
         if not spans:
             return None
-        return staged_store.stage(self, self.keys(spans), spans, reader, asynchronous=True)
+        return staged_store.stage(
+            self.chunk_store, self.metrics, self.keys(spans), spans, reader, asynchronous=True
+        )
 
     def finish_store(self, staged: staged_store.StagedStore) -> int:
         """Wait for a started store's copy and commit it; returns tokens newly stored."""
-        return staged_store.commit(self, staged)
+        return staged_store.commit(self.chunk_store, self.metrics, staged)
 
     # ------------------------------------------------------------------ retrieve
 
@@ -385,14 +388,40 @@ class CacheEngine:
             tokens, writer, cache_salt, write_from, max_tokens, pin_owner, asynchronous=True
         )
 
-    def _fetch_and_write(self, *args: Any, asynchronous: bool) -> tuple[int, StagedLoad | None]:
+    def _fetch_and_write(
+        self,
+        tokens: Sequence[int] | Any,
+        writer: KVWriter,
+        cache_salt: str | None,
+        write_from: int,
+        max_tokens: int | None,
+        pin_owner: str | None,
+        *,
+        asynchronous: bool,
+    ) -> tuple[int, StagedLoad | None]:
         self.metrics.inc("lmcache:num_retrieve_requests")
-        with self.metrics.timer("lmcache:time_to_retrieve"):
-            return staged_load.fetch_and_write(self, *args, asynchronous=asynchronous)
+        try:
+            with self.metrics.timer("lmcache:time_to_retrieve"):
+                spans = self.spans(tokens, cache_salt=cache_salt)
+                if max_tokens is not None:
+                    spans = [s for s in spans if s.start < max_tokens]
+                return staged_load.fetch_and_write(
+                    self.chunk_store,
+                    self.metrics,
+                    self.keys(spans),
+                    spans,
+                    writer,
+                    write_from,
+                    max_tokens,
+                    asynchronous=asynchronous,
+                )
+        finally:
+            if pin_owner is not None:
+                self.unpin(pin_owner)
 
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         """How many leading ``keys`` some tier holds (key-level ``lookup``)."""
-        return self.cascade.prefix_present(list(keys))
+        return self.chunk_store.prefix_present(keys)
 
     def retrieve_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
@@ -405,18 +434,19 @@ class CacheEngine:
         self.metrics.inc("lmcache:num_retrieve_requests")
         self.metrics.inc("lmcache:num_requested_tokens", sum(s.num_tokens for s in spans))
         with self.metrics.timer("lmcache:time_to_retrieve"):
-            return staged_load.write_chunk_prefix(self, list(keys), spans, writer)
+            return staged_load.write_chunk_prefix(
+                self.chunk_store, self.metrics, keys, spans, writer
+            )
 
     # ------------------------------------------------------------------ admin
 
     def remove(self, tokens: Sequence[int] | Any, *, cache_salt: str | None = None) -> int:
         """Remove the chunks of ``tokens`` from every tier; returns chunks removed."""
-        return self.cascade.remove(self.keys(self.spans(tokens, cache_salt=cache_salt)))
+        return self.chunk_store.remove(self.keys(self.spans(tokens, cache_salt=cache_salt)))
 
     def close(self) -> None:
         """Write what lower tiers have queued (up to ``blocking_timeout_secs``), then close."""
-        self.cascade.close(self.config.blocking_timeout_secs)
-        self.pool.close()
+        self.chunk_store.close(self.config.blocking_timeout_secs)
 
     def __enter__(self) -> CacheEngine:
         return self
@@ -427,7 +457,7 @@ class CacheEngine:
 
 def _close_at_exit(ref: weakref.ref[CacheEngine]) -> None:
     engine = ref()
-    if engine is not None and engine.tiers:
+    if engine is not None and engine.chunk_store.tier_names:
         try:
             engine.flush(engine.config.blocking_timeout_secs)
         except Exception:

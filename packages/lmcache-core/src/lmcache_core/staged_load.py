@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lmcache_core.chunk_aliases import get_through_alias
 from lmcache_core.transfer import AsyncKVWriter, ChunkIO, Completion, Finished, KVWriter
 
 if TYPE_CHECKING:
-    from lmcache_core.engine import CacheEngine
+    from lmcache_core.chunk_store import ChunkStore, StoredChunk
     from lmcache_core.keys import CacheKey, ChunkSpan
-    from lmcache_core.pool import Chunk
+    from lmcache_core.metrics import Metrics
 
-logger = logging.getLogger("lmcache_core.engine")
+logger = logging.getLogger(__name__)
 
 
 class StagedLoad:
@@ -34,7 +33,7 @@ class StagedLoad:
     while a copy still reads it could be refilled under it.
     """
 
-    def __init__(self, chunks: list[Chunk], completion: Completion) -> None:
+    def __init__(self, chunks: Sequence[StoredChunk], completion: Completion) -> None:
         self.chunks = chunks
         self.completion = completion
         self._released = False
@@ -56,44 +55,41 @@ class StagedLoad:
 
 
 def fetch_and_write(
-    engine: CacheEngine,
-    tokens: Sequence[int] | Any,
+    store: ChunkStore,
+    metrics: Metrics,
+    keys: Sequence[CacheKey],
+    spans: Sequence[ChunkSpan],
     writer: KVWriter,
-    cache_salt: str | None,
     write_from: int,
     max_tokens: int | None,
-    pin_owner: str | None,
     *,
     asynchronous: bool,
 ) -> tuple[int, StagedLoad | None]:
-    """Fetch the longest cached prefix of ``tokens`` and hand it to ``writer`` (started
-    only, with ``asynchronous`` and a writer that can); the end of the prefix, and
-    the chunks held until the copy is done (None when nothing is loaded)."""
-    chunks: list[Chunk] = []
+    """Fetch the longest stored prefix of ``keys`` (tokens ``spans``) and hand it to
+    ``writer`` (started only, with ``asynchronous`` and a writer that can); the end
+    of the prefix now (or soon) in engine memory, and the chunks held until the
+    copy is done (None when nothing is loaded).
+
+    Only tokens in ``[write_from, max_tokens)`` are written. The last chunk, if
+    partial, may be found as the first blocks of a longer stored chunk; only
+    its own tokens are written then.
+    """
+    chunks: list[StoredChunk] = []
     handed_over = False
     try:
-        spans = engine.spans(tokens, cache_salt=cache_salt)
-        if max_tokens is not None:
-            spans = [s for s in spans if s.start < max_tokens]
         if not spans:
             return 0, None
         wanted = (max_tokens if max_tokens is not None else spans[-1].end) - write_from
-        engine.metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
-        keys = engine.keys(spans)
-        chunks = engine.cascade.get_prefix(keys, spans)
-        if len(chunks) == len(spans) - 1:  # the last, partial chunk: a longer one's first blocks?
-            found = get_through_alias(engine.cascade, engine.aliases, keys[-1], spans[-1])
-            if found is not None:  # written up to the partial chunk's end only
-                chunks.append(found[0])
-                until = spans[-1].end
-                max_tokens = until if max_tokens is None else min(max_tokens, until)
-                spans = [*spans[:-1], found[1]]
-                engine.metrics.inc("lmcache:num_partial_chunk_loads")
+        metrics.inc("lmcache:num_requested_tokens", max(0, wanted))
+        chunks, got = store.fetch(keys, spans, alias_last=True)
         if not chunks:
             return 0, None
-        ios = [
-            ChunkIO(s.start, s.end, c.view, write_from, max_tokens) for s, c in zip(spans, chunks)
-        ]
+        if len(chunks) == len(spans) and got[-1].end > spans[-1].end:
+            # a longer chunk's first blocks: written up to the partial chunk's end only
+            until = spans[-1].end
+            max_tokens = until if max_tokens is None else min(max_tokens, until)
+            metrics.inc("lmcache:num_partial_chunk_loads")
+        ios = [ChunkIO(s.start, s.end, c.view, write_from, max_tokens) for s, c in zip(got, chunks)]
         ios = [io for io in ios if io.write_range[0] < io.write_range[1]]
         completion: Completion = Finished()
         try:
@@ -103,43 +99,43 @@ def fetch_and_write(
                 writer.write_chunks(ios)
         except Exception:
             logger.exception("writing KV into the engine failed; it will recompute")
-            engine.metrics.inc("lmcache:num_failures", op="write_kv")
+            metrics.inc("lmcache:num_failures", op="write_kv")
             return 0, None
-        end = spans[len(chunks) - 1].end
+        end = got[len(chunks) - 1].end
         if max_tokens is not None:
             end = min(end, max_tokens)
-        engine.metrics.inc("lmcache:num_hit_tokens", max(0, end - write_from))
+        metrics.inc("lmcache:num_hit_tokens", max(0, end - write_from))
         handed_over = True
         return end, StagedLoad(chunks, completion)
     finally:
         if not handed_over:
             for c in chunks:
                 c.release()
-        if pin_owner is not None:
-            engine.unpin(pin_owner)
 
 
 def write_chunk_prefix(
-    engine: CacheEngine, keys: list[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
+    store: ChunkStore,
+    metrics: Metrics,
+    keys: Sequence[CacheKey],
+    spans: Sequence[ChunkSpan],
+    writer: KVWriter,
 ) -> int:
     """Write the longest stored prefix of ``keys`` through ``writer``, synchronously.
 
     Returns how many leading chunks were written (0 on any failure: recompute).
     """
-    chunks = engine.cascade.get_prefix(keys, spans)
+    chunks, got = store.fetch(keys, spans, alias_last=False)
     try:
         if not chunks:
             return 0
-        ios = [ChunkIO(s.start, s.end, c.view) for s, c in zip(spans, chunks)]
+        ios = [ChunkIO(s.start, s.end, c.view) for s, c in zip(got, chunks)]
         try:
             writer.write_chunks(ios)
         except Exception:
             logger.exception("writing KV into the engine failed; it will recompute")
-            engine.metrics.inc("lmcache:num_failures", op="write_kv")
+            metrics.inc("lmcache:num_failures", op="write_kv")
             return 0
-        engine.metrics.inc(
-            "lmcache:num_hit_tokens", sum(s.num_tokens for s in spans[: len(chunks)])
-        )
+        metrics.inc("lmcache:num_hit_tokens", sum(s.num_tokens for s in got))
         return len(chunks)
     finally:
         for c in chunks:

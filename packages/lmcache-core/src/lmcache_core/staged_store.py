@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 from lmcache_core.transfer import AsyncKVReader, ChunkIO, Completion, Finished, KVReader
 
 if TYPE_CHECKING:
+    from lmcache_core.chunk_store import ChunkStore, Staged
     from lmcache_core.engine import CacheEngine
     from lmcache_core.keys import CacheKey, ChunkSpan
-    from lmcache_core.pool import Chunk
+    from lmcache_core.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 class StagedStore:
     """Chunks allocated for a store whose KV is (being) copied in."""
 
-    todo: list[tuple[ChunkSpan, Chunk]]
+    todo: list[Staged]
     completion: Completion
     #: Host time spent so far (the store's ``time_to_store`` counts host time only).
     host_seconds: float = 0.0
@@ -50,37 +51,21 @@ class StagedStore:
 
 
 def stage(
-    engine: CacheEngine,
+    store: ChunkStore,
+    metrics: Metrics,
     keys: Sequence[CacheKey],
     spans: Sequence[ChunkSpan],
     reader: KVReader,
     *,
     asynchronous: bool,
 ) -> StagedStore | None:
-    """Allocate slots for the chunks the first tier lacks and start copying the KV in.
+    """Allocate chunks for the keys the first tier lacks and start copying the KV in.
 
     Returns None when there is nothing to store (all present, no memory, no
-    tier, or the copy failed to start: logged and counted, slots freed).
+    tier, or the copy failed to start: logged and counted, chunks freed).
     """
     t0 = time.perf_counter()
-    first_tier = engine.tiers[0] if engine.tiers else None
-    if first_tier is None:
-        return None
-    try:
-        present = first_tier.contains(keys)
-    except Exception:
-        engine.cascade.tier_failed(first_tier, "contains")
-        present = [False] * len(keys)
-    todo: list[tuple[ChunkSpan, Chunk]] = []
-    for span, key, ok in zip(spans, keys, present, strict=True):
-        if ok:
-            continue
-        chunk = engine.cascade.allocate(
-            key, span.num_tokens, engine.layout.chunk_bytes(span.num_tokens)
-        )
-        if chunk is None:
-            break  # later chunks would be unreachable by a prefix lookup
-        todo.append((span, chunk))
+    todo = store.allocate(keys, spans)
     if not todo:
         return None
     ios = [ChunkIO(s.start, s.end, c.view) for s, c in todo]
@@ -92,14 +77,14 @@ def stage(
             completion = Finished()
     except Exception:
         logger.exception("reading KV from the engine failed; nothing stored")
-        engine.metrics.inc("lmcache:num_failures", op="read_kv")
-        _release(todo)
+        metrics.inc("lmcache:num_failures", op="read_kv")
+        store.abort(todo)
         return None
     return StagedStore(todo, completion, time.perf_counter() - t0)
 
 
-def commit(engine: CacheEngine, staged: StagedStore) -> int:
-    """Wait for the copy (a no-op once done), put the chunks into every tier, release.
+def commit(store: ChunkStore, metrics: Metrics, staged: StagedStore) -> int:
+    """Wait for the copy (a no-op once done), hand the chunks to the store's tiers.
 
     Returns tokens newly stored in the first tier; 0 when the copy failed.
     """
@@ -107,46 +92,20 @@ def commit(engine: CacheEngine, staged: StagedStore) -> int:
         return 0
     staged.committed = True
     t0 = time.perf_counter()
-    chunks = [c for _, c in staged.todo]
     try:
         try:
             staged.completion.wait()
         except Exception:
             logger.exception("copying KV out of the engine failed; nothing stored")
-            engine.metrics.inc("lmcache:num_failures", op="read_kv")
+            metrics.inc("lmcache:num_failures", op="read_kv")
+            store.abort(staged.todo)
             return 0
-        stored = 0
-        first_tier = engine.tiers[0]
-        # A store of the same chunks may have been committed while this one's copy ran
-        # (two requests with one prefix, a step apart): those are not stored twice.
-        try:
-            present = first_tier.contains([c.key for c in chunks])
-        except Exception:
-            present = [False] * len(chunks)
-        todo = [(s, c) for (s, c), p in zip(staged.todo, present) if not p]
-        chunks = [c for _, c in todo]
-        if not chunks:
-            return 0
-        for tier in engine.tiers:
-            try:
-                ok = tier.put(chunks)
-            except Exception:
-                engine.cascade.tier_failed(tier, "put")
-                continue
-            if tier is first_tier:
-                stored = sum(s.num_tokens for (s, _), good in zip(todo, ok) if good)
-            engine.cascade.stored(tier, chunks, ok)
-        engine.metrics.inc("lmcache:num_stored_tokens", stored)
+        stored = store.commit(staged.todo)
+        metrics.inc("lmcache:num_stored_tokens", stored)
         return stored
     finally:
-        _release(staged.todo)
         elapsed = staged.host_seconds + time.perf_counter() - t0
-        engine.metrics.observe("lmcache:time_to_store", elapsed)
-
-
-def _release(todo: list[tuple[ChunkSpan, Chunk]]) -> None:
-    for _, c in todo:
-        c.release()
+        metrics.observe("lmcache:time_to_store", elapsed)
 
 
 class SaveQueue:
@@ -198,7 +157,7 @@ class SaveQueue:
 
     def _commit_oldest(self) -> int:
         owner, staged = self._queue.popleft()
-        stored = commit(self.engine, staged)
+        stored = self.engine.finish_store(staged)
         if self.on_commit is not None:
             try:
                 self.on_commit(owner, staged, stored)

@@ -40,11 +40,17 @@ class TierCascade:
         config: CacheConfig,
         context: BackendContext,
         tiers: Sequence[StorageBackend] | None = None,
+        *,
+        cpu: LocalCPUBackend | None = None,
     ) -> None:
+        """``tiers``: use these as they are (tests); ``cpu``: a DRAM tier shared with other
+        cascades (an ``lmcache server``'s, one cascade per namespace), whose evictions its
+        owner routes to :meth:`on_cpu_evict` of the cascade a chunk belongs to."""
         self.context = context
         self.metrics: Metrics = context.metrics
         self.layout: KVLayout | None = context.layout
         self.cpu: LocalCPUBackend | None = None
+        self._shared_cpu = False
         self._demote_to: StorageBackend | None = None
         self._evict_listeners: list[Any] = []
         self._watchers: list[Watcher] = []
@@ -54,14 +60,19 @@ class TierCascade:
                 if isinstance(t, LocalCPUBackend):
                     self.cpu = t
         else:
-            self.tiers = self._build(config)
+            self.tiers = self._build(config, cpu)
         #: Where chunks read from a tier live: DRAM slots the CPU tier can adopt.
         self.allocate = self.cpu.allocate if self.cpu is not None else context.pool.allocate
 
-    def _build(self, config: CacheConfig) -> list[StorageBackend]:
+    def _build(
+        self, config: CacheConfig, shared_cpu: LocalCPUBackend | None = None
+    ) -> list[StorageBackend]:
         """CPU (synchronous, zero-copy), then disk and remote behind write-behind and health."""
         tiers: list[StorageBackend] = []
-        if config.local_cpu:
+        if shared_cpu is not None:
+            self.cpu = shared_cpu
+            tiers.append(shared_cpu)
+        elif config.local_cpu:
             cpu = load_plugin(BACKENDS, "cpu").from_config(config, self.context)
             self.cpu = cpu
             tiers.append(cpu)
@@ -93,8 +104,13 @@ class TierCascade:
             for t in tiers
             if isinstance(t, ManagedTier) and hasattr(t.backend, "evicted_upstream")
         ]
-        if self.cpu is not None and (self._demote_to is not None or self._evict_listeners):
-            self.cpu.on_evict = self._on_cpu_evict
+        if (
+            shared_cpu is None
+            and self.cpu is not None
+            and (self._demote_to is not None or self._evict_listeners)
+        ):
+            self.cpu.on_evict = self.on_cpu_evict
+        self._shared_cpu = shared_cpu is not None
         return tiers
 
     def watch(self, callback: Callable[[str, str, list[CacheKey]], None]) -> None:
@@ -107,8 +123,8 @@ class TierCascade:
         run on a tier's writer thread; it must be quick and must not raise.
         """
         self._watchers.append(callback)
-        if self.cpu is not None and self.cpu.on_evict is None:
-            self.cpu.on_evict = self._on_cpu_evict
+        if self.cpu is not None and self.cpu.on_evict is None and not self._shared_cpu:
+            self.cpu.on_evict = self.on_cpu_evict
         for tier in self.tiers:
             backend = tier.backend if isinstance(tier, ManagedTier) else tier
             if hasattr(backend, "on_evict") and backend is not self.cpu:
@@ -121,7 +137,8 @@ class TierCascade:
             except Exception:
                 logger.warning("a cache watcher failed on %s %s", event, tier, exc_info=True)
 
-    def _on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
+    def on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
+        """The DRAM tier evicts ``chunk`` of this cascade: tell watchers, demote it."""
         if self._watchers:
             self.notify("removed", self.cpu.name if self.cpu else "cpu", [chunk.key])
         for listener in self._evict_listeners:  # e.g. the p2p tier unpublishes it
@@ -269,9 +286,11 @@ class TierCascade:
 
     def close(self, timeout: float) -> None:
         """Write what lower tiers have queued (up to ``timeout`` seconds), then close them."""
-        if self.cpu is not None:
+        if self.cpu is not None and not self._shared_cpu:
             self.cpu.on_evict = None
         for tier in self.tiers:
+            if self._shared_cpu and tier is self.cpu:
+                continue  # its owner closes it
             try:
                 if isinstance(tier, ManagedTier):
                     tier.close(timeout)

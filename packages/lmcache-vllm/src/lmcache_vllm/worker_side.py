@@ -183,6 +183,8 @@ class WorkerSide:
         return self._paged(block_ids)
 
     def start_load_kv(self, meta: LMCacheConnectorMetadata) -> None:
+        """Before the step's forward pass: blend loads, prefix loads, and (layer-wise)
+        the slots of the step's saves, whose layers are copied after each attention."""
         if self.engine is None:
             return
         self.poll_saves()
@@ -192,64 +194,81 @@ class WorkerSide:
                 self._layer_mem.fence()
         for bspec in meta.blend_loads:
             self._blend_load(bspec)
-        bs = self.block_size
         for spec in meta.loads:
-            t0 = time.perf_counter()
-            if spec.found_past_own_keys:
-                self.engine.metrics.inc("lmcache:num_lookup_hits", spec.found_past_own_keys)
-            if self._layer_mem is not None:
-                writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
-                writer.blocks_if_failed = spec.block_ids[
-                    spec.load_from // bs : -(-spec.load_until // bs)
-                ]
-                got, held = self.engine.retrieve_async(
-                    spec.prompt.prompt(),
-                    writer,
-                    write_from=spec.load_from,
-                    max_tokens=spec.load_until,
-                    pin_owner=spec.req_id,
-                )
-                if held is not None:
-                    self._held_loads.append(held)
-                    self._step_writers.append(writer)
-            else:
-                got = self.engine.retrieve(
-                    spec.prompt.prompt(),
-                    self.kv(spec.block_ids),
-                    write_from=spec.load_from,
-                    max_tokens=spec.load_until,
-                    pin_owner=spec.req_id,
-                )
-            self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
-            if got > spec.load_from:
-                self._learn_inner_keys(spec)
-            if got > spec.load_from:
-                logger.info(
-                    "lmcache: loaded tokens [%d, %d) of %s in %.1f ms",
-                    spec.load_from,
-                    got,
-                    spec.req_id,
-                    (time.perf_counter() - t0) * 1e3,
-                )
-            if got < spec.load_until:
-                first_bad = max(spec.load_from, got) // bs
-                last = -(-spec.load_until // bs)
-                bad = spec.block_ids[first_bad:last]
-                logger.warning(
-                    "lmcache: loaded %d of tokens [%d, %d) for %s; vLLM recomputes %d blocks",
-                    max(0, got - spec.load_from),
-                    spec.load_from,
-                    spec.load_until,
-                    spec.req_id,
-                    len(bad),
-                )
-                self._failed_blocks.update(bad)
-                self.recent.append(("failed", spec.req_id, bad, (got, spec.load_until)))
+            self._load(spec)
         if self._layer_mem is not None:
-            for spec in meta.saves:  # slots now; each layer is copied after its attention
-                reader = LayerwiseReader(self._layer_mem, spec.block_ids)
-                if self._stage_save(spec, reader):
-                    self._step_readers.append(reader)
+            self._stage_layerwise_saves(meta.saves)
+
+    def _load(self, spec: Any) -> None:
+        """Load one request's cached prefix into its blocks; blocks left short are
+        reported to vLLM, which recomputes them."""
+        assert self.engine is not None
+        t0 = time.perf_counter()
+        if spec.found_past_own_keys:
+            self.engine.metrics.inc("lmcache:num_lookup_hits", spec.found_past_own_keys)
+        got = self._retrieve(spec)
+        self.recent.append(("load", spec.req_id, spec.block_ids, (spec.load_from, got)))
+        if got > spec.load_from:
+            self._learn_inner_keys(spec)
+            logger.info(
+                "lmcache: loaded tokens [%d, %d) of %s in %.1f ms",
+                spec.load_from,
+                got,
+                spec.req_id,
+                (time.perf_counter() - t0) * 1e3,
+            )
+        if got < spec.load_until:
+            self._load_fell_short(spec, got)
+
+    def _retrieve(self, spec: Any) -> int:
+        """Write the request's cached tokens: whole now, or layer by layer (held until
+        each layer lands); returns the end of what is (or will be) in its blocks."""
+        assert self.engine is not None
+        if self._layer_mem is None:
+            return self.engine.retrieve(
+                spec.prompt.prompt(),
+                self.kv(spec.block_ids),
+                write_from=spec.load_from,
+                max_tokens=spec.load_until,
+                pin_owner=spec.req_id,
+            )
+        bs = self.block_size
+        writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
+        writer.blocks_if_failed = spec.block_ids[spec.load_from // bs : -(-spec.load_until // bs)]
+        got, held = self.engine.retrieve_async(
+            spec.prompt.prompt(),
+            writer,
+            write_from=spec.load_from,
+            max_tokens=spec.load_until,
+            pin_owner=spec.req_id,
+        )
+        if held is not None:
+            self._held_loads.append(held)
+            self._step_writers.append(writer)
+        return got
+
+    def _load_fell_short(self, spec: Any, got: int) -> None:
+        bs = self.block_size
+        first_bad = max(spec.load_from, got) // bs
+        bad = spec.block_ids[first_bad : -(-spec.load_until // bs)]
+        logger.warning(
+            "lmcache: loaded %d of tokens [%d, %d) for %s; vLLM recomputes %d blocks",
+            max(0, got - spec.load_from),
+            spec.load_from,
+            spec.load_until,
+            spec.req_id,
+            len(bad),
+        )
+        self._failed_blocks.update(bad)
+        self.recent.append(("failed", spec.req_id, bad, (got, spec.load_until)))
+
+    def _stage_layerwise_saves(self, saves: Any) -> None:
+        """Slots for the step's saves now; each layer is copied after its attention."""
+        assert self._layer_mem is not None
+        for spec in saves:
+            reader = LayerwiseReader(self._layer_mem, spec.block_ids)
+            if self._stage_save(spec, reader):
+                self._step_readers.append(reader)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._layer_mem is None or not self._step_writers:
