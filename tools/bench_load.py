@@ -4,7 +4,7 @@ The scenario of issue 16, in one run: vLLM with its prefix cache on (as
 everyone runs it) and a KV cache that holds only part of the users' contexts
 (``--kv-blocks``), ``--users`` users with documents of their own, ``--rounds``
 rounds each, ``--concurrency`` requests in flight, measured by lmcache's load
-generator (``lmcache_core.loadgen``) against
+generator (``lmcache_core.bench.loadgen``) against
 
 1. vLLM alone;
 2. vLLM with lmcache, DRAM tier (large enough for everything);
@@ -23,7 +23,7 @@ hit rates per configuration with ratios against vLLM alone, and writes every
 run as JSON plus an SVG of TTFT over time.
 
 With lmcache, two single-request probes run on the same server
-(``lmcache_core.load_probes``; the server is started with
+(``lmcache_core.bench.probes``; the server is started with
 ``VLLM_SERVER_DEV_MODE=1`` so vLLM's own prefix cache can be emptied before
 each cached request): the *ideal* throughput (every first round a plain
 prefill, every later round a hit at the single-request cached time, one
@@ -39,85 +39,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
-from lmcache_core.sizes import parse_size
+from lmcache_core.bench.client import failure_summary
+from lmcache_core.bench.loadgen import LoadSpec, hit_rate, run_load, samples_json, summarize
+from lmcache_core.bench.probes import cached_ttft_under_concurrency, ideal, single_request_times
+from lmcache_core.bench.scrape import scrape_metrics
+from lmcache_core.bench.serve import write_ttft_svg
+from lmcache_vllm.bench.servers import server_configs, start
+from lmcache_vllm.testing import tool_args, vllm_server
+from rich.console import Console
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start_failure(message: str) -> str:
-    """The line of a server's log that says why it did not start: the root cause, the
-    first ``XxxError: ...`` that is not vLLM's generic "see root cause above"."""
-    lines = [ln.split("] ", 1)[-1].strip() for ln in message.splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"\w+(Error|Exception): ", ln)]
-    causes = [ln for ln in causes if "root cause" not in ln] or causes
-    return (causes or lines or ["unknown"])[0][:300]
-
-
-def server_configs(
-    dram: str, small_dram: str | None = None, disk_dir: Path | None = None
-) -> dict[str, tuple[str | None, dict, str, dict]]:
-    """The servers these benchmarks compare: name -> (lmcache role or None, environment,
-    connector, kv_connector_extra_config)."""
-    configs: dict[str, tuple[str | None, dict, str, dict]] = {
-        "vllm": (None, {}, "LMCacheKVConnector", {}),
-        "lmcache": ("kv_both", {"LMCACHE_MAX_LOCAL_CPU_SIZE": dram}, "LMCacheKVConnector", {}),
-        # The same without hits inside a chunk: whole chunks only, as upstream LMCache loads.
-        "lmcache-chunks": (
-            "kv_both",
-            {"LMCACHE_MAX_LOCAL_CPU_SIZE": dram, "LMCACHE_MAX_CHUNK_ALIASES": "0"},
-            "LMCacheKVConnector",
-            {},
-        ),
-        # vLLM's own CPU offloading, with the same DRAM (a user's alternative to lmcache).
-        "vllm-offload": (
-            "kv_both", {}, "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": parse_size(dram)}
-        ),
-    }  # fmt: skip
-    if small_dram and disk_dir is not None:
-        configs["lmcache-disk"] = (
-            "kv_both",
-            {
-                "LMCACHE_MAX_LOCAL_CPU_SIZE": small_dram,
-                "LMCACHE_LOCAL_DISK": str(disk_dir),
-                "LMCACHE_MAX_LOCAL_DISK_SIZE": "20GiB",
-            },
-            "LMCacheKVConnector",
-            {},
-        )
-    return configs
-
-
-def start(server: Any, log: Path) -> tuple[int | None, str | None]:
-    """Enter a ``vllm_server`` context: (port, None), or (None, why it did not start)."""
-    try:
-        return server.__enter__(), None
-    except (RuntimeError, TimeoutError) as e:  # vllm-offload on vLLM's CPU backend
-        return None, _start_failure(log.read_text() if log.exists() else str(e))
-
-
 def main() -> int:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_vllm import default_dtype
-    from lmcache_core.bench_load import write_ttft_svg
-    from lmcache_core.load_probes import cached_ttft_under_concurrency, ideal, single_request_times
-    from lmcache_core.loadgen import LoadSpec, hit_rate, run_load, samples_json, summarize
-    from lmcache_core.workload import scrape_metrics
-    from lmcache_vllm.testing import vllm_server
-    from make_test_model import ensure_model
-    from rich.console import Console
-    from rich.table import Table
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", help="default: the local random ~200M Llama (32 KiB KV/token)")
-    ap.add_argument("--dtype", help="default: bfloat16 where the CPU has AVX512-BF16/AMX")
+    tool_args.add_arguments(ap, model="random")
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--context-words", type=int, default=2200, help="~2400 tokens")
     ap.add_argument("--rounds", default="4", help="rounds per user; several: 4,8")
@@ -134,16 +75,11 @@ def main() -> int:
     ap.add_argument(
         "--cached-words", type=int, default=3400, help="~3900 tokens (the model takes 4096)"
     )
-    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
 
     console = Console(width=160)
-    model = args.model or str(
-        ensure_model(ROOT / ".cache" / "models" / "llama-200m", preset="bench")
-    )
-    dtype = args.dtype or default_dtype()
-    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="lmcache-load-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_ = tool_args.prepare(args, models_dir=ROOT / ".cache" / "models", prefix="lmcache-load-")
+    model, dtype, out_dir = run_.model, run_.dtype, run_.out
     round_counts = [int(r) for r in str(args.rounds).split(",") if int(r) > 0]  # 0: probes only
     specs = {
         rounds: LoadSpec(
@@ -157,12 +93,8 @@ def main() -> int:
         )
         for i, rounds in enumerate(round_counts)
     }
-    base_env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "4",
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
-        "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache, for the probes
-    }
+    # VLLM_SERVER_DEV_MODE: POST /reset_prefix_cache, for the probes.
+    base_env = tool_args.server_env(4, VLLM_SERVER_DEV_MODE="1")
     server_args = [
         "--enable-prefix-caching",
         "--num-gpu-blocks-override",
@@ -173,6 +105,7 @@ def main() -> int:
     configs = server_configs(args.dram, args.small_dram, out_dir / "disk")
     results: dict[str, dict] = {}
     runs: dict[str, list] = {}
+    measured: dict[str, list] = {}  # the samples themselves, for the failures' reasons
     probes: dict[str, dict] = {}
     failed_to_start: dict[str, str] = {}
     for name in args.configs.split(","):
@@ -204,6 +137,7 @@ def main() -> int:
                     summary["ideal"] = ideal(spec, times)
                 results[key] = summary
                 runs[key] = samples_json(samples)
+                measured[key] = samples
                 (out_dir / f"{name}-{rounds}r.json").write_text(
                     json.dumps({"label": key, "summary": summary, "samples": runs[key]})
                 )
@@ -274,9 +208,13 @@ def main() -> int:
         console.print(f"{name}: [red]did not start[/]: {reason}")
     (out_dir / "summary.json").write_text(json.dumps(results, indent=2))
     console.print(f"runs, logs and ttft.svg in {out_dir}")
+    for key, samples in measured.items():
+        failures = failure_summary(samples, f"requests of {key}")
+        if failures:
+            console.print(failures, style="red", markup=False)
     failed = any(s.get("failed") for k, s in results.items() if k.count("/"))
     return 1 if failed or any("error" in p for p in probes.values()) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_args.run_tool(main))

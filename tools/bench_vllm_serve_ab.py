@@ -19,27 +19,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from lmcache_core.bench.client import BenchmarkFailed
+from lmcache_vllm.bench.servers import server_configs, start
+from lmcache_vllm.testing import tool_args, vllm_server
+from rich.console import Console
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_load import server_configs, start
-    from bench_vllm import default_dtype
-    from lmcache_vllm.testing import vllm_server
-    from make_test_model import ensure_model
-    from rich.console import Console
-    from rich.table import Table
+def request_failures(name: str, result: dict, num_prompts: int) -> str | None:
+    """None if every prompt completed; else how many failed and why (vLLM's client keeps
+    each request's error, with ``--save-detailed``)."""
+    if result["completed"] == num_prompts:
+        return None
+    errors = [e for e in result.get("errors") or [] if e]
+    reasons = list(dict.fromkeys(e.strip().splitlines()[-1][:500] for e in errors))
+    lines = [f"{name}: {num_prompts - result['completed']} of {num_prompts} requests failed"]
+    lines += [f"  {r}" for r in reasons[:3]] or ["  (vllm bench serve recorded no reason)"]
+    return "\n".join(lines)
 
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", help="default: the local random ~200M Llama")
-    ap.add_argument("--dtype", help="default: bfloat16 where the CPU has AVX512-BF16/AMX")
+    tool_args.add_arguments(ap, model="random")
     ap.add_argument("--configs", default="vllm,lmcache")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--prefixes", type=int, default=16)
@@ -49,21 +56,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--kv-space-gib", default="1")
     ap.add_argument("--dram", default="4GiB")
-    ap.add_argument("--out-dir")
     args = ap.parse_args()
 
     console = Console(width=150)
-    model = args.model or str(
-        ensure_model(ROOT / ".cache" / "models" / "llama-200m", preset="bench")
+    run_ = tool_args.prepare(
+        args, models_dir=ROOT / ".cache" / "models", prefix="lmcache-vllm-bench-"
     )
-    dtype = args.dtype or default_dtype()
-    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="lmcache-vllm-bench-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
-    }
+    model, dtype, out_dir = run_.model, run_.dtype, run_.out
+    env = tool_args.server_env(args.kv_space_gib)
     configs = server_configs(args.dram)
     results: dict[str, dict] = {}
     for name in args.configs.split(","):
@@ -90,7 +90,7 @@ def main() -> int:
                 "--prefix-repetition-output-len", str(args.output_len),
                 "--max-concurrency", str(args.concurrency), "--request-rate", "inf",
                 "--seed", "0", "--percentile-metrics", "ttft,itl",
-                "--metric-percentiles", "50,99", "--save-result",
+                "--metric-percentiles", "50,99", "--save-result", "--save-detailed",
                 "--result-dir", str(out_dir), "--result-filename", f"{name}.json",
             ]  # fmt: skip
             with console.status(f"{name}: vllm bench serve, {args.num_prompts} prompts"):
@@ -131,9 +131,17 @@ def main() -> int:
         )
     console.print(table)
     console.print(f"results and logs in {out_dir}")
-    ran = [r for r in results.values() if "error" not in r]
-    return 0 if ran and all(r["completed"] == args.num_prompts for r in ran) else 1
+    ran = {name: r for name, r in results.items() if "error" not in r}
+    failures = [request_failures(n, r, args.num_prompts) for n, r in ran.items()]
+    failures = [f for f in failures if f]
+    if failures:
+        raise BenchmarkFailed("\n".join(failures))
+    if not ran:
+        raise BenchmarkFailed("no configuration ran: " + "; ".join(
+            f"{n}: {r['error']}" for n, r in results.items()
+        ))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_args.run_tool(main))

@@ -125,6 +125,11 @@ def main() -> int:
         ),
     )
 
+    step(
+        "MP mode: GPU KV into and out of an lmcache server's pinned arena",
+        lambda: pytest(str(cuda_tests / "test_server_arena.py")),
+    )
+
     def bandwidth() -> dict:
         from lmcache_cuda.bench import (
             LLAMA3_8B_FLASH,

@@ -58,6 +58,6 @@ for w in wheels:
     zipfile.ZipFile(w).extractall(site)
     print(f"gpu_smoke: unpacked {w.name}")
 EOF
-export PYTHONPATH="$ROOT/packages/lmcache-core/src:$ROOT/packages/lmcache-cuda/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/packages/lmcache-core/src:$ROOT/packages/lmcache-cuda/src:$ROOT/packages/lmcache-server/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export LMCACHE_GPU_SMOKE_OUT="$OUT_DIR"
 exec timeout 300 "$PY" "$ROOT/tools/gpu_smoke.py" "$OUT_DIR"

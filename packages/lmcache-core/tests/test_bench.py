@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lmcache_core.bench import run_core_benchmark
-from lmcache_core.bench_tiers import run_tier_benchmark
+from lmcache_core.bench.core import run_core_benchmark
+from lmcache_core.bench.tiers import run_tier_benchmark
 from lmcache_core.cli import main
 
 

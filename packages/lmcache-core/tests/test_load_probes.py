@@ -15,12 +15,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from lmcache_core.load_probes import (
+from lmcache_core.bench.loadgen import LoadSpec
+from lmcache_core.bench.probes import (
     cached_ttft_under_concurrency,
     ideal,
     single_request_times,
 )
-from lmcache_core.loadgen import LoadSpec
 
 pytest.importorskip("httpx")
 

@@ -10,8 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from lmcache_core.bench.loadgen import LoadSpec, percentiles, run_load, summarize
 from lmcache_core.errors import ConfigError
-from lmcache_core.loadgen import LoadSpec, percentiles, run_load, summarize
 
 pytest.importorskip("httpx")
 

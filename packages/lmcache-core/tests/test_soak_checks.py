@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from lmcache_core.loadgen import Sample
-from lmcache_core.testing.soak import SoakReport, group_rss, problems
+from lmcache_core.bench.loadgen import Sample
+from lmcache_core.bench.soak import SoakReport, group_rss, problems
 
 BPT = 1000  # KV bytes per token
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,11 +14,8 @@ from lmcache_core import CacheEngine
 from lmcache_core.testing.paged_memory import PagedKVMemory
 from lmcache_core.testing.servers import RedisServer
 from lmcache_core.transport import Region, TransportError
+from lmcache_nixl.testing import LAYOUT, config, prompt
 from lmcache_nixl.transport import NixlTransport
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from p2p_peer import LAYOUT, config, prompt  # noqa: E402
 
 SRC = PagedKVMemory(LAYOUT, num_blocks=64, seed=7)  # what the peer stored
 
@@ -32,7 +28,7 @@ def redis_server():
 
 def start_peer(url: str, n: int = 3, *flags: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "p2p_peer.py"), url, str(n), *flags],
+        [sys.executable, "-m", "lmcache_nixl.testing", url, str(n), *flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -288,8 +288,8 @@ class TestDiskTierAsTheSGLangBackendBuildsIt(StorageBackendTests):
 
 def test_sglang_exposes_lmcache_metrics_on_its_exporter():
     """SGLang has no connector metrics API: metrics_port starts lmcache's exporter per rank."""
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_core.testing.servers import free_port
-    from lmcache_core.workload import scrape_metrics
 
     port = free_port()
     extra = {"max_local_cpu_size": "64MiB", "metrics_port": port, "metrics_host": "127.0.0.1"}
@@ -304,3 +304,41 @@ def test_sglang_exposes_lmcache_metrics_on_its_exporter():
         assert m["lmcache:time_to_store_count"] >= 1
     finally:
         b.close()
+
+
+def test_two_sglang_instances_share_one_lmcache_server_byte_for_byte():
+    """MP mode under SGLang: ``server_url`` in the same extra config (or cache YAML) puts
+    the pages on the host's ``lmcache server``; a second instance reads the first's."""
+    server_mod = pytest.importorskip("lmcache_server")
+    import os
+
+    from lmcache_core.config import CacheConfig
+    from lmcache_server.testing import private_dir
+
+    sock = os.path.join(private_dir(), "lmcache.sock")
+    srv = server_mod.CacheServer(
+        CacheConfig.from_dict({"max_local_cpu_size": "8MiB"}), socket_path=sock
+    )
+    extra = {"max_local_cpu_size": "64MiB", "server_url": f"unix://{sock}"}
+    try:
+        src, dst = HostPool(seed=1), HostPool(seed=2)
+        a = backend(src, extra_config=extra)
+        b = backend(dst, extra_config=extra)
+        assert a.engine.chunk_store.tier_names == ["server:cpu"]
+        ps = src.page_size
+        ks = keys(3, "mp")
+        assert a.batch_set_v1(ks, page_indices([5, 1, 9], ps)) == [True, True, True]
+        assert b.batch_exists(ks) == 3  # the other instance sees them
+        assert b.batch_get_v1(ks, page_indices([2, 14, 7], ps)) == [True, True, True]
+        for sp, dp in zip([5, 1, 9], [2, 14, 7]):
+            for i in range(ps):
+                assert torch.equal(
+                    src.token_kv(sp * ps + i).view(torch.uint8),
+                    dst.token_kv(dp * ps + i).view(torch.uint8),
+                )
+        status = srv.status()
+        assert len(status["sessions"]) == 2 and len(status["namespaces"]) == 1
+        a.close()
+        b.close()
+    finally:
+        srv.close(1.0)

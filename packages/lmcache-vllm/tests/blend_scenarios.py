@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "1GiB")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-
-import make_blend_qa as qa
+from lmcache_vllm.testing import qa_sets as qa
 
 BLEND = {"enable_blending": True, "blend_min_tokens": 32}
 

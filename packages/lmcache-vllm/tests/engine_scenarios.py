@@ -223,7 +223,7 @@ def _inside_a_chunk(h: Harness, r: dict) -> None:
     from lmcache_core.chunk_aliases import ChunkAliases
     from lmcache_vllm.scheduler_side import SCHEDULERS
 
-    h.engine.aliases = ChunkAliases()
+    h.engine.chunk_store.aliases = ChunkAliases()
     for side in SCHEDULERS:
         side.inner_keys._sent.clear()
 

@@ -89,11 +89,10 @@ def test_blending_with_vllms_prefix_cache_on(smollm2_model):
 def test_reordered_documents_are_reused_in_a_real_server(smollm2_model, tmp_path):
     """(7) vLLM's OpenAI server (worker in its own process: lookups over the socket):
     documents stored in one order are reused in another, and the answers hold up."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-    import make_blend_qa as qa
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_core.testing.servers import free_port
-    from lmcache_core.workload import scrape_metrics
     from lmcache_vllm.testing import complete, vllm_server
+    from lmcache_vllm.testing import qa_sets as qa
 
     metrics = free_port()
     env = {

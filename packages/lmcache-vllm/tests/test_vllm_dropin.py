@@ -25,7 +25,7 @@ UPSTREAM_QUICK_START_ENV = {
 
 
 def test_upstream_quick_start_runs_unchanged_and_hits(tiny_model, tmp_path):
-    from lmcache_core.workload import scrape_metrics
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_vllm.testing import complete, vllm_server
 
     env = {

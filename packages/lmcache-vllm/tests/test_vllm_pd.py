@@ -17,9 +17,9 @@ pytest.importorskip("vllm")
 pytest.importorskip("nixl")
 pytestmark = pytest.mark.slow
 
+from lmcache_core.bench.scrape import scrape_metrics  # noqa: E402
 from lmcache_core.testing.scratch import scratch_dir  # noqa: E402
 from lmcache_core.testing.servers import RedisServer, free_port  # noqa: E402
-from lmcache_core.workload import scrape_metrics  # noqa: E402
 from lmcache_vllm.testing import complete, vllm_server, wait_http  # noqa: E402
 
 

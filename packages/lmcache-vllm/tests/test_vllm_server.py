@@ -145,8 +145,8 @@ def test_lmcache_metrics_are_on_vllms_own_metrics_endpoint(server):
     """Through vLLM's connector stats API: vLLM's /metrics has them all, from the worker."""
     import time
 
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_core.metrics import METRICS
-    from lmcache_core.workload import scrape_metrics
     from lmcache_vllm.testing import complete
 
     port, metrics_port, _ = server
@@ -205,7 +205,7 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports(server):
 def test_per_request_controls_over_http(server):
     """Upstream LMCache's ``kv_transfer_params`` controls, sent by an HTTP client:
     ``lmcache.skip_save`` stores nothing (and still loads), ``lmcache.tag.*`` keys apart."""
-    from lmcache_core.workload import scrape_metrics
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_vllm.testing import complete
 
     port, metrics_port, _ = server
@@ -242,7 +242,7 @@ def test_per_request_controls_over_http(server):
 def test_hits_are_counted_by_source_on_vllms_own_metric(server):
     """vLLM 0.32's ``vllm:prompt_tokens_cached_by_source``: lmcache's hits from DRAM count
     as ``host`` (they were ``external_unspecified``, the default for a connector)."""
-    from lmcache_core.workload import scrape_metrics
+    from lmcache_core.bench.scrape import scrape_metrics
     from lmcache_vllm.testing import complete
 
     port, metrics_port, _ = server

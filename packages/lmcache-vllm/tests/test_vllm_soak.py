@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_soak_with_redis_killed_and_restarted(smollm2_model, tmp_path):
-    from lmcache_core.testing.soak import value
-    from lmcache_vllm.soak import SoakPlan, run_vllm_soak
+    from lmcache_core.bench.soak import value
+    from lmcache_vllm.testing.soak import SoakPlan, run_vllm_soak
 
     plan = SoakPlan(
         model=str(smollm2_model),

@@ -15,6 +15,7 @@ from lmcache_core.errors import (
     ConfigError,
     LayoutError,
     LMCacheError,
+    PluginAPIError,
     PluginNotFoundError,
     TokenError,
     UnsupportedCapabilityError,
@@ -23,11 +24,13 @@ from lmcache_core.eviction import EvictionPolicy
 from lmcache_core.keys import CacheKey, ChunkSpan, KeyNamespace, MultimodalItem, TokenChunker
 from lmcache_core.layout import KVLayout, LayoutKind
 from lmcache_core.metrics import Metrics
+from lmcache_core.plugin_api import PLUGIN_API_VERSION
 from lmcache_core.pool import Chunk, SlotPool
 from lmcache_core.transfer import ChunkIO, KVReader, KVWriter
 from lmcache_core.version import __version__
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "AnonymousArena",
     "Arena",
     "BackendCapabilities",
@@ -50,6 +53,7 @@ __all__ = [
     "LocalCPUBackend",
     "Metrics",
     "MultimodalItem",
+    "PluginAPIError",
     "PluginNotFoundError",
     "SlotPool",
     "StorageBackend",

@@ -63,6 +63,19 @@ class StoredChunk(Protocol):
 Staged = tuple[ChunkSpan, StoredChunk]
 
 
+def release_all(chunks: Sequence[StoredChunk]) -> None:
+    """Release ``chunks``; chunks that can go back in one message (a server's leases,
+    ``release_many``) do, instead of one message each."""
+    if not chunks:
+        return
+    many = getattr(type(chunks[0]), "release_many", None)
+    if many is not None and all(type(c) is type(chunks[0]) for c in chunks):
+        many(chunks)
+        return
+    for c in chunks:
+        c.release()
+
+
 class ChunkStore(ABC):
     """The chunks of one key namespace, their tiers, pins and aliases.
 
@@ -100,6 +113,11 @@ class ChunkStore(ABC):
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         """How many leading ``keys`` some tier holds (no pins, no aliases)."""
 
+    def present(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """Whether some tier holds each of ``keys`` (no pins, no aliases)."""
+        hits = self.lookup_chains([[k] for k in keys], owner=None, aliases=False)
+        return [h == 1 for h in hits]
+
     @abstractmethod
     def hit_kinds(self, owner: str) -> list[str]:
         """The kind of tier (:mod:`lmcache_core.hit_sources`) of each chunk ``owner``'s last
@@ -133,9 +151,13 @@ class ChunkStore(ABC):
     # ------------------------------------------------------------------ stores
 
     @abstractmethod
-    def allocate(self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan]) -> list[Staged]:
+    def allocate(
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], *, tenant: str = ""
+    ) -> list[Staged]:
         """Fresh chunks for the keys the first tier lacks, in order, to be filled by the
-        caller and then :meth:`commit` ted or :meth:`abort` ed.
+        caller and then :meth:`commit` ted or :meth:`abort` ed. ``tenant``
+        (:func:`~lmcache_core.request_options.tenant_id`) is whose quota they count
+        against, where a store has quotas (an ``lmcache server``).
 
         Stops at the first key for which no memory can be freed: later chunks
         would be unreachable by a prefix lookup. No lookup sees these chunks
@@ -149,8 +171,7 @@ class ChunkStore(ABC):
 
     def abort(self, staged: Sequence[Staged]) -> None:
         """Release staged chunks whose copy failed: nothing is stored."""
-        for _, chunk in staged:
-            chunk.release()
+        release_all([chunk for _, chunk in staged])
 
     # ------------------------------------------------------------------ admin
 
@@ -262,6 +283,9 @@ class LocalChunkStore(ChunkStore):
     def prefix_present(self, keys: Sequence[CacheKey]) -> int:
         return self.cascade.prefix_present(list(keys))
 
+    def present(self, keys: Sequence[CacheKey]) -> list[bool]:
+        return self.cascade.present(list(keys))
+
     def hit_kinds(self, owner: str) -> list[str]:
         with self._held_lock:
             keys = self.held.get(owner)
@@ -295,7 +319,9 @@ class LocalChunkStore(ChunkStore):
 
     # ------------------------------------------------------------------ stores
 
-    def allocate(self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan]) -> list[Staged]:
+    def allocate(
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], *, tenant: str = ""
+    ) -> list[Staged]:
         tiers = self.cascade.tiers
         if not tiers:
             return []

@@ -101,7 +101,7 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from lmcache_core.bench import run_core_benchmark
+    from lmcache_core.bench.core import run_core_benchmark
     from lmcache_core.sizes import format_size
 
     console = Console(stderr=True)
@@ -111,13 +111,16 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
         def step(msg: str) -> None:
             progress.update(task, description=msg, advance=1)
 
-        result = run_core_benchmark(chunks=args.chunks, rounds=args.rounds, on_step=step)
+        result = run_core_benchmark(
+            chunks=args.chunks, rounds=args.rounds, on_step=step, server_url=args.server_url
+        )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0 if result.correct else 1
     table = Table(
         title=f"lmcache-core: {args.chunks} chunks of {format_size(result.chunk_bytes)}"
-        " (Llama-3-8B shape), CPU tier"
+        " (Llama-3-8B shape), "
+        + (f"lmcache server at {args.server_url}" if args.server_url else "CPU tier")
     )
     table.add_column("operation")
     table.add_column("GB/s", justify="right")
@@ -139,7 +142,7 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from lmcache_core.bench_tiers import run_tier_benchmark
+    from lmcache_core.bench.tiers import run_tier_benchmark
     from lmcache_core.sizes import format_size
 
     tiers = tuple(args.tiers.split(","))
@@ -207,78 +210,9 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
+    from lmcache_core.bench.serve import cmd_serve
 
-    from lmcache_core.workload import (
-        OpenAIClient,
-        PassResult,
-        long_doc_qa,
-        run_passes,
-        scrape_metrics,
-    )
-
-    if args.workload == "multi-round-qa":
-        from lmcache_core.bench_load import cmd_load
-
-        return cmd_load(args)
-    client = OpenAIClient(args.base_url, args.model)
-    docs = long_doc_qa(args.docs, args.doc_words, seed=args.seed)
-    passes = [(f"pass {p + 1}", docs) for p in range(args.passes)]
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(
-            f"{args.workload} against {args.base_url}", total=sum(len(p) for _, p in passes)
-        )
-        results: list[PassResult] = run_passes(
-            client,
-            passes,
-            max_tokens=args.max_tokens,
-            on_request=lambda _r: progress.advance(task),
-        )
-    errors = [r for p in results for r in p.requests if r.error]
-    summary: dict[str, object] = {
-        "model": client.model,
-        "passes": [
-            {
-                "name": p.name,
-                "requests": len(p.requests),
-                "errors": len(p.requests) - len(p.ok),
-                "median_ttft_s": p.median_ttft(),
-                "mean_ttft_s": p.mean_ttft(),
-                "mean_prompt_tokens": p.prompt_tokens(),
-            }
-            for p in results
-        ],
-    }
-    if args.metrics_url:
-        summary["lmcache"] = scrape_metrics(args.metrics_url)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        table = Table(title=f"{args.workload}: TTFT per pass ({client.model})")
-        for col in ("pass", "requests", "median TTFT (s)", "mean TTFT (s)", "prompt tokens"):
-            table.add_column(col, justify="left" if col == "pass" else "right")
-        for p in results:
-            table.add_row(
-                p.name,
-                str(len(p.ok)),
-                f"{p.median_ttft():.3f}",
-                f"{p.mean_ttft():.3f}",
-                f"{p.prompt_tokens():.0f}",
-            )
-        Console().print(table)
-        if "lmcache" in summary:
-            m = summary["lmcache"]
-            assert isinstance(m, dict)
-            looked = m.get("lmcache:num_lookup_tokens", 0)
-            rate = m.get("lmcache:num_lookup_hits", 0) / looked if looked else 0.0
-            stored = m.get("lmcache:stored_bytes", 0) / 2**20
-            print(f"lmcache hit rate {rate:.0%}; stored {stored:.0f} MiB")
-    for r in errors[:5]:
-        print(f"lmcache: request {r.label} failed: {r.error}", file=sys.stderr)
-    return 1 if errors else 0
+    return cmd_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,11 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the survey as JSON")
     p.set_defaults(fn=_cmd_disk)
 
+    sub.add_parser(
+        "server",
+        help="run the cache server of this host (MP mode; lmcache server --help for its flags)",
+        add_help=False,
+    ).set_defaults(fn=_cmd_server)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("core", help="CPU tier store/retrieve vs memcpy, 128K lookup")
     p.add_argument("--chunks", type=int, default=16, help="chunks of 32 MiB per round")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--server-url",
+        default=None,
+        help="measure through this lmcache server's shared arena (MP mode), e.g. "
+        "unix:///run/lmcache/lmcache.sock (its max_local_cpu_size must hold 2x the chunks)",
+    )
     p.set_defaults(fn=_cmd_bench_core)
 
     p = bench.add_parser("tiers", help="disk and Redis tiers vs raw file I/O and raw redis-py")
@@ -369,12 +315,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_bench_plot(args: argparse.Namespace) -> int:
-    from lmcache_core.bench_load import cmd_plot
+    from lmcache_core.bench.serve import cmd_plot
 
     return cmd_plot(args)
 
 
+def _cmd_server(args: argparse.Namespace) -> int:  # pragma: no cover - dispatched in main()
+    return _run_server([])
+
+
+def _run_server(argv: list[str]) -> int:
+    """``lmcache server ...``: the server is another package's (lmcache-server), found
+    through the ``lmcache.commands`` entry points, so core imports none of it."""
+    from lmcache_core.plugins import COMMANDS, KNOWN_PLUGINS, command
+
+    server_main = command("server")
+    if server_main is None:
+        fix = KNOWN_PLUGINS[COMMANDS]["server"]
+        print(f"lmcache: error: `lmcache server` needs lmcache-server: {fix}", file=sys.stderr)
+        return 2
+    return int(server_main(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "server":  # its flags are the server package's (upstream's too)
+        return _run_server(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -18,7 +18,9 @@ valid key, a bad value says what is allowed.
 
 Beside this module: ``config_values`` parses a value by its kind,
 ``config_sources`` reads the file and the environment (and knows upstream's
-key names), ``config_checks`` holds the checks that span keys.
+key names), ``config_checks`` holds the checks that span keys, and
+``config_extra`` checks ``extra_config`` against the keys the plugins in use
+declare.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from lmcache_core.config_checks import config_problems
+from lmcache_core.config_extra import check_extra_config
 from lmcache_core.config_sources import (
     CONFIG_FILE_ENV,
     LMCACHE_COMPAT_KEYS,
     LMCACHE_RENAMED_KEYS,
+    SECRET_KEYS,
     env_values,
     read_config_file,
     unknown_key_message,
@@ -47,9 +51,6 @@ from lmcache_core.errors import ConfigError
 from lmcache_core.sizes import format_size
 
 logger = logging.getLogger(__name__)
-
-#: Keys someone might write the deployment secret under; refused with the fix.
-_SECRET_KEYS = frozenset({"auth_secret", "secret", "lmcache_auth_secret"})
 
 
 def _opt(kind: str, default: Any, doc: str) -> Any:
@@ -163,6 +164,30 @@ class CacheConfig:
     blend_min_tokens: int = _opt(
         "int", 256, "fewest reused tokens for which a request is blended (else computed)"
     )
+    server_url: str | None = _opt(
+        "opt_str",
+        None,
+        "this host's lmcache server (MP mode): unix:///run/lmcache/lmcache.sock, or upstream's "
+        "tcp://localhost:5555; unset: the cache lives in each engine's process",
+    )
+    server_timeout: float = _opt(
+        "float",
+        5.0,
+        "seconds an engine waits for its lmcache server before treating the call as a miss "
+        "(and reconnecting)",
+    )
+    server_slot_size: int = _opt(
+        "size",
+        0,
+        "lmcache server only: bytes per DRAM slot (0: the first engine's chunk size); set it to "
+        "the largest model's chunk to serve several models from one server",
+    )
+    tenant_quotas: dict[str, Any] = _opt(
+        "dict",
+        {},
+        "lmcache server only: DRAM bytes each cache_salt may hold, e.g. {team-a: 20GiB, '*': "
+        "4GiB} ('*': every other salt; '': requests without one)",
+    )
     metrics_port: int | None = _opt(
         "opt_int",
         None,
@@ -172,7 +197,12 @@ class CacheConfig:
     metrics_host: str = _opt(
         "str", "0.0.0.0", "interface the standalone exporter binds (127.0.0.1: this host only)"
     )
-    extra_config: dict[str, Any] = _opt("dict", {}, "free-form settings for plugins")
+    extra_config: dict[str, Any] = _opt(
+        "dict",
+        {},
+        "settings for plugins: each key must be one a plugin in use declares "
+        "(docs/configuration.md lists the built-in tiers')",
+    )
 
     # ------------------------------------------------------------------ loading
 
@@ -188,11 +218,20 @@ class CacheConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, source: str = "cache config") -> CacheConfig:
+    def from_dict(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        source: str = "cache config",
+        unknown_extra: Literal["error", "warn", "skip"] = "error",
+    ) -> CacheConfig:
         """Build and validate a config from a mapping of key -> value.
 
         Unknown keys are errors (with the closest valid key); LMCache keys that
-        lmcache does not use are accepted and logged.
+        lmcache does not use are accepted and logged. ``extra_config`` keys
+        that no plugin in use declares are errors too, or warnings with
+        ``unknown_extra="warn"`` (they came from ``LMCACHE_EXTRA_CONFIG``), or
+        not checked with ``"skip"`` (checked already); see :mod:`config_extra`.
         """
         if not isinstance(values, Mapping):
             raise ConfigError(
@@ -213,7 +252,7 @@ class CacheConfig:
                     problems.append(str(e))
             elif key in LMCACHE_COMPAT_KEYS:
                 ignored.append(key)
-            elif key in _SECRET_KEYS:
+            elif key in SECRET_KEYS:
                 problems.append(
                     f"{key}: never put the secret in the cache config; set LMCACHE_AUTH_SECRET "
                     "or auth_secret_file (a file only this service can read)"
@@ -241,6 +280,9 @@ class CacheConfig:
         if not problems:
             config = cls(**kwargs)
             problems = config._problems()
+            if unknown_extra != "skip":
+                strict = unknown_extra == "error"
+                problems += check_extra_config(config, strict=strict, source=source)
             if not problems:
                 return config
         raise ConfigError(problems, source)
@@ -271,7 +313,14 @@ class CacheConfig:
         if overrides:
             values.update(overrides)
             sources.append("overrides")
-        return cls.from_dict(values, source=" + ".join(sources) or "defaults")
+        # extra_config is one value: the last source that sets it gives all of it. From
+        # LMCACHE_EXTRA_CONFIG its unknown keys are warnings, as unknown LMCACHE_* names.
+        from_environment = "extra_config" in from_env and "extra_config" not in (overrides or {})
+        return cls.from_dict(
+            values,
+            source=" + ".join(sources) or "defaults",
+            unknown_extra="warn" if from_environment else "error",
+        )
 
     # ------------------------------------------------------------------ validation
 
@@ -297,7 +346,9 @@ class CacheConfig:
             if f.metadata.get("kind") == "size" and f.name not in changes:
                 current[f.name] = f"{current[f.name]}B"  # bytes, not a bare number of GB
         merged = {**current, **changes}
-        return CacheConfig.from_dict(merged, source="CacheConfig.replace")
+        # extra_config was checked when this config was made, unless it is replaced now.
+        check = "error" if "extra_config" in changes else "skip"
+        return CacheConfig.from_dict(merged, source="CacheConfig.replace", unknown_extra=check)
 
 
 def extra_number(

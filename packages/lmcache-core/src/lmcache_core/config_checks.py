@@ -39,6 +39,7 @@ def config_problems(self: CacheConfig) -> list[str]:
             f"tier_retry_max_backoff={self.tier_retry_max_backoff} must be >= "
             f"tier_retry_backoff={self.tier_retry_backoff}"
         )
+    p.extend(_server_problems(self))
     policies = installed_names(EVICTION_POLICIES)
     if self.cache_policy.lower() not in policies:
         p.append(
@@ -131,3 +132,27 @@ def _remote_url_problems(url: str | None) -> list[str]:
         why = f"no installed tier serves {scheme}://"
     remote = [s for s in installed if s not in _LOCAL_SCHEMES]
     return [f"remote_url={url!r}: {why} (installed: {', '.join(remote)})"]
+
+
+def _server_problems(self: CacheConfig) -> list[str]:
+    """MP mode's keys: a server_url clients can parse, quotas that are sizes."""
+    from lmcache_core.mp.address import parse_server_url
+    from lmcache_core.sizes import parse_size
+
+    p: list[str] = []
+    if self.server_url is not None:
+        try:
+            parse_server_url(self.server_url)
+        except ValueError as e:
+            p.append(str(e))
+    if not 0 < self.server_timeout <= 3600:
+        p.append(f"server_timeout={self.server_timeout} must be in (0, 3600] seconds")
+    if self.server_slot_size < 0:
+        p.append(f"server_slot_size={self.server_slot_size} must be >= 0 (0: the first engine's)")
+    for salt, size in self.tenant_quotas.items():
+        try:
+            if isinstance(size, bool) or parse_size(size, what=f"tenant_quotas[{salt!r}]") < 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            p.append(f"tenant_quotas[{salt!r}]={size!r} must be a size such as 20GiB")
+    return p

@@ -90,6 +90,10 @@ LMCACHE_COMPAT_KEYS = frozenset(
     }
 )
 
+#: Keys someone might write the deployment secret under (at the top or in
+#: ``extra_config``): refused wherever they come from, with the real way to set it.
+SECRET_KEYS = frozenset({"auth_secret", "secret", "lmcache_auth_secret"})
+
 #: Upstream LMCache's names for keys lmcache has under another name (same meaning).
 LMCACHE_RENAMED_KEYS = {"pin_timeout_sec": "pin_timeout"}
 
@@ -102,6 +106,12 @@ _NON_KEY_ENV = frozenset(
         "LMCACHE_REDIS_PASSWORD",
         "LMCACHE_REDIS_USERNAME",
         "LMCACHE_AUTH_SECRET",
+        # MP mode: where local sockets named by port live (lmcache_core.mp.address).
+        "LMCACHE_SOCKET_DIR",
+        # vLLM reads these for its in-tree LMCacheMPConnector.
+        "LMCACHE_USE_UPSTREAM_MP",
+        "LMCACHE_MP_TRANSFER_MODE",
+        "LMCACHE_TRACK_USAGE",
     }
 )
 

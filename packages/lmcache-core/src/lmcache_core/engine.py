@@ -20,7 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lmcache_core import staged_load, staged_store
@@ -43,6 +43,7 @@ from lmcache_core.keys import (
 from lmcache_core.layout import KVLayout
 from lmcache_core.metrics import Metrics
 from lmcache_core.pool import SlotPool, dram_arena
+from lmcache_core.request_options import tenant_id
 from lmcache_core.sizes import format_size
 from lmcache_core.staged_load import StagedLoad
 from lmcache_core.tier_cascade import TierCascade, Watcher
@@ -67,11 +68,14 @@ class CacheEngine:
         tiers: Sequence[StorageBackend] | None = None,
         key_extra: Sequence[tuple[str, str]] = (),
         store: ChunkStore | None = None,
+        store_factory: Callable[[KeyNamespace, Metrics], ChunkStore] | None = None,
     ) -> None:
         """``key_extra``: what else makes this engine's KV its own (the KV cache dtype,
         the weights' quantization), as (name, value) pairs in the key namespace.
-        ``store``: where chunks live (an ``lmcache server``'s client); by default this
-        process's pool (over ``arena``) and tiers (``tiers``, or built from ``config``)."""
+        ``store``: where chunks live (an ``lmcache server``'s client), or
+        ``store_factory(namespace, metrics)`` making it once the namespace is known; by
+        default this process's pool (over ``arena``) and tiers (``tiers``, or built
+        from ``config``)."""
         layout.check_chunk_size(config.chunk_size)
         self.config = config
         self.layout = layout
@@ -86,6 +90,8 @@ class CacheEngine:
         )
         self.chunker = TokenChunker(config.chunk_size, config.hash_algorithm)
         self.metrics = metrics if metrics is not None else Metrics()
+        if store is None and store_factory is not None:
+            store = store_factory(self.namespace, self.metrics)
         if store is None:
             slot_bytes = layout.chunk_bytes(config.chunk_size)
             if arena is None:
@@ -280,34 +286,43 @@ class CacheEngine:
         reader: KVReader,
         *,
         cache_salt: str | None = None,
+        tenant: str | None = None,
     ) -> int:
         """Store the KV of ``tokens`` (all computed by the engine); returns tokens newly stored.
 
         Chunks already cached are skipped. Storing stops at the first chunk
         for which no memory can be freed, since later chunks would be
-        unreachable by a prefix lookup.
+        unreachable by a prefix lookup. ``tenant``: whose quota the chunks count
+        against on a server (default: the ``cache_salt``'s).
         """
         self.metrics.inc("lmcache:num_store_requests")
         spans = self.spans(tokens, cache_salt=cache_salt)
         if not spans:
             return 0
-        return self._store_chunks(self.keys(spans), spans, reader)  # times itself
+        if tenant is None:
+            tenant = tenant_id(cache_salt)
+        return self._store_chunks(self.keys(spans), spans, reader, tenant)  # times itself
 
     def store_chunks(
-        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
+        self,
+        keys: Sequence[CacheKey],
+        spans: Sequence[ChunkSpan],
+        reader: KVReader,
+        *,
+        tenant: str = "",
     ) -> int:
         """Store chunks the caller named: ``keys[i]`` holds tokens ``spans[i]`` of ``reader``.
 
         For engines that hash their own pages (SGLang's page keys); ``store``
         is this with lmcache's own prefix keys. Returns tokens newly stored.
         """
-        return self._store_chunks(keys, spans, reader)
+        return self._store_chunks(keys, spans, reader, tenant)
 
     def _store_chunks(
-        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader
+        self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], reader: KVReader, tenant: str
     ) -> int:
         staged = staged_store.stage(
-            self.chunk_store, self.metrics, keys, spans, reader, asynchronous=False
+            self.chunk_store, self.metrics, keys, spans, reader, asynchronous=False, tenant=tenant
         )
         return 0 if staged is None else self.finish_store(staged)
 
@@ -318,6 +333,7 @@ class CacheEngine:
         *,
         cache_salt: str | None = None,
         from_chunk: int = 0,
+        tenant: str | None = None,
     ) -> staged_store.StagedStore | None:
         """Start storing the KV of ``tokens``; the copy may still be in flight on return.
 
@@ -333,7 +349,13 @@ class CacheEngine:
         if not spans:
             return None
         return staged_store.stage(
-            self.chunk_store, self.metrics, self.keys(spans), spans, reader, asynchronous=True
+            self.chunk_store,
+            self.metrics,
+            self.keys(spans),
+            spans,
+            reader,
+            asynchronous=True,
+            tenant=tenant_id(cache_salt) if tenant is None else tenant,
         )
 
     def finish_store(self, staged: staged_store.StagedStore) -> int:
@@ -423,6 +445,10 @@ class CacheEngine:
         """How many leading ``keys`` some tier holds (key-level ``lookup``)."""
         return self.chunk_store.prefix_present(keys)
 
+    def present(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """Whether some tier holds each of ``keys`` (e.g. after ``store_chunks``)."""
+        return self.chunk_store.present(keys)
+
     def retrieve_chunks(
         self, keys: Sequence[CacheKey], spans: Sequence[ChunkSpan], writer: KVWriter
     ) -> int:
@@ -457,7 +483,8 @@ class CacheEngine:
 
 def _close_at_exit(ref: weakref.ref[CacheEngine]) -> None:
     engine = ref()
-    if engine is not None and engine.chunk_store.tier_names:
+    # A server flushes its own tiers (it outlives this process); only ours need it here.
+    if engine is not None and isinstance(engine.chunk_store, LocalChunkStore) and engine.tiers:
         try:
             engine.flush(engine.config.blocking_timeout_secs)
         except Exception:

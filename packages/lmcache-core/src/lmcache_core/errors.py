@@ -31,6 +31,14 @@ class PluginNotFoundError(LMCacheError, LookupError):
     """No installed plugin has the requested name."""
 
 
+class PluginAPIError(LMCacheError, TypeError):
+    """A plugin is written for a plugin API this lmcache-core cannot serve.
+
+    Raised when the plugin is loaded (or its class is made), never in the middle
+    of a read: the message names the plugin, the versions, and what to change.
+    """
+
+
 class UnsupportedCapabilityError(LMCacheError, NotImplementedError):
     """A backend was asked for something its capabilities say it cannot do."""
 

@@ -90,6 +90,17 @@ METRICS: dict[str, MetricSpec] = {
     "lmcache:blend_recomputed_tokens": _counter(
         "Tokens of a blend range recomputed in every layer (selected, or not cached)"
     ),
+    "lmcache:server_sessions": _gauge("Clients connected to an lmcache server"),
+    "lmcache:server_bad_requests": _counter(
+        "Requests an lmcache server refused as malformed or not allowed (the client got an error)"
+    ),
+    "lmcache:server_auth_failures": _counter(
+        "Clients or admin requests an lmcache server refused for a missing or wrong secret"
+    ),
+    "lmcache:server_leased_chunks": _counter("Chunks an lmcache server lent to clients' loads"),
+    "lmcache:server_quota_skips": _counter(
+        "Stores an lmcache server skipped: the tenant's quota could not hold them"
+    ),
     "lmcache:tier_authenticated": _gauge(
         "1 when a shared tier authenticates what it reads, 0 when it runs without a secret", T
     ),

@@ -6,7 +6,9 @@ groups; the built-ins register the same way a third party does, so
 case-insensitively (LMCache users write ``cache_policy: LRU``).
 
 A name that is known but not installed fails with the package to install, as
-fsspec does for its protocols.
+fsspec does for its protocols. A plugin written for a plugin API this
+lmcache-core does not serve (:mod:`lmcache_core.plugin_api`) fails here, when
+it is loaded, with its name and what changed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import functools
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from lmcache_core.errors import PluginNotFoundError
+from lmcache_core.errors import PluginAPIError, PluginNotFoundError
+from lmcache_core.plugin_api import check_api_version, declared_api_version
 
 BACKENDS = "lmcache.backends"
 EVICTION_POLICIES = "lmcache.eviction_policies"
@@ -25,6 +28,9 @@ TRANSPORTS = "lmcache.transports"
 #: Host-memory transfer implementations: ``cls(layout, layers, block_table)``
 #: returning a KVReader/KVWriter (lmcache-cuda registers its C kernels as "c").
 TRANSFERS = "lmcache.transfers"
+#: ``lmcache <name>`` subcommands other packages add: ``main(argv) -> exit status``
+#: (lmcache-server registers ``server``), so core's CLI imports none of them.
+COMMANDS = "lmcache.commands"
 
 GROUPS = (BACKENDS, EVICTION_POLICIES, SERDES, TRANSPORTS, TRANSFERS)
 
@@ -40,7 +46,17 @@ KNOWN_PLUGINS: dict[str, dict[str, str]] = {
     EVICTION_POLICIES: {},
     TRANSPORTS: {"nixl": "pip install 'lmcache[nixl]'"},
     TRANSFERS: {"c": "pip install 'lmcache[cuda]' (C transfer kernels)"},
+    COMMANDS: {
+        "server": "pip install 'lmcache[server]' (from this repository: pip install "
+        "./packages/lmcache-server)"
+    },
 }
+
+
+def command(name: str) -> Any | None:
+    """The ``main(argv)`` of subcommand ``name`` from an installed package, or None."""
+    ep = _entry_points(COMMANDS).get(name)
+    return ep.load() if ep is not None else None
 
 
 @functools.cache
@@ -61,7 +77,14 @@ def load_plugin(group: str, name: str) -> Any:
     eps = _entry_points(group)
     key = name.lower()
     if key in eps:
-        return eps[key].load()
+        ep = eps[key]
+        try:
+            obj = ep.load()
+        except PluginAPIError as e:  # raised as the plugin's class was made
+            raise PluginAPIError(f"{_describe(group, name, ep)}: {e}") from None
+        if isinstance(obj, type) and declared_api_version(obj) is not None:
+            check_api_version(obj, _describe(group, name, ep))
+        return obj
     installed = ", ".join(sorted(eps)) or "none"
     hint = KNOWN_PLUGINS.get(group, {}).get(key)
     if hint:
@@ -71,6 +94,13 @@ def load_plugin(group: str, name: str) -> Any:
         guess = f" Did you mean {close[0]!r}?" if close else ""
         msg = f"no {group} plugin named {name!r}; installed: {installed}.{guess}"
     raise PluginNotFoundError(msg)
+
+
+def _describe(group: str, name: str, ep: EntryPoint) -> str:
+    """The plugin as a message names it: group, name, object, distribution."""
+    dist = getattr(ep, "dist", None)
+    where = f" from {dist.name} {dist.version}" if dist is not None else ""
+    return f"{group} plugin {name!r} ({ep.value}{where})"
 
 
 def refresh() -> None:

@@ -26,6 +26,7 @@ same controls the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -166,3 +167,13 @@ def parse_request_options(params: Any) -> RequestOptions:
     if not (skip_save or tags or unused):
         return NO_OPTIONS
     return RequestOptions(skip_save, tuple(sorted(tags)), tuple(sorted(unused)))
+
+
+def tenant_id(cache_salt: str | None) -> str:
+    """The tenant a request's stores count against on an ``lmcache server`` (its quota):
+    a digest of the engine's ``cache_salt`` (empty without one), so salts never cross
+    the wire. The server digests the salts of its ``tenant_quotas`` the same way."""
+    if not cache_salt:
+        return ""
+    raw = cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"lmcache-tenant\0" + raw).hexdigest()[:32]

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lmcache_core.chunk_store import release_all
 from lmcache_core.transfer import AsyncKVWriter, ChunkIO, Completion, Finished, KVWriter
 
 if TYPE_CHECKING:
@@ -50,8 +51,7 @@ class StagedLoad:
         except Exception:
             logger.exception("a copy into the engine failed after it started")
         finally:
-            for c in self.chunks:
-                c.release()
+            release_all(self.chunks)
 
 
 def fetch_and_write(
@@ -109,8 +109,7 @@ def fetch_and_write(
         return end, StagedLoad(chunks, completion)
     finally:
         if not handed_over:
-            for c in chunks:
-                c.release()
+            release_all(chunks)
 
 
 def write_chunk_prefix(
@@ -138,5 +137,4 @@ def write_chunk_prefix(
         metrics.inc("lmcache:num_hit_tokens", sum(s.num_tokens for s in got))
         return len(chunks)
     finally:
-        for c in chunks:
-            c.release()
+        release_all(chunks)

@@ -58,6 +58,7 @@ def stage(
     reader: KVReader,
     *,
     asynchronous: bool,
+    tenant: str = "",
 ) -> StagedStore | None:
     """Allocate chunks for the keys the first tier lacks and start copying the KV in.
 
@@ -65,7 +66,7 @@ def stage(
     tier, or the copy failed to start: logged and counted, chunks freed).
     """
     t0 = time.perf_counter()
-    todo = store.allocate(keys, spans)
+    todo = store.allocate(keys, spans, tenant=tenant)
     if not todo:
         return None
     ios = [ChunkIO(s.start, s.end, c.view) for s, c in todo]

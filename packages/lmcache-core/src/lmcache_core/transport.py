@@ -11,12 +11,13 @@ peer-to-peer tier (``lmcache_core.backends.p2p``) does that on top.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from lmcache_core.arena import Arena
 from lmcache_core.errors import LMCacheError
+from lmcache_core.plugin_api import INHERITED_API_VERSION
 
 
 class TransportError(LMCacheError):
@@ -41,6 +42,10 @@ class Region:
 
 class Transport(ABC):
     name: ClassVar[str]
+    #: The plugin API this transport is written for (see :mod:`lmcache_core.plugin_api`).
+    api_version: ClassVar[int] = INHERITED_API_VERSION
+    #: The ``extra_config`` keys this transport reads: name -> one line on what it does.
+    extra_config_keys: ClassVar[Mapping[str, str]] = {}
 
     @property
     @abstractmethod

@@ -17,9 +17,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlparse
 
 import xxhash
@@ -63,6 +63,11 @@ class NixlStorageBackend(StorageBackend):
     #: Chunks per read request (checksums of one batch overlap the next read).
     BATCH = 8
     capabilities = BackendCapabilities(evicts=True)
+    extra_config_keys: ClassVar[Mapping[str, str]] = {
+        "nixl_storage_size": "size of the slot file (default 10GiB)",
+        "nixl_storage_plugin": "NIXL storage plugin (default POSIX; GDS or object plugins "
+        "where the machine has them)",
+    }
 
     def __init__(
         self,

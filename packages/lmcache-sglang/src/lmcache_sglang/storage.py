@@ -28,12 +28,12 @@ import secrets
 from typing import Any
 
 import torch
+from lmcache_core.adapter_kit import CacheInstance, config_overrides, open_cache
 from lmcache_core.config import CacheConfig
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import ConfigError, LayoutError
 from lmcache_core.keys import CacheKey, ChunkSpan
 from lmcache_core.layout import KVLayout
-from lmcache_core.metrics import start_exporter
 from lmcache_core.transfer import ChunkIO
 from lmcache_cuda.paged import CPagedMemory, Planes
 from lmcache_cuda.torch_dtypes import TORCH_DTYPES
@@ -47,8 +47,7 @@ SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface
 
 def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
     """The cache config: file and ``LMCACHE_*`` variables, then SGLang's extra config."""
-    overrides = {k: v for k, v in (extra or {}).items() if k not in SGLANG_KEYS}
-    return CacheConfig.load(overrides=overrides)
+    return CacheConfig.load(overrides=config_overrides(extra, adapter_keys=SGLANG_KEYS))
 
 
 def host_pool_layout(pool: Any, *, is_mla: bool) -> tuple[KVLayout, Planes]:
@@ -115,7 +114,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         self._epoch = b""
         self.memory: CPagedMemory | None = None
         self.page_size = 0
-        self.metrics_server: Any = None
+        self.cache: CacheInstance | None = None
         if kwargs and isinstance(kwargs, dict) and kwargs.get("mem_pool_host") is not None:
             self.register_mem_pool_host(kwargs["mem_pool_host"])
 
@@ -138,29 +137,28 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         if self.is_mla:  # replicas share the writer's keys
             rank = int(getattr(sc, "dcp_rank", 0))
             world = max(1, int(getattr(sc, "dcp_size", 1)))
-        self.engine = CacheEngine(
+        if self.cache is not None:  # a second host pool: the cache is rebuilt for it
+            self.cache.close()
+        # In this process, or on the host's lmcache server (server_url). SGLang has no
+        # connector metrics API: lmcache's own exporter, one port per rank.
+        self.cache = open_cache(
             self.config.replace(chunk_size=self.page_size),
             model=self.model,
             layout=layout,
             world_size=world,
             rank=rank,
+            exporter_rank=int(sc.tp_rank),
+            client_info={"engine": "sglang"},
         )
+        self.engine = self.cache.engine
         self.memory = CPagedMemory(layout, planes=planes, keepalive=[mem_pool_host.kv_buffer])
-        if self.metrics_server is None:
-            # SGLang has no connector metrics API: lmcache's own exporter, one port per rank.
-            self.metrics_server = start_exporter(
-                self.engine.metrics,
-                self.config.metrics_port,
-                self.config.metrics_host,
-                int(sc.tp_rank),
-            )
         logger.info(
             "lmcache: SGLang rank %d/%d, %s pages of %d tokens, tiers: %s",
             rank,
             world,
             layout.kind.value,
             self.page_size,
-            ", ".join(t.name for t in self.engine.tiers),
+            ", ".join(self.engine.chunk_store.tier_names),
         )
 
     def _require(self) -> CacheEngine:
@@ -222,10 +220,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         ckeys = [self.cache_key(k) for k in keys]
         assert self.memory is not None
         engine.store_chunks(ckeys, self._spans(len(keys)), self.memory.request(pages))
-        first = engine.tiers[0] if engine.tiers else None
-        if first is None:
-            return [False] * len(keys)
-        return list(first.contains(ckeys))
+        return engine.present(ckeys)
 
     def batch_get_v1(
         self, keys: list[str], host_indices: Any, extra_info: Any = None
@@ -299,8 +294,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         chunks = [self._page_to_chunk(v) for v in values]
         ckeys = [self.cache_key(k) for k in keys]
         engine.store_chunks(ckeys, self._spans(len(keys)), _TensorChunks(chunks, self.page_size))
-        first = engine.tiers[0] if engine.tiers else None
-        return first is not None and all(first.contains(ckeys))
+        return all(engine.present(ckeys))
 
     def get(
         self, key: str, target_location: Any = None, target_sizes: Any = None
@@ -343,6 +337,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         before in any tier is read by this instance again (shared tiers belong to every
         instance and cannot be emptied for all; what is left ages out by eviction)."""
         self._epoch = secrets.token_bytes(16)
+        # On a server, DRAM is every engine's: the new epoch alone hides the old chunks.
         if self.engine is not None and self.engine.cpu is not None:
             self.engine.cpu.remove(list(self.engine.cpu.keys()))
         logger.info("lmcache: storage cleared by SGLang; keys start a new epoch")
@@ -361,12 +356,10 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         }
 
     def close(self) -> None:
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server = None
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.cache is not None:
+            self.cache.close()  # the exporter, then the engine
+            self.cache = None
+        self.engine = None
 
 
 class _TensorChunks:

@@ -55,6 +55,8 @@ class SaveSpec:
     #: Chunks before this one are not stored: their blocks include vLLM's null block
     #: (KV it dropped outside a sliding window), so their KV is not in the blocks.
     from_chunk: int = 0
+    #: Whose quota the chunks count against on an lmcache server (a digest of cache_salt).
+    tenant: str = ""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache_core.hit_sources import KINDS
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
-from lmcache_core.request_options import epoch_salt
+from lmcache_core.request_options import epoch_salt, tenant_id
 
 from lmcache_vllm.blend.scheduler import BlendScheduler, BlendState
 from lmcache_vllm.inner_keys import InnerKeys
@@ -74,6 +74,7 @@ class _RequestState:
     request: Any = None  # vLLM's Request, kept for its block hashes when KV events are on
     hit: ChunkedPrompt | None = None  # what to load, when it ends in another prompt's tail
     identity: RequestIdentity | None = None  # salt, adapter, images: for the inner-prefix keys
+    tenant: str = ""  # whose quota its stores count against on a server (its cache_salt's)
 
 
 class SchedulerSide:
@@ -172,6 +173,7 @@ class SchedulerSide:
                 prompt_len=len(request.prompt_token_ids),
                 tokens=request.prompt_token_ids,
                 identity=identity,
+                tenant=tenant_id(getattr(request, "cache_salt", None)),
             )
             if self.events is not None:
                 st.request = request
@@ -387,7 +389,7 @@ class SchedulerSide:
             blocks = None
             if st.request is not None:
                 blocks = block_info(st.request, ref.num_tokens, self.block_size)
-            spec = SaveSpec(req_id, ref, list(st.block_ids), blocks)
+            spec = SaveSpec(req_id, ref, list(st.block_ids), blocks, tenant=st.tenant)
             spec.from_chunk = -(-kept_from(st.block_ids, self.block_size) // self.config.chunk_size)
             if self.sliding:  # blocks of chunks planned before may have left the window
                 spec.from_chunk = max(spec.from_chunk, st.saved_chunks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lmcache_core.adapter_kit import config_overrides
 from lmcache_core.config import CacheConfig, parse_bool
 from lmcache_core.errors import ConfigError
 
@@ -34,22 +35,18 @@ def load_cache_config(extra: dict[str, Any] | None) -> CacheConfig:
     ``discard_partial_chunks: true`` is ``save_unfull_chunk: false``; the
     other upstream adapter keys are ignored with a warning naming them.
     """
-    overrides: dict[str, Any] = {}
-    for key, value in (extra or {}).items():
-        if key in ADAPTER_KEYS:
-            continue
-        if key in UPSTREAM_IGNORED_KEYS:
-            logger.warning(
-                "lmcache: kv_connector_extra_config.%s has no effect here (%s)",
-                key,
-                UPSTREAM_IGNORED_KEYS[key],
-            )
-            continue
-        if key == "discard_partial_chunks":
-            overrides["save_unfull_chunk"] = not parse_bool(value, "discard_partial_chunks")
-            continue
-        overrides[key.removeprefix("lmcache.")] = value
+    overrides = config_overrides(
+        extra,
+        adapter_keys=ADAPTER_KEYS,
+        ignored=UPSTREAM_IGNORED_KEYS,
+        translate={"discard_partial_chunks": _keep_partial_chunks},
+        where="kv_connector_extra_config",
+    )
     return CacheConfig.load(overrides=overrides)
+
+
+def _keep_partial_chunks(value: Any) -> tuple[str, Any]:
+    return "save_unfull_chunk", not parse_bool(value, "discard_partial_chunks")
 
 
 def check_chunk_size(config: CacheConfig, block_size: int) -> None:

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import lmcache_cuda
 import torch
+from lmcache_core.adapter_kit import CacheInstance, open_cache
 from lmcache_core.engine import CacheEngine
 from lmcache_core.keys import ChunkedPrompt
-from lmcache_core.metrics import start_exporter
 from lmcache_core.staged_load import StagedLoad
 from lmcache_core.staged_store import SaveQueue, StagedStore
 from lmcache_cuda.layerwise import LayerMemories, LayerwiseReader, LayerwiseWriter
-from lmcache_cuda.pinned import dram_tier_arena
+from lmcache_cuda.pinned import dram_tier_arena, pin_server_arena
 
 from lmcache_vllm.kv_events import WorkerEvents, events_enabled
 from lmcache_vllm.layouts import detect_layout, ordered_layers
@@ -72,6 +72,7 @@ class WorkerSide:
         self.block_size = vllm_config.cache_config.block_size
         check_chunk_size(self.config, self.block_size)
         self.engine: CacheEngine | None = None
+        self.cache: CacheInstance | None = None
         self.rank = 0
         self.server: LookupServer | None = None
         self.metrics_server: Any = None
@@ -120,15 +121,21 @@ class WorkerSide:
         rank = self.rank = get_tensor_model_parallel_rank()
         world = get_tensor_model_parallel_world_size()
         on_gpu = self.layers[0].device.type == "cuda"
-        self.engine = CacheEngine(
+        # In this process, or on the host's lmcache server (server_url): on a GPU the
+        # DRAM arena (ours, or our mapping of the server's) is pinned for the kernels.
+        self.cache = open_cache(
             self.config,
             model=model_id(self.vllm_config, self.config, self.extra),
             key_extra=namespace_extra(self.vllm_config),
             layout=layout,
             world_size=world,
             rank=rank,
-            arena=dram_tier_arena(self.config.max_local_cpu_size) if on_gpu else None,
+            arena=(lambda: dram_tier_arena(self.config.max_local_cpu_size)) if on_gpu else None,
+            on_map=pin_server_arena if on_gpu else None,
+            exporter_rank=rank,
+            client_info={"engine": "vllm"},
         )
+        self.engine = self.cache.engine
         self.saves = SaveQueue(self.engine, on_commit=self._saved)
         if self.events is not None:
             self.engine.watch(self.events)
@@ -145,18 +152,18 @@ class WorkerSide:
             self._lookup_prompts,
             self.engine.hit_sources,
         )
-        self.metrics_server = start_exporter(
-            self.engine.metrics, self.config.metrics_port, self.config.metrics_host, rank
-        )
+        self.metrics_server = self.cache.exporter
         logger.info(
-            "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens",
+            "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens; "
+            "tiers: %s",
             rank,
             world,
             layout.dtype,
             layout.kind.value,
             layout.num_layers,
-            self.engine.pool.num_slots,
+            self.engine.chunk_store.num_slots,
             self.config.chunk_size,
+            ", ".join(self.engine.chunk_store.tier_names),
         )
 
     def _lookup_chains(self, chunk_size: int, chains: list[list[bytes]], owner: str) -> list[int]:
@@ -355,7 +362,7 @@ class WorkerSide:
         if self.events is not None and spec.blocks is not None:
             for i, key in enumerate(prompt.keys(self.engine.namespace)[first:], first):
                 self.events.expect(key, prompt.start(i), prompt.end(i), spec.blocks)
-        staged = self.engine.store_async(prompt, reader, from_chunk=first)
+        staged = self.engine.store_async(prompt, reader, from_chunk=first, tenant=spec.tenant)
         self._learn_inner_keys(spec)
         self.recent.append(("save", spec.req_id, spec.block_ids, (0, spec.prompt.num_tokens)))
         if staged is None or self.saves is None:
@@ -408,11 +415,10 @@ class WorkerSide:
         if self.server is not None:
             self.server.close()
             self.server = None
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server = None
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.metrics_server = None
+        if self.cache is not None:
+            self.cache.close()  # the exporter, then the engine
+            self.cache = None
+        self.engine = None
         if self in WORKERS:
             WORKERS.remove(self)

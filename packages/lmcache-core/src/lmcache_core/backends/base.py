@@ -19,11 +19,12 @@ memory pool:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lmcache_core.errors import UnsupportedCapabilityError
+from lmcache_core.plugin_api import INHERITED_API_VERSION, check_api_version, describe
 
 if TYPE_CHECKING:
     from lmcache_core.config import CacheConfig
@@ -80,10 +81,23 @@ class StorageBackend(ABC):
 
     #: The name this backend is registered under in ``lmcache.backends``.
     name: ClassVar[str]
+    #: The plugin API this backend is written for
+    #: (:data:`~lmcache_core.plugin_api.PLUGIN_API_VERSION`). A third-party backend
+    #: sets it; one that does not is checked by inspection.
+    api_version: ClassVar[int] = INHERITED_API_VERSION
+    #: The ``extra_config`` keys this backend reads: name -> one line on what it does.
+    #: A key that no tier in use declares is reported when the config is loaded.
+    extra_config_keys: ClassVar[Mapping[str, str]] = {}
     #: Below DRAM, the engine writes this tier behind, through a bounded queue.
     #: A tier whose writes are cheap and must be visible at once says False.
     write_behind: ClassVar[bool] = True
     capabilities: ClassVar[BackendCapabilities]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A backend for a plugin API this lmcache-core does not serve fails here, as
+        # its plugin is loaded, not in the middle of a read.
+        check_api_version(cls, f"storage backend {describe(cls)}")
 
     @classmethod
     def from_config(cls, config: CacheConfig, context: BackendContext) -> StorageBackend:

@@ -104,9 +104,30 @@ class LocalCPUBackend(StorageBackend):
         victim = self.policy.evict(self._evictable)
         if victim is None:
             return False
-        chunk = self._index.pop(victim)  # type: ignore[call-overload]
+        self._evict(victim, demote)  # type: ignore[arg-type]
+        return True
+
+    def evict_keys(self, keys: Sequence[CacheKey]) -> int:
+        """Evict these of ``keys`` that nobody reads or pins, as the policy's own victims
+        would be (told to ``on_evict``, so demoted and announced); returns how many.
+
+        For a caller that picks victims itself: an ``lmcache server`` making room
+        inside one tenant's quota.
+        """
+        n = 0
+        with self._lock:
+            self._expire_pins()
+            for key in keys:
+                if self._evictable(key):
+                    self.policy.on_remove(key)
+                    self._evict(key, True)
+                    n += 1
+        return n
+
+    def _evict(self, victim: CacheKey, demote: bool) -> None:
+        chunk = self._index.pop(victim)
         if self._checksums is not None:
-            self._checksums.pop(victim, None)  # type: ignore[call-overload]
+            self._checksums.pop(victim, None)
         self._used -= chunk.nbytes
         if self.on_evict is not None:
             try:
@@ -116,7 +137,6 @@ class LocalCPUBackend(StorageBackend):
         chunk.release()
         self.metrics.inc("lmcache:num_evictions", tier=self.name)
         self.metrics.set("lmcache:usage_bytes", self._used, tier=self.name)
-        return True
 
     # ------------------------------------------------------------------ protocol
 

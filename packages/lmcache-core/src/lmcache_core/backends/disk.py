@@ -24,10 +24,10 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from lmcache_core.backends.base import (
     BackendCapabilities,
@@ -68,6 +68,10 @@ _counter = itertools.count()
 class LocalDiskBackend(StorageBackend):
     name = "disk"
     capabilities = BackendCapabilities(persistent=True, evicts=True)
+    extra_config_keys: ClassVar[Mapping[str, str]] = {
+        "use_odirect": "keep chunk files out of the OS page cache (upstream's key; each file "
+        "is flushed and dropped from the cache after it is written and after it is read)",
+    }
 
     def __init__(
         self,

@@ -15,22 +15,37 @@ is sealed in an authenticated envelope, optionally encrypted; a value without
 a valid tag is a miss, counted as forged, and deleted.
 
 A third party's tier for another store subclasses this and writes five
-methods: ``_read``, ``_write``, ``_exists``, ``_delete`` and ``_names``.
+methods and one property: ``_read(names, limit)``, ``_write``, ``_exists``,
+``_delete``, ``_names`` and ``capacity_bytes``, plus ``from_config``, which
+takes the arguments every frame store shares from :meth:`FrameStore.common_kwargs`
+and adds its own. It sets ``api_version`` (the plugin API it is written for,
+:mod:`lmcache_core.plugin_api`) and ``extra_config_keys`` (the ``extra_config``
+keys it reads).
+
+Plugin API 1 (before 2026-12-01) had ``_read(names)``, which read every value
+whole. A store still written that way keeps working: ``_read`` is called with
+the names only, each value's size is checked after it is read (a larger one is
+a counted miss and is deleted, as always), and a ``DeprecationWarning`` and a
+logged warning say that its reads are unbounded and what to change. Any other
+``_read`` signature is refused when the class is made.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from lmcache_core.auth import ENVELOPE_MAGIC, ForgedFrameError, FrameSealer, warn_unauthenticated
 from lmcache_core.backends.base import BackendContext, ChunkAllocator, StorageBackend
-from lmcache_core.errors import ConfigError
+from lmcache_core.errors import ConfigError, PluginAPIError
 from lmcache_core.keys import CacheKey
 from lmcache_core.metrics import Metrics
+from lmcache_core.plugin_api import PLUGIN_API_VERSION, declared_api_version, describe
 from lmcache_core.plugins import SERDES, installed_names, load_plugin
 from lmcache_core.serdes.base import MAC_COVERED, ChunkHeader, Serde, SerdeError
 from lmcache_core.serdes.naive import NaiveSerde
@@ -75,6 +90,15 @@ def serde_for_id(serde_id: int) -> Serde | None:
     return None
 
 
+class FrameStoreArgs(TypedDict):
+    """The constructor arguments every frame store takes from the config (``common_kwargs``)."""
+
+    serde: Serde
+    metrics: Metrics
+    max_chunk_bytes: int
+    sealer: FrameSealer | None
+
+
 class FrameStore(StorageBackend):
     """Chunks as named frames in some store. Subclasses move the frames."""
 
@@ -82,6 +106,32 @@ class FrameStore(StorageBackend):
     #: then receives an iterator that encodes (checksum or MAC) a frame when asked,
     #: so the next frame is encoded while the previous one is on its way.
     streams_writes: ClassVar[bool] = False
+    #: ``_read`` takes the limit (plugin API 2). False for a store written for plugin
+    #: API 1 (``_read(names)``): its values are read whole and their size checked after.
+    _read_takes_limit: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._read_takes_limit = _reads_with_limit(cls)
+        if not cls._read_takes_limit:
+            warnings.warn(_unbounded_reads_message(cls), DeprecationWarning, stacklevel=2)
+
+    @classmethod
+    def common_kwargs(cls, config: CacheConfig, context: BackendContext) -> FrameStoreArgs:
+        """What every frame store's constructor takes from the config and the engine.
+
+        The serde (``remote_serde``), the metrics, the largest chunk (the pool's
+        slot: no larger value is read) and the sealer (the deployment secret; a
+        tier without one warns and says so in ``lmcache:tier_authenticated``). A
+        subclass's ``from_config`` is then ``cls(<its own>, **cls.common_kwargs(config,
+        context))``.
+        """
+        return FrameStoreArgs(
+            serde=check_serde_name(config.remote_serde),
+            metrics=context.metrics,
+            max_chunk_bytes=context.pool.slot_bytes,
+            sealer=sealer_for(config, context, cls.name),
+        )
 
     def __init__(
         self,
@@ -99,6 +149,8 @@ class FrameStore(StorageBackend):
         self.sealer = sealer
         self._written = 0
         self._warned_sealed = False
+        if not self._read_takes_limit:
+            _log_unbounded_reads(type(self))
 
     @property
     def max_value_bytes(self) -> int:
@@ -155,7 +207,7 @@ class FrameStore(StorageBackend):
         if not keys:
             return []
         names = [self.name_of(k) for k in keys]
-        values = self._read(names, self.max_value_bytes)
+        values = self._read_bounded(names)
         out: list[Chunk | None] = []
         bad: list[str] = []
         nbytes = 0
@@ -199,6 +251,19 @@ class FrameStore(StorageBackend):
         if nbytes:
             self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
         return out
+
+    def _read_bounded(self, names: list[str]) -> list[bytes | memoryview | Oversized | None]:
+        """``_read`` with the limit; a plugin API 1 store's values are checked after the read."""
+        limit = self.max_value_bytes
+        if self._read_takes_limit:
+            return self._read(names, limit)
+        values = self._read(names)  # type: ignore[call-arg]  # plugin API 1
+        return [
+            Oversized(memoryview(v).nbytes)
+            if v is not None and not isinstance(v, Oversized) and memoryview(v).nbytes > limit
+            else v
+            for v in values
+        ]
 
     def _sealed_without_secret(self) -> None:
         """An authenticated frame and no secret here: a miss, and the frame is left alone."""
@@ -283,6 +348,72 @@ class FrameStore(StorageBackend):
     def used_bytes(self) -> int:
         """Bytes this process has written (the store is shared: others write too)."""
         return self._written
+
+
+# --------------------------------------------------------------------------- plugin API 1
+
+
+def _reads_with_limit(cls: type[FrameStore]) -> bool:
+    """How ``cls._read`` is called: True ``_read(names, limit)``, False ``_read(names)``.
+
+    Decided by the plugin API the class declares (``api_version``), else by its
+    signature. A ``_read`` neither way can be called is refused here, when the
+    class is made (as its plugin is loaded), not deep inside a read.
+    """
+    read = cls._read
+    if getattr(read, "__isabstractmethod__", False):
+        return True  # still abstract: a base for other stores
+    declared = declared_api_version(cls)
+    try:
+        params = list(inspect.signature(read).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):  # not introspectable: trust the declaration
+        return declared != 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in params if p.kind in kinds]
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    required = sum(p.default is inspect.Parameter.empty for p in positional)
+    required += sum(
+        p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+        for p in params
+    )
+    takes = {n for n in (1, 2) if required <= n and (varargs or len(positional) >= n)}
+    signature = f"_read(self, {', '.join(p.name for p in params)})".replace(", )", ")")
+    if declared == 1 and 1 in takes:
+        return False
+    if declared != 1 and 2 in takes:
+        return True
+    if declared is None and 1 in takes:
+        return False  # written for plugin API 1: warned about by the caller
+    if declared == PLUGIN_API_VERSION and 1 in takes:
+        raise PluginAPIError(
+            f"frame store {describe(cls)} declares plugin API {declared}, but its {signature} "
+            "takes no limit: plugin API 2 calls _read(names, limit) and a value larger than "
+            "limit must not be read (return Oversized(size) for it); add the limit, or "
+            "declare api_version = 1"
+        )
+    raise PluginAPIError(
+        f"frame store {describe(cls)}: its {signature} cannot be called as plugin API "
+        f"{PLUGIN_API_VERSION}'s _read(names, limit) (the limit was added on 2026-12-01; "
+        "plugin API 1's _read(names) is still served, with a warning); see lmcache-core's "
+        "CHANGELOG.md"
+    )
+
+
+def _unbounded_reads_message(cls: type) -> str:
+    return (
+        f"frame store {describe(cls)} is written for plugin API 1: its _read(self, names) "
+        "takes no limit, so its reads are unbounded (a value of any size is read whole, and "
+        "only then refused if it is larger than a frame can be). Add the limit: "
+        "_read(self, names, limit), returning Oversized(size) for a value larger than limit "
+        f"without reading it, and set api_version = {PLUGIN_API_VERSION}. Plugin API 1 will "
+        "stop loading in a later release (lmcache-core's CHANGELOG.md)"
+    )
+
+
+@functools.cache
+def _log_unbounded_reads(cls: type) -> None:
+    """Once per class, in the log (a DeprecationWarning is hidden outside tests)."""
+    logger.warning("%s", _unbounded_reads_message(cls))
 
 
 def _is_sealed(value: bytes | memoryview) -> bool:

@@ -26,8 +26,6 @@ from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
     Oversized,
-    check_serde_name,
-    sealer_for,
 )
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
@@ -74,13 +72,7 @@ class SharedFSBackend(FrameStore):
     @classmethod
     def from_config(cls, config: CacheConfig, context: BackendContext) -> SharedFSBackend:
         assert config.remote_url is not None
-        return cls(
-            fs_path(config.remote_url),
-            serde=check_serde_name(config.remote_serde),
-            metrics=context.metrics,
-            max_chunk_bytes=context.pool.slot_bytes,
-            sealer=sealer_for(config, context, cls.name),
-        )
+        return cls(fs_path(config.remote_url), **cls.common_kwargs(config, context))
 
     def name_of(self, key: CacheKey) -> str:
         h = key.hex()

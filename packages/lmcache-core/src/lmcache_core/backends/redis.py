@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse, urlunparse
@@ -44,9 +44,7 @@ from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
     Oversized,
-    check_serde_name,
     frame_bytes,
-    sealer_for,
 )
 from lmcache_core.config import extra_number
 from lmcache_core.errors import ConfigError
@@ -114,6 +112,16 @@ class RedisBackend(FrameStore):
     name = "redis"
     capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
     streams_writes: ClassVar[bool] = True
+    extra_config_keys: ClassVar[Mapping[str, str]] = {
+        "redis_key_prefix": "prefix of every chunk's name (default lmcache:)",
+        "redis_ttl": "seconds a value lives (default: until the server evicts it)",
+        "redis_connect_timeout": "seconds to connect (default 2)",
+        "valkey_username": "user name (upstream's Valkey key; a URL password wins)",
+        "valkey_password": "password (upstream's Valkey key; after a URL password, before "
+        "LMCACHE_REDIS_PASSWORD)",
+        "valkey_database": "database number (not with a cluster)",
+        "valkey_mode": "standalone (default) or cluster: a cluster behind a valkey:// URL",
+    }
     #: Frames are handed to the sender once this many bytes are packed.
     send_batch_bytes = 1 << 20
 
@@ -176,10 +184,7 @@ class RedisBackend(FrameStore):
         extra = config.extra_config
         return cls(
             config.remote_url,
-            serde=check_serde_name(config.remote_serde),
-            metrics=context.metrics,
-            max_chunk_bytes=context.pool.slot_bytes,
-            sealer=sealer_for(config, context, cls.name),
+            **cls.common_kwargs(config, context),
             key_prefix=str(extra.get("redis_key_prefix", "lmcache:")),
             ttl_s=extra_number(config, "redis_ttl", None),  # a negative TTL fails every SET
             timeout_s=config.blocking_timeout_secs,

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
 from lmcache_core.auth import FrameSealer
@@ -34,9 +34,7 @@ from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
     Oversized,
-    check_serde_name,
     frame_bytes,
-    sealer_for,
 )
 from lmcache_core.config import extra_bool, extra_number
 from lmcache_core.errors import ConfigError
@@ -88,6 +86,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 class S3Backend(FrameStore):
     name = "s3"
     capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
+    extra_config_keys: ClassVar[Mapping[str, str]] = {
+        "s3_endpoint_url": "endpoint of a non-AWS store (or AWS_ENDPOINT_URL)",
+        "s3_max_concurrency": "requests of a batch in flight at once (default 16)",
+        "s3_num_io_threads": "upstream's name for s3_max_concurrency",
+        "s3_region": "the bucket's region",
+        "aws_access_key_id": "access key (with aws_secret_access_key; default: boto3's chain)",
+        "aws_secret_access_key": "secret key (with aws_access_key_id)",
+        "disable_tls": "plain HTTP to the endpoint",
+    }
 
     def __init__(
         self,
@@ -165,10 +172,7 @@ class S3Backend(FrameStore):
             concurrency_key = "s3_num_io_threads"  # upstream's name
         return cls(
             config.remote_url,
-            serde=check_serde_name(config.remote_serde),
-            metrics=context.metrics,
-            max_chunk_bytes=context.pool.slot_bytes,
-            sealer=sealer_for(config, context, cls.name),
+            **cls.common_kwargs(config, context),
             endpoint_url=extra.get("s3_endpoint_url"),
             max_concurrency=extra_number(config, concurrency_key, 16, integer=True),
             timeout_s=config.blocking_timeout_secs,

@@ -8,8 +8,10 @@ hooks under its own lock, so policies need no locking of their own.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import ClassVar
+
+from lmcache_core.plugin_api import INHERITED_API_VERSION
 
 
 class EvictionPolicy(ABC):
@@ -17,6 +19,10 @@ class EvictionPolicy(ABC):
 
     #: The name users give in ``cache_policy`` (matched case-insensitively).
     name: ClassVar[str]
+    #: The plugin API this policy is written for (see :mod:`lmcache_core.plugin_api`).
+    api_version: ClassVar[int] = INHERITED_API_VERSION
+    #: The ``extra_config`` keys this policy reads: name -> one line on what it does.
+    extra_config_keys: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def on_insert(self, key: Hashable) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextvars
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import xxhash
 
 from lmcache_core.errors import LMCacheError
+from lmcache_core.plugin_api import INHERITED_API_VERSION
 
 MAGIC = b"LMCK"
 FRAME_VERSION = 1
@@ -150,6 +152,10 @@ class Serde(ABC):
     name: ClassVar[str]
     #: One byte stored in every frame, so a frame is never decoded by the wrong serde.
     serde_id: ClassVar[int]
+    #: The plugin API this serde is written for (see :mod:`lmcache_core.plugin_api`).
+    api_version: ClassVar[int] = INHERITED_API_VERSION
+    #: The ``extra_config`` keys this serde reads: name -> one line on what it does.
+    extra_config_keys: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def encode(self, key: bytes, num_tokens: int, data: memoryview) -> list[bytes | memoryview]:

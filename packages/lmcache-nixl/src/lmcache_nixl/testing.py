@@ -1,6 +1,10 @@
-"""A cache process for the p2p tests: stores prompts, then serves them to peers until killed.
+"""lmcache-nixl's test kit: a cache process for the p2p tier's tests, which stores
+prompts, then serves them to peers until told to exit (or killed).
 
-    python p2p_peer.py REDIS_URL N_PROMPTS [checksums]
+    python -m lmcache_nixl.testing REDIS_URL N_PROMPTS [checksums]
+
+Its layout, config and prompts are importable, so a test reads what the peer
+stored (:data:`LAYOUT`, :func:`config`, :func:`prompt`).
 
 Prints READY once its chunks are stored and published. Commands on stdin:
 ``evict`` drops every chunk from its DRAM tier (so its index entries must go),

@@ -15,7 +15,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def vllm_process(
     """vLLM's OpenAI server on a free port: yields (port, process); ``role`` None: no lmcache.
 
     The process leads its own process group (its workers are in it), so
-    :func:`lmcache_core.testing.soak.group_rss` can measure all of them.
+    :func:`lmcache_core.bench.soak.group_rss` can measure all of them.
 
     ``extra_config`` goes into ``kv_connector_extra_config``; ``args`` are more
     server arguments. vLLM's prefix cache is off unless ``args`` turn it on.
@@ -111,6 +112,19 @@ def vllm_server(
         connector=connector, max_model_len=max_model_len,
     ) as (port, _):  # fmt: skip
         yield port
+
+
+@contextmanager
+def vllm_servers(*servers: Mapping[str, Any]) -> Iterator[list[int]]:
+    """Several :func:`vllm_server` at once, each from its keyword arguments; yields their
+    ports in order. Their start-ups overlap (mostly one Python thread each, so two start
+    in about the time of one on two cores); all are stopped on the way out, and if one
+    fails to start, the others are stopped too."""
+    with ExitStack() as stack:
+        with ThreadPoolExecutor(max(1, len(servers))) as pool:
+            futures = [pool.submit(stack.enter_context, vllm_server(**kw)) for kw in servers]
+            wait(futures)
+        yield [f.result() for f in futures]
 
 
 def complete(port: int, prompt: str | list[int], max_tokens: int = 16, **body: Any) -> str:

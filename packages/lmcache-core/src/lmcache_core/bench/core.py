@@ -90,7 +90,10 @@ def run_core_benchmark(
     layout: KVLayout = LLAMA3_8B,
     chunk_size: int = 256,
     on_step: Callable[[str], None] | None = None,
+    server_url: str | None = None,
 ) -> CoreBenchResult:
+    """``server_url``: store into and retrieve from that ``lmcache server``'s shared arena
+    (MP mode) instead of this process's DRAM tier; the baseline is the same memcpy."""
     step = on_step or (lambda _msg: None)
     chunk_bytes = layout.chunk_bytes(chunk_size)
     blocks_per_chunk = chunk_size // layout.block_size
@@ -108,7 +111,7 @@ def run_core_benchmark(
     config = CacheConfig.from_dict(
         {"chunk_size": chunk_size, "max_local_cpu_size": f"{2 * chunks * chunk_bytes}B"}
     )
-    engine = CacheEngine(config, model="bench/llama-3-8b", layout=layout)
+    engine = _engine(config, layout, server_url)
     total = chunks * chunk_bytes
     base_src = np.frombuffer(rng.bytes(total), dtype=np.uint8).copy()
     base_dst = np.ones(total, dtype=np.uint8)
@@ -149,6 +152,22 @@ def run_core_benchmark(
         lookup_ms=lookup_ms,
         correct=correct,
     )
+
+
+def _engine(config: CacheConfig, layout: KVLayout, server_url: str | None) -> CacheEngine:
+    if server_url is None:
+        return CacheEngine(config, model="bench/llama-3-8b", layout=layout)
+    from lmcache_core.mp.address import parse_server_url
+    from lmcache_core.mp.client import ServerChunkStore
+
+    def factory(ns: Any, metrics: Any) -> ServerChunkStore:
+        return ServerChunkStore(parse_server_url(server_url), ns, metrics=metrics)
+
+    engine = CacheEngine(config, model="bench/llama-3-8b", layout=layout, store_factory=factory)
+    if not getattr(engine.chunk_store, "connected", False):
+        engine.close()
+        raise RuntimeError(f"no lmcache server answered at {server_url}")
+    return engine
 
 
 class _NullReader:

@@ -1,10 +1,14 @@
-"""``lmcache bench serve --workload multi-round-qa``: run the load generator, show the figures.
+"""``lmcache bench serve``: a workload against any OpenAI-compatible server, the figures shown.
 
-Prints a table (TTFT and ITL percentiles, throughput, hit rate read from the
-server's ``/metrics``), writes everything as JSON (``--out``: the summary and
-every request) and, where a person would rather look than read, an SVG of
-TTFT over time (``--plot``); ``lmcache bench plot a.json b.json -o cmp.svg``
-draws several runs (configurations) on one chart.
+``--workload long-doc-qa`` (:func:`cmd_long_doc_qa`) asks each long document
+``--passes`` times and prints TTFT per pass. ``--workload multi-round-qa``
+(:func:`cmd_load`) runs the load generator and prints a table (TTFT and ITL
+percentiles, throughput, hit rate read from the server's ``/metrics``), writes
+everything as JSON (``--out``: the summary and every request) and, where a
+person would rather look than read, an SVG of TTFT over time (``--plot``);
+``lmcache bench plot a.json b.json -o cmp.svg`` draws several runs
+(configurations) on one chart. Either exits 1, with the servers' reasons, when
+a request failed.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmcache_core.loadgen import LoadSpec, hit_rate, run_load, samples_json, summarize
-from lmcache_core.workload import scrape_metrics
+from lmcache_core.bench.client import OpenAIClient, PassResult, failure_summary, run_passes
+from lmcache_core.bench.loadgen import LoadSpec, hit_rate, run_load, samples_json, summarize
+from lmcache_core.bench.scrape import scrape_metrics
+from lmcache_core.bench.workload import long_doc_qa
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
@@ -92,9 +98,82 @@ def cmd_load(args: argparse.Namespace) -> int:
             f"{summary['input_token_throughput']:.0f} prompt tok/s; "
             f"{summary['failed']} failed; hit rate: {rates}"
         )
-    for s in [s for s in samples if s.error][:5]:
-        print(f"lmcache: user {s.user} round {s.round} failed: {s.error}", file=sys.stderr)
-    return 1 if summary["failed"] else 0
+    failures = failure_summary(samples)
+    if failures:
+        print(f"lmcache: {failures}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lmcache bench serve``: the workload ``args.workload`` names."""
+    if args.workload == "multi-round-qa":
+        return cmd_load(args)
+    return cmd_long_doc_qa(args)
+
+
+def cmd_long_doc_qa(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    client = OpenAIClient(args.base_url, args.model)
+    docs = long_doc_qa(args.docs, args.doc_words, seed=args.seed)
+    passes = [(f"pass {p + 1}", docs) for p in range(args.passes)]
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(
+            f"{args.workload} against {args.base_url}", total=sum(len(p) for _, p in passes)
+        )
+        results: list[PassResult] = run_passes(
+            client,
+            passes,
+            max_tokens=args.max_tokens,
+            on_request=lambda _r: progress.advance(task),
+        )
+    summary: dict[str, object] = {
+        "model": client.model,
+        "passes": [
+            {
+                "name": p.name,
+                "requests": len(p.requests),
+                "errors": len(p.requests) - len(p.ok),
+                "median_ttft_s": p.median_ttft(),
+                "mean_ttft_s": p.mean_ttft(),
+                "mean_prompt_tokens": p.prompt_tokens(),
+            }
+            for p in results
+        ],
+    }
+    if args.metrics_url:
+        summary["lmcache"] = scrape_metrics(args.metrics_url)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table(title=f"{args.workload}: TTFT per pass ({client.model})")
+        for col in ("pass", "requests", "median TTFT (s)", "mean TTFT (s)", "prompt tokens"):
+            table.add_column(col, justify="left" if col == "pass" else "right")
+        for p in results:
+            table.add_row(
+                p.name,
+                str(len(p.ok)),
+                f"{p.median_ttft():.3f}",
+                f"{p.mean_ttft():.3f}",
+                f"{p.prompt_tokens():.0f}",
+            )
+        Console().print(table)
+        if "lmcache" in summary:
+            m = summary["lmcache"]
+            assert isinstance(m, dict)
+            looked = m.get("lmcache:num_lookup_tokens", 0)
+            rate = m.get("lmcache:num_lookup_hits", 0) / looked if looked else 0.0
+            stored = m.get("lmcache:stored_bytes", 0) / 2**20
+            print(f"lmcache hit rate {rate:.0%}; stored {stored:.0f} MiB")
+    failures = failure_summary([r for p in results for r in p.requests])
+    if failures:
+        print(f"lmcache: {failures}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

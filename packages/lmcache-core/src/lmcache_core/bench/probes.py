@@ -27,7 +27,8 @@ import asyncio
 import statistics
 from typing import Any
 
-from lmcache_core.loadgen import Conversation, LoadSpec, Sample, _stream
+from lmcache_core.bench.client import BenchmarkFailed, stream_completion
+from lmcache_core.bench.loadgen import Conversation, LoadSpec, Sample
 
 #: Users numbered from here are the probes': contexts no load run has sent.
 PROBE_USER_BASE = 1_000_000
@@ -63,9 +64,9 @@ async def _one(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    text = await _stream(client, f"{api}/completions", body, sample)
+    text = await stream_completion(client, api, body, sample)
     if sample.error:
-        raise RuntimeError(f"probe request to {api} failed: {sample.error}")
+        raise BenchmarkFailed(f"probe request to {api} failed: {sample.error}")
     return sample, text
 
 

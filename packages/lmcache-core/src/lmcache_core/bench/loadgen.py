@@ -11,7 +11,9 @@ Streaming gives time to first token (TTFT) and the gaps between later tokens
 
 It works against any server (vLLM alone, vLLM with lmcache, SGLang), so one
 script measures every configuration the same way. ``httpx`` (async) is the
-client: pip install 'lmcache-core[bench]'.
+client (:func:`~lmcache_core.bench.client.stream_completion`): pip install
+'lmcache-core[bench]'. A failed request carries the server's reason
+(:func:`~lmcache_core.bench.client.require_ok` turns failures into an error).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lmcache_core.bench.client import stream_completion
+from lmcache_core.bench.workload import synthetic_text
 from lmcache_core.errors import ConfigError
-from lmcache_core.workload import synthetic_text
 
 
 @dataclass(frozen=True)
@@ -92,41 +95,6 @@ class Conversation:
         self.history = f"{self.prompt(round_)}{answer}\n"
 
 
-async def _stream(client: Any, url: str, body: dict[str, Any], sample: Sample) -> str:
-    """POST one streamed completion; fills ``sample``'s timings; returns the text."""
-    t0 = time.perf_counter()
-    last = None
-    parts: list[str] = []
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            sample.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
-            return ""
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            text = "".join(c.get("text") or "" for c in event.get("choices", []))
-            if text:
-                now = time.perf_counter()
-                if last is None:
-                    sample.ttft_s = now - t0
-                else:
-                    sample.itl_s.append(now - last)
-                last = now
-                parts.append(text)
-            usage = event.get("usage")
-            if usage:
-                sample.prompt_tokens = usage.get("prompt_tokens")
-                sample.output_tokens = usage.get("completion_tokens") or 0
-    sample.e2e_s = time.perf_counter() - t0
-    if last is None:
-        sample.ttft_s = sample.e2e_s
-    return "".join(parts)
-
-
 async def run_load(
     base_url: str,
     spec: LoadSpec,
@@ -187,7 +155,7 @@ async def run_load(
                             "stream_options": {"include_usage": True},
                         }
                         try:
-                            answer = await _stream(client, f"{api}/completions", body, sample)
+                            answer = await stream_completion(client, api, body, sample)
                         except (httpx.HTTPError, json.JSONDecodeError) as e:
                             sample.error, answer = f"{type(e).__name__}: {e}", ""
                     samples.append(sample)

@@ -1,7 +1,7 @@
 """A soak: load against a server for a while, faults injected, then what must hold.
 
 Engine-agnostic: it talks HTTP to an OpenAI-compatible server (the load
-generator of :mod:`lmcache_core.loadgen`, with ``duration_s``), reads the
+generator of :mod:`lmcache_core.bench.loadgen`, with ``duration_s``), reads the
 server's processes from ``/proc`` (resident memory of its process group) and
 lmcache's own exporter (live values, not the per-step copies an engine
 forwards). ``tools/soak.py`` runs it for ten minutes against vLLM; a two-minute
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcache_core.loadgen import LoadSpec, Sample, run_load, summarize
-from lmcache_core.workload import scrape_samples
+from lmcache_core.bench.loadgen import LoadSpec, Sample, run_load, summarize
+from lmcache_core.bench.scrape import scrape_samples
 
 #: (metric name, sorted label items) -> value
 Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -4,8 +4,8 @@ One vLLM server (prefix cache on, as everyone runs it, with KV memory that
 holds a fraction of the users' contexts) with lmcache's DRAM tier smaller
 than the working set and a tier below it: local disk, or Redis (which the
 soak kills and restarts in the middle). The load is
-:mod:`lmcache_core.loadgen`'s multi-round QA with ``duration_s``; the checks
-are :func:`lmcache_core.testing.soak.problems`. ``tools/soak.py`` runs the
+:mod:`lmcache_core.bench.loadgen`'s multi-round QA with ``duration_s``; the
+checks are :func:`lmcache_core.bench.soak.problems`. ``tools/soak.py`` runs the
 ten-minute version, ``tests/test_vllm_soak.py`` a two-minute one.
 """
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmcache_core.loadgen import LoadSpec
+from lmcache_core.bench.loadgen import LoadSpec
+from lmcache_core.bench.soak import Fault, SoakReport, problems, run_soak, value
 from lmcache_core.testing.servers import RedisServer, free_port
-from lmcache_core.testing.soak import Fault, SoakReport, problems, run_soak
 
-from lmcache_vllm.testing import vllm_process
+from lmcache_vllm.testing.server import vllm_process
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -140,3 +140,117 @@ def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str],
         "log": str(workdir / "vllm.log"),
     }
     return report, found, facts
+
+
+def run_mp_soak(
+    plan: SoakPlan,
+    workdir: Path,
+    server_url: str,
+    server_pid: int,
+    server_metrics_url: str,
+    *,
+    engines: int = 2,
+) -> tuple[list[SoakReport], list[str], dict[str, Any]]:
+    """MP mode under load: ``engines`` vLLM servers on one ``lmcache server``, each with
+    its share of the users, for ``plan.duration_s``. Checked: no request failed, the
+    engines hit, the server's own resident memory is flat over the second half, and no
+    chunk is left pinned on the server when the load has ended."""
+    import statistics
+    import threading
+    import time
+    import urllib.request
+
+    from lmcache_core.bench.soak import largest_process_rss, scrape_labeled, second_half_growth
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
+    }
+    args = ["--enable-prefix-caching"]
+    if plan.vllm_kv_blocks:
+        args += ["--num-gpu-blocks-override", str(plan.vllm_kv_blocks)]
+    reports: list[SoakReport | None] = [None] * engines
+    errors: list[BaseException] = []
+    server_rss: list[tuple[float, float]] = []
+    with ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                vllm_process(
+                    plan.model, "kv_both", env, workdir / f"vllm-{i}.log", plan.dtype,
+                    extra_config={"server_url": server_url, "metrics_port": free_port()},
+                    args=args,
+                )
+            )
+            for i in range(engines)
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        stop = threading.Event()
+
+        def sample_server() -> None:
+            while not stop.wait(plan.sample_every_s):
+                server_rss.append((time.monotonic() - t0, float(largest_process_rss(server_pid))))
+
+        def load(i: int) -> None:
+            port, proc = procs[i]
+            spec = LoadSpec(
+                users=max(1, plan.users // engines), rounds=plan.rounds,
+                context_words=plan.context_words, answer_tokens=plan.answer_tokens,
+                concurrency=max(1, plan.concurrency // engines), duration_s=plan.duration_s,
+                seed=1000 * i,
+            )  # fmt: skip
+            try:
+                reports[i] = run_soak(f"http://127.0.0.1:{port}", None, spec, proc.pid,
+                                      every_s=plan.sample_every_s)  # fmt: skip
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        sampler = threading.Thread(target=sample_server, daemon=True)
+        sampler.start()
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(engines)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        # hits and stores, by vLLM's own counters of each engine
+        hits = []
+        name = "vllm:external_prefix_cache_hits_total"
+        for port, _ in procs:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            lines = [ln for ln in body.splitlines() if ln.startswith(name)]
+            hits.append(sum(float(ln.split()[-1]) for ln in lines))
+    if errors:
+        raise errors[0]
+    done = [r for r in reports if r is not None]
+    deadline = time.monotonic() + 30
+    end = scrape_labeled(server_metrics_url)
+    while value(end, "lmcache:pinned_chunks") and time.monotonic() < deadline:
+        time.sleep(1)
+        end = scrape_labeled(server_metrics_url)
+    found: list[str] = []
+    failed = sum(r.summary["failed"] for r in done)
+    if failed:
+        found.append(f"{failed} requests failed")
+    if not all(h > 0 for h in hits):
+        found.append(f"an engine never hit the server's cache (external hits: {hits})")
+    growth = second_half_growth(server_rss, plan.duration_s)
+    if not growth < plan.max_rss_growth:
+        found.append(f"the server's resident memory grew {growth:.1%} over the second half")
+    pinned = value(end, "lmcache:pinned_chunks")
+    if pinned:
+        found.append(f"{pinned:.0f} chunks still pinned on the server after the load")
+    facts = {
+        "engines": engines,
+        "requests": sum(r.summary["requests"] for r in done),
+        "failed": failed,
+        "external_hit_tokens": hits,
+        "server_rss_growth_second_half": growth,
+        "server_rss_end_bytes": server_rss[-1][1] if server_rss else None,
+        "server_rss_median_bytes": statistics.median(v for _, v in server_rss)
+        if server_rss
+        else None,
+        "server_pinned_end": pinned,
+    }
+    return done, found, facts
