@@ -81,3 +81,49 @@ def dram_tier_arena(capacity: int) -> PinnedArena | None:
             "lmcache: DRAM tier not pinned (%s); GPU transfers use torch copies", e
         )
         return None
+
+
+class PinnedMapping:
+    """This process's mapping of an ``lmcache server``'s arena, registered with CUDA.
+
+    In server mode the engine's kernels copy between GPU memory and the
+    server's slots, which this process maps (shared memory); registering the
+    mapping (``cudaHostRegister``, portable and mapped) lets them DMA into it
+    directly, as into the pinned arena of the in-process mode.
+    """
+
+    def __init__(self, address: int, size: int) -> None:
+        lib = _ffi.cuda_lib()
+        if lib is None or lib.lmc_cuda_device_count() == 0:
+            raise CudaUnavailableError("pinning the server's arena needs a CUDA GPU")
+        if lib.lmc_cuda_host_register(_ffi.ffi().cast("void *", address), size) != 0:
+            err = _ffi.ffi().string(lib.lmc_cuda_last_error()).decode()
+            raise CudaUnavailableError(f"pinning the server's arena ({size} bytes) failed: {err}")
+        self._lib = lib
+        self._range: tuple[int, int] | None = (address, address + size)
+        with _lock:
+            _REGISTERED.append(self._range)
+
+    def close(self) -> None:
+        if self._range is None:
+            return
+        with _lock:
+            if self._range in _REGISTERED:
+                _REGISTERED.remove(self._range)
+        self._lib.lmc_cuda_host_unregister(_ffi.ffi().cast("void *", self._range[0]))
+        self._range = None
+
+
+def pin_server_arena(mapping: object) -> PinnedMapping | None:
+    """``on_map`` for a GPU engine in server mode: pin the mapping of the server's arena
+    (``address``, ``size``); None, with a warning, when it cannot be pinned (copies then
+    go through pageable memory: slower, still correct)."""
+    import logging
+
+    try:
+        return PinnedMapping(int(mapping.address), int(mapping.size))  # type: ignore[attr-defined]
+    except (CudaUnavailableError, OSError) as e:
+        logging.getLogger("vllm.lmcache").warning(
+            "lmcache: the server's arena is not pinned (%s); GPU copies will be slower", e
+        )
+        return None

@@ -1,0 +1,159 @@
+"""What every engine adapter does around its cache, once: config overrides, the cache
+engine (in this process, or on this host's ``lmcache server``), its metrics exporter,
+and closing it all.
+
+Why here: the vLLM connector and the SGLang storage backend did each of these
+their own way, and the cache-server client is a third user. An adapter keeps
+what is its engine's (reading the engine's memory, its config object, its
+metrics API) and asks this kit for the rest::
+
+    overrides = config_overrides(extra, adapter_keys={"model_id"})
+    config = CacheConfig.load(overrides=overrides)
+    cache = open_cache(config, model=..., layout=..., world_size=2, rank=1)
+    cache.engine.lookup(...)
+    cache.close()
+
+``server_url`` in the config (or ``lmcache.server_url`` in the engine's extra
+config) puts the chunks on the server; without it they live in the process,
+as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache_core.arena import Arena
+from lmcache_core.auth import load_secret
+from lmcache_core.cache_key import KeyNamespace
+from lmcache_core.config import CacheConfig
+from lmcache_core.engine import CacheEngine
+from lmcache_core.layout import KVLayout
+from lmcache_core.metrics import Metrics, start_exporter
+
+logger = logging.getLogger(__name__)
+
+
+def config_overrides(
+    extra: Mapping[str, Any] | None,
+    *,
+    adapter_keys: Iterable[str] = (),
+    ignored: Mapping[str, str] | None = None,
+    translate: Mapping[str, Callable[[Any], tuple[str, Any]]] | None = None,
+    where: str = "extra config",
+) -> dict[str, Any]:
+    """The cache config overrides in an engine's own config dict.
+
+    ``adapter_keys`` are the adapter's and skipped; ``ignored`` keys (upstream's,
+    with why they do nothing here) are skipped with a warning naming them;
+    ``translate`` maps a key's value to a config key and value; every other key
+    is a cache config key, ``lmcache.<key>`` standing for ``<key>`` as upstream
+    LMCache's adapters read it. Unknown keys fail when the config is loaded,
+    with the closest valid name.
+    """
+    skip = set(adapter_keys)
+    ignored = ignored or {}
+    translate = translate or {}
+    out: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key in skip:
+            continue
+        if key in ignored:
+            logger.warning("lmcache: %s.%s has no effect here (%s)", where, key, ignored[key])
+            continue
+        if key in translate:
+            name, v = translate[key](value)
+            out[name] = v
+            continue
+        out[key.removeprefix("lmcache.")] = value
+    return out
+
+
+@dataclass
+class CacheInstance:
+    """An adapter's cache: the engine, and its metrics exporter when there is one."""
+
+    engine: CacheEngine
+    exporter: Any = None
+
+    @property
+    def on_server(self) -> bool:
+        return server_url(self.engine.config) is not None
+
+    def close(self) -> None:
+        """Write what lower tiers have queued, release the memory, stop the exporter."""
+        if self.exporter is not None:
+            try:
+                self.exporter.shutdown()
+            except Exception:
+                logger.warning("stopping the metrics exporter failed", exc_info=True)
+            self.exporter = None
+        self.engine.close()
+
+
+def server_url(config: CacheConfig) -> str | None:
+    return getattr(config, "server_url", None) or None
+
+
+def open_cache(
+    config: CacheConfig,
+    *,
+    model: str,
+    layout: KVLayout,
+    world_size: int = 1,
+    rank: int = 0,
+    key_extra: Iterable[tuple[str, str]] = (),
+    arena: Callable[[], Arena | None] | None = None,
+    on_map: Callable[[Any], Any] | None = None,
+    exporter_rank: int | None = None,
+    client_info: Mapping[str, Any] | None = None,
+) -> CacheInstance:
+    """This rank's cache: its chunks on the host's ``lmcache server`` when the config
+    names one (``server_url``), else in this process.
+
+    ``arena()`` makes this process's DRAM arena (pinned memory on a GPU); it is
+    not called in server mode, where ``on_map(mapping)`` is called instead with
+    each mapping of the server's arena (a GPU adapter pins it). With
+    ``exporter_rank``, lmcache's own Prometheus exporter serves the metrics on
+    ``metrics_port + exporter_rank`` (engines without a metrics API of their own).
+    """
+    url = server_url(config)
+    store_factory = None
+    if url is not None:
+        from lmcache_core.mp.address import parse_server_url
+        from lmcache_core.mp.client import ServerChunkStore
+
+        address = parse_server_url(url)
+        secret = load_secret(config)
+        timeout = float(getattr(config, "server_timeout", 5.0))
+        info = dict(client_info or {})
+
+        def store_factory(namespace: KeyNamespace, metrics: Metrics) -> ServerChunkStore:
+            return ServerChunkStore(
+                address,
+                namespace,
+                metrics=metrics,
+                secret=secret,
+                timeout=timeout,
+                client_info=info,
+                on_map=on_map,
+            )
+
+    engine = CacheEngine(
+        config,
+        model=model,
+        layout=layout,
+        world_size=world_size,
+        rank=rank,
+        key_extra=tuple(key_extra),
+        arena=None if url is not None or arena is None else arena(),
+        store_factory=store_factory,
+    )
+    exporter = None
+    if exporter_rank is not None:
+        exporter = start_exporter(
+            engine.metrics, config.metrics_port, config.metrics_host, exporter_rank
+        )
+    return CacheInstance(engine, exporter)

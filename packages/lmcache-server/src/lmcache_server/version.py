@@ -1,0 +1,3 @@
+"""Version of the lmcache-server distribution (read by hatchling)."""
+
+__version__ = "0.1.0"

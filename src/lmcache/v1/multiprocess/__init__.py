@@ -1,0 +1,1 @@
+"""Upstream LMCache's ``lmcache.v1.multiprocess`` paths that vLLM imports."""
