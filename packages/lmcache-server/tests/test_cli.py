@@ -9,7 +9,7 @@ import sys
 import time
 
 from lmcache_core.mp.address import parse_server_url
-from lmcache_core.mp.client import server_about
+from lmcache_core.mp.connection import server_about
 from lmcache_core.testing.servers import free_port
 from lmcache_server.cli import build_parser, config_from_args
 from lmcache_server.testing import private_dir

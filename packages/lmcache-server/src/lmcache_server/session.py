@@ -40,7 +40,7 @@ from lmcache_core.hit_sources import KINDS
 from lmcache_core.keys import ChunkSpan
 from lmcache_core.layout import KVLayout
 from lmcache_core.mp import wire
-from lmcache_core.mp.client import hello_proof
+from lmcache_core.mp.connection import hello_proof
 from lmcache_core.mp.wire import Op, ProtocolError, Reader, Writer
 from lmcache_core.pool import Chunk
 

@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
     ) from e
 
 from lmcache_core.mp.address import DEFAULT_PORT, parse_server_url
-from lmcache_core.mp.client import server_about
+from lmcache_core.mp.connection import server_about
 
 logger = logging.getLogger("vllm.lmcache")
 

@@ -32,7 +32,8 @@ from lmcache_core.engine import CacheEngine
 from lmcache_core.layout import KVLayout
 from lmcache_core.mp import wire
 from lmcache_core.mp.address import parse_server_url
-from lmcache_core.mp.client import ServerChunkStore, hello_payload
+from lmcache_core.mp.client import ServerChunkStore
+from lmcache_core.mp.connection import hello_payload
 from lmcache_core.mp.wire import Op, Reader, Writer
 from lmcache_core.testing.paged_memory import PagedKVMemory
 
