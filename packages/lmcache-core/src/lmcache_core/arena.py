@@ -61,7 +61,56 @@ PAGE = 4096
 MADV_POPULATE_WRITE = 23
 
 
-class AnonymousArena(Arena):
+class MmapArena(Arena):
+    """An arena over one ``mmap`` object (made by a subclass): its address, view,
+    prefault and close, which every mapping-backed arena shares."""
+
+    _mmap: mmap.mmap | None
+
+    def _adopt(self, mapping: mmap.mmap, size: int) -> None:
+        self._size = size
+        self._mmap = mapping
+        self._view = memoryview(mapping)
+        self._anchor = ctypes.c_char.from_buffer(mapping)
+        self._address = ctypes.addressof(self._anchor)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def address(self) -> int:
+        return self._address
+
+    def view(self) -> memoryview:
+        if self._mmap is None:
+            raise ValueError("arena is closed")
+        return self._view
+
+    def prefault(self) -> None:
+        if self._mmap is None:
+            raise ValueError("arena is closed")
+        try:
+            self._mmap.madvise(MADV_POPULATE_WRITE)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise  # ENOMEM: the machine cannot hold it; the caller says what to lower
+            super().prefault()  # kernels before 5.14: touch each page instead
+
+    def close(self) -> None:
+        if self._mmap is None:
+            return
+        del self._anchor
+        try:
+            self._view.release()
+            self._mmap.close()
+        except BufferError:
+            # A chunk view is still held by someone; the memory goes when they drop it.
+            logger.warning("arena closed while chunk views are still in use; memory freed later")
+        self._mmap = None
+
+
+class AnonymousArena(MmapArena):
     """Anonymous private memory from ``mmap``, in base pages unless ``hugepages``.
 
     Why not transparent huge pages by default: with THP in ``madvise`` mode
@@ -79,48 +128,10 @@ class AnonymousArena(Arena):
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
         if populate and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE
-        self._size = size
-        self._mmap: mmap.mmap | None = mmap.mmap(-1, size, flags=flags)
+        mapping = mmap.mmap(-1, size, flags=flags)
         if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+                mapping.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # pragma: no cover - kernels without THP
                 pass
-        self._view = memoryview(self._mmap)
-        self._anchor = ctypes.c_char.from_buffer(self._mmap)
-        self._address = ctypes.addressof(self._anchor)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def prefault(self) -> None:
-        if self._mmap is None:
-            raise ValueError("arena is closed")
-        try:
-            self._mmap.madvise(MADV_POPULATE_WRITE)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise  # ENOMEM: the machine cannot hold it; the caller says what to lower
-            super().prefault()  # kernels before 5.14: touch each page instead
-
-    @property
-    def address(self) -> int:
-        return self._address
-
-    def view(self) -> memoryview:
-        if self._mmap is None:
-            raise ValueError("arena is closed")
-        return self._view
-
-    def close(self) -> None:
-        if self._mmap is None:
-            return
-        del self._anchor
-        try:
-            self._view.release()
-            self._mmap.close()
-        except BufferError:
-            # A chunk view is still held by someone; the memory goes when they drop it.
-            logger.warning("arena closed while chunk views are still in use; memory freed later")
-        self._mmap = None
+        self._adopt(mapping, size)

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from lmcache_core.bench.core import LLAMA3_8B
+from lmcache_core.bench.core import LLAMA3_8B, EngineMemory
 from lmcache_core.config import CacheConfig
 from lmcache_core.engine import CacheEngine
 from lmcache_core.layout import KVLayout
 from lmcache_core.mp.address import parse_server_url
 from lmcache_core.mp.client import ServerChunkStore
-from lmcache_core.transfer_numpy import host_transfer, layer_shape
 
 from lmcache_server.testing import ServerProcess
 
@@ -73,20 +72,11 @@ def run_server_core_benchmark(
 ) -> ServerCoreResult:
     step = on_step or (lambda _msg: None)
     chunk_bytes = layout.chunk_bytes(chunk_size)
-    blocks = chunks * (chunk_size // layout.block_size)
     arena = f"{2 * chunks * chunk_bytes}B"
-    rng = np.random.default_rng(0)
     step("allocating engine memory")
-    src = [
-        rng.integers(1, 2**16, size=layer_shape(layout, blocks), dtype=np.uint16)
-        for _ in range(layout.num_layers)
-    ]
-    dst = [np.zeros_like(a) for a in src]
-    table = rng.permutation(blocks)
-    reader, writer = host_transfer(layout, src, table), host_transfer(layout, dst, table)
-    total = chunks * chunk_bytes
-    base_src = np.frombuffer(rng.bytes(total), dtype=np.uint8).copy()
-    base_dst = np.ones(total, dtype=np.uint8)
+    mem = EngineMemory.make(layout, chunks, chunk_size)
+    src, dst, reader, writer = mem.src, mem.dst, mem.reader, mem.writer
+    base_src, base_dst = mem.base_src, mem.base_dst
     ntok = chunks * chunk_size
     config = CacheConfig.from_dict({"chunk_size": chunk_size, "max_local_cpu_size": arena})
     result = ServerCoreResult(chunk_bytes, chunks, rounds)

@@ -75,6 +75,39 @@ class CoreBenchResult:
         }
 
 
+@dataclass
+class EngineMemory:
+    """An engine's KV for ``chunks`` chunks (random bytes, blocks in random places), an
+    empty twin to load into, their reader and writer, and a memcpy baseline's buffers."""
+
+    src: list[Any]
+    dst: list[Any]
+    reader: Any
+    writer: Any
+    base_src: Any
+    base_dst: Any
+
+    @classmethod
+    def make(cls, layout: KVLayout, chunks: int, chunk_size: int) -> EngineMemory:
+        num_blocks = chunks * (chunk_size // layout.block_size)
+        rng = np.random.default_rng(0)
+        src = [
+            rng.integers(1, 2**16, size=layer_shape(layout, num_blocks), dtype=np.uint16)
+            for _ in range(layout.num_layers)
+        ]
+        dst = [np.zeros_like(a) for a in src]
+        table = rng.permutation(num_blocks)
+        total = chunks * layout.chunk_bytes(chunk_size)
+        return cls(
+            src,
+            dst,
+            host_transfer(layout, src, table),
+            host_transfer(layout, dst, table),
+            np.frombuffer(rng.bytes(total), dtype=np.uint8).copy(),
+            np.ones(total, dtype=np.uint8),
+        )
+
+
 def _median_time(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -96,25 +129,14 @@ def run_core_benchmark(
     (MP mode) instead of this process's DRAM tier; the baseline is the same memcpy."""
     step = on_step or (lambda _msg: None)
     chunk_bytes = layout.chunk_bytes(chunk_size)
-    blocks_per_chunk = chunk_size // layout.block_size
-    num_blocks = chunks * blocks_per_chunk
-    rng = np.random.default_rng(0)
     step("allocating engine memory")
-    src = [
-        rng.integers(1, 2**16, size=layer_shape(layout, num_blocks), dtype=np.uint16)
-        for _ in range(layout.num_layers)
-    ]
-    dst = [np.zeros_like(a) for a in src]
-    table = rng.permutation(num_blocks)
-    reader = host_transfer(layout, src, table)
-    writer = host_transfer(layout, dst, table)
+    mem = EngineMemory.make(layout, chunks, chunk_size)
+    src, dst, reader, writer = mem.src, mem.dst, mem.reader, mem.writer
+    base_src, base_dst = mem.base_src, mem.base_dst
     config = CacheConfig.from_dict(
         {"chunk_size": chunk_size, "max_local_cpu_size": f"{2 * chunks * chunk_bytes}B"}
     )
     engine = _engine(config, layout, server_url)
-    total = chunks * chunk_bytes
-    base_src = np.frombuffer(rng.bytes(total), dtype=np.uint8).copy()
-    base_dst = np.ones(total, dtype=np.uint8)
     ntok = chunks * chunk_size
 
     store_t, retrieve_t, memcpy_t = [], [], []

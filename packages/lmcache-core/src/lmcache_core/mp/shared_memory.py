@@ -16,20 +16,19 @@ TCP on the same host and must open it themselves.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import mmap
 import os
 import stat
 
-from lmcache_core.arena import MADV_POPULATE_WRITE, Arena
+from lmcache_core.arena import MADV_POPULATE_WRITE, MmapArena
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 
 
-class SharedArena(Arena):
+class SharedArena(MmapArena):
     """A shared mapping of a memfd (or a named POSIX shared-memory object)."""
 
     def __init__(self, size: int, *, shm_name: str | None = None, prefault: bool = True) -> None:
@@ -43,7 +42,7 @@ class SharedArena(Arena):
             fd = os.memfd_create("lmcache-arena", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            self._mmap: mmap.mmap | None = mmap.mmap(
+            mapping = mmap.mmap(
                 fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
         except Exception:
@@ -51,47 +50,16 @@ class SharedArena(Arena):
             if shm_name:
                 _unlink(shm_name)
             raise
+        #: The descriptor clients are sent (kept open while the arena lives).
         self.fd = fd
-        self._size = size
-        self._view = memoryview(self._mmap)
-        self._anchor = ctypes.c_char.from_buffer(self._mmap)
-        self._address = ctypes.addressof(self._anchor)
+        self._adopt(mapping, size)
         if prefault:
             self.prefault()
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def address(self) -> int:
-        return self._address
-
-    def view(self) -> memoryview:
-        if self._mmap is None:
-            raise ValueError("arena is closed")
-        return self._view
-
-    def prefault(self) -> None:
-        if self._mmap is None:
-            raise ValueError("arena is closed")
-        try:
-            self._mmap.madvise(MADV_POPULATE_WRITE)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            super().prefault()
 
     def close(self) -> None:
         if self._mmap is None:
             return
-        del self._anchor
-        try:
-            self._view.release()
-            self._mmap.close()
-        except BufferError:
-            logger.warning("shared arena closed while views are in use; unmapped later")
-        self._mmap = None
+        super().close()
         try:
             os.close(self.fd)
         except OSError:

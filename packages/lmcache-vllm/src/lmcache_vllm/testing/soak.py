@@ -60,6 +60,22 @@ class SoakPlan:
     lmcache: bool = True  # False: plain vLLM under the same load (the baseline)
 
 
+def _engine_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
+    }
+
+
+def _engine_args(plan: SoakPlan) -> list[str]:
+    """vLLM as everyone runs it (its prefix cache on), with the plan's KV memory."""
+    args = ["--enable-prefix-caching"]
+    if plan.vllm_kv_blocks:
+        args += ["--num-gpu-blocks-override", str(plan.vllm_kv_blocks)]
+    return args
+
+
 def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str], dict[str, Any]]:
     """Run ``plan``; returns (report, problems, facts about the run for a summary)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -71,14 +87,7 @@ def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str],
     }
     if plan.disk:
         extra |= {"local_disk": str(workdir / "disk"), "max_local_disk_size": plan.disk}
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
-    }
-    args = ["--enable-prefix-caching"]
-    if plan.vllm_kv_blocks:
-        args += ["--num-gpu-blocks-override", str(plan.vllm_kv_blocks)]
+    env, args = _engine_env(), _engine_args(plan)
     faults: list[Fault] = []
     recovered_at = None
     with ExitStack() as stack:
@@ -163,14 +172,7 @@ def run_mp_soak(
     from lmcache_core.bench.soak import largest_process_rss, scrape_labeled, second_half_growth
 
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1" if os.cpu_count() == 2 else "all",
-    }
-    args = ["--enable-prefix-caching"]
-    if plan.vllm_kv_blocks:
-        args += ["--num-gpu-blocks-override", str(plan.vllm_kv_blocks)]
+    env, args = _engine_env(), _engine_args(plan)
     reports: list[SoakReport | None] = [None] * engines
     errors: list[BaseException] = []
     server_rss: list[tuple[float, float]] = []
