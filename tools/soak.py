@@ -138,8 +138,10 @@ def run_server_phase(plan: SoakPlan, work: Path) -> int:
     table.add_row(
         str(facts["requests"]), str(facts["failed"]),
         ", ".join(f"{h:.0f}" for h in facts["external_hit_tokens"]),
-        f"{facts['server_rss_growth_second_half']:+.2%}",
-        f"{(facts['server_rss_median_bytes'] or 0) / 2**20:.0f} MiB",
+        f"{facts['server_rss_growth_second_half']:+.2%} "
+        f"({facts['server_anon_growth_second_half']:+.2%})",
+        f"{(facts['server_rss_median_bytes'] or 0) / 2**20:.0f} MiB "
+        f"({(facts['server_anon_median_bytes'] or 0) / 2**20:.0f} MiB)",
         f"{facts['server_pinned_end']:.0f}", "pass" if not problems else "FAIL",
     )  # fmt: skip
     console.print(table)

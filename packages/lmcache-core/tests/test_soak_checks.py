@@ -101,3 +101,20 @@ def test_group_rss_counts_every_process_of_the_group():
     finally:
         child.kill()
         child.wait()
+
+
+def test_process_memory_splits_a_process_rss_as_the_kernel_does():
+    import mmap
+    import os
+
+    from lmcache_core.bench.soak import process_memory
+
+    before = process_memory(os.getpid())
+    shared = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_SHARED)
+    shared.write(b"x" * (64 << 20))  # 64 MiB of shared memory, touched
+    after = process_memory(os.getpid())
+    assert after["shmem"] - before["shmem"] >= 60 << 20  # counted as shared, not own heap
+    assert after["anon"] - before["anon"] < 16 << 20
+    assert after["rss"] >= after["anon"] + after["shmem"]
+    shared.close()
+    assert process_memory(2**22 + 12345) == {}  # no such process

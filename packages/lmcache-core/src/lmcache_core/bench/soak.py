@@ -67,6 +67,22 @@ def _group_processes(pgid: int) -> dict[int, int]:
     return out
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """Resident bytes of one process, split as the kernel does (``/proc/PID/status``):
+    ``rss``, ``anon`` (its own heap and stacks: where a leak grows), ``shmem`` (shared
+    memory it maps, e.g. an lmcache server's arena), ``file``; empty if it is gone."""
+    names = {"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem", "RssFile": "file"}
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in names:
+                out[names[key]] = int(rest.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def group_rss(pgid: int) -> int:
     """Resident bytes of every process in process group ``pgid`` (a server and its workers)."""
     return sum(_group_processes(pgid).values())
