@@ -21,11 +21,16 @@ def _cmd_version(_args: argparse.Namespace) -> int:
         "lmcache-vllm",
         "lmcache-sglang",
         "lmcache-nixl",
+        "lmcache-server",
     ):
         try:
             print(f"{dist} {version(dist)}")
         except PackageNotFoundError:
             pass
+    from lmcache_core.mp.wire import PROTOCOL_VERSION
+    from lmcache_core.plugin_api import PLUGIN_API_VERSION
+
+    print(f"plugin API {PLUGIN_API_VERSION}, MP protocol {PROTOCOL_VERSION}")
     return 0
 
 
