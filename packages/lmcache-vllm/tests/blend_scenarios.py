@@ -1,9 +1,15 @@
-"""Blending in a real vLLM engine (in-process, on the CPU, float32), one scenario per process.
+"""Blending in a real vLLM engine (in-process, on the CPU, float32), one engine per process.
 
-``python blend_scenarios.py SCENARIO MODEL_DIR`` prints ``RESULT {json}``,
-as :mod:`engine_scenarios` does. The real model (SmolLM2-135M) makes the
-oracles meaningful: a blend that equals a full prefill must equal it on real
-text, token for token and in every KV byte vLLM holds.
+``python blend_scenarios.py SCENARIO[,SCENARIO...] MODEL_DIR`` runs the
+scenarios in order in one engine and prints one line ``RESULT SCENARIO {json}``
+for each (a scenario that raises prints its traceback and no result; the
+others still run). Scenarios run together must ask for the same engine (the
+same ``make_llm`` arguments); before each one after the first, the engine is
+emptied as a new one would be: nothing in lmcache's tiers, nothing in vLLM's
+prefix cache, blending's ratios back to the configured ones, counters read from
+the scenario's start. The real model (SmolLM2-135M) makes the oracles
+meaningful: a blend that equals a full prefill must equal it on real text,
+token for token and in every KV byte vLLM holds.
 """
 
 from __future__ import annotations
@@ -22,24 +28,59 @@ from lmcache_vllm.testing import qa_sets as qa
 BLEND = {"enable_blending": True, "blend_min_tokens": 32}
 
 
+#: The engine this process runs (scenarios run together share it): (its arguments, LLM,
+#: blending's configured ratios).
+_ENGINE: tuple[str, object, tuple] | None = None
+
+
 def make_llm(model: str, prefix_caching: bool = False, **extra):
+    """The process's engine: made by the first scenario, handed, emptied, to the next."""
+    global _ENGINE
     from vllm import LLM
 
-    return LLM(
-        model=model,
-        enforce_eager=True,
-        max_model_len=4096,
-        dtype="float32",
-        seed=0,
-        max_num_batched_tokens=4096,
-        enable_prefix_caching=prefix_caching,
-        kv_transfer_config={
+    args = {
+        "model": model,
+        "enforce_eager": True,
+        "max_model_len": 4096,
+        "dtype": "float32",
+        "seed": 0,
+        "max_num_batched_tokens": 4096,
+        "enable_prefix_caching": prefix_caching,
+        "kv_transfer_config": {
             "kv_connector": "LMCacheKVConnector",
             "kv_role": "kv_both",
             "kv_connector_module_path": "lmcache_vllm",
             "kv_connector_extra_config": {**BLEND, **extra},
         },
-    )
+    }
+    key = json.dumps(args, sort_keys=True)
+    if _ENGINE is None:
+        from lmcache_vllm.connector import WORKERS
+
+        llm = LLM(**args)
+        _ENGINE = (key, llm, tuple(WORKERS[0].blend.ratios))
+        return llm
+    made, llm, ratios = _ENGINE
+    if key != made:
+        raise RuntimeError(f"one engine per process: this scenario asks for {key}, not {made}")
+    _empty(llm, ratios)
+    return llm
+
+
+def _empty(llm, ratios: tuple) -> None:
+    """What the next scenario would find in a new engine: no KV in lmcache or in vLLM."""
+    from lmcache_core.chunk_aliases import ChunkAliases
+    from lmcache_vllm.connector import WORKERS
+
+    (worker,) = WORKERS
+    engine = worker.engine
+    assert engine.flush(60)
+    engine.chunk_store.remove([k for t in engine.tiers for k in t.keys()])
+    assert not any(list(t.keys()) for t in engine.tiers)
+    engine.chunk_store.aliases = ChunkAliases()
+    llm.reset_prefix_cache()
+    worker.blend.ratios = ratios
+    worker.recent.clear()
 
 
 class Blend:
@@ -51,6 +92,7 @@ class Blend:
         self.blend = self.worker.blend
         self.m = self.worker.engine.metrics
         self.tok = llm.get_tokenizer()
+        self._start = self._counts()  # counters from the scenario's start
 
     def gen(self, prompt, salt=None, segments=None, n=12):
         """Greedy output ids and each step's logprob; the KV vLLM held for the prompt."""
@@ -78,9 +120,13 @@ class Blend:
         r = [r for r in self.worker.recent if r[0] == "blend"]
         return r[-1] if r else None
 
-    def counters(self):
+    def _counts(self):
         names = ("blend_requests", "blend_reused_tokens", "blend_recomputed_tokens")
         return {n: self.m.get(f"lmcache:{n}") for n in names}
+
+    def counters(self):
+        """Blending's counters since the scenario started."""
+        return {n: v - self._start[n] for n, v in self._counts().items()}
 
 
 def _err(a, b, layers):
@@ -383,7 +429,18 @@ def scenario_unsupported(model: str) -> dict:
 
 
 if __name__ == "__main__":
-    name, model = sys.argv[1], sys.argv[2]
-    result = globals()[f"scenario_{name}"](model)
-    print("RESULT " + json.dumps(result), flush=True)
-    os._exit(0)
+    import traceback
+
+    names, model = sys.argv[1].split(","), sys.argv[2]
+    failed = False
+    for name in names:
+        try:
+            result = globals()[f"scenario_{name}"](model)
+        except Exception:
+            print(f"scenario {name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            failed = True
+            continue
+        print(f"RESULT {name} " + json.dumps(result), flush=True)
+    os._exit(1 if failed else 0)  # skip vLLM's slow teardown

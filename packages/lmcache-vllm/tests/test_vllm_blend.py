@@ -1,9 +1,12 @@
 """Non-prefix reuse (blending) in real vLLM with a real model, float32 on the CPU.
 
-Each scenario runs in its own process (``blend_scenarios.py``); see there
-for what each step does. The exact oracles: ratio 1 is a full prefill, a
-segment at offset 0 with ratio 0 is prefix reuse, blocks hold recomputed KV
-at the selected tokens and the cached KV re-rotated elsewhere.
+The scenarios run in subprocesses (``blend_scenarios.py``), one engine each;
+see there for what each step does. Scenarios that ask for the same engine
+(the real model, blending's defaults) run in one, emptied between them, once
+per module (:func:`default_engine`); a different model or setting gets its
+own. The exact oracles: ratio 1 is a full prefill, a segment at offset 0 with
+ratio 0 is prefix reuse, blocks hold recomputed KV at the selected tokens and
+the cached KV re-rotated elsewhere.
 """
 
 from __future__ import annotations
@@ -22,22 +25,45 @@ pytestmark = pytest.mark.slow
 SCENARIOS = Path(__file__).with_name("blend_scenarios.py")
 
 
+class Results:
+    """What one process of scenarios printed: each scenario's result, or why there is none."""
+
+    def __init__(self, names: list[str], model) -> None:
+        self.proc = subprocess.run(
+            [sys.executable, str(SCENARIOS), ",".join(names), str(model)],
+            capture_output=True,
+            text=True,
+            timeout=900 * len(names),
+            cwd=SCENARIOS.parent,
+            env={**os.environ},
+        )
+        self.results = {}
+        for ln in self.proc.stdout.splitlines():
+            if ln.startswith("RESULT "):
+                name, result = ln[len("RESULT ") :].split(" ", 1)
+                self.results[name] = json.loads(result)
+
+    def __getitem__(self, name: str) -> dict:
+        assert name in self.results, (
+            f"scenario {name} printed no result (exit status {self.proc.returncode}):\n"
+            f"{self.proc.stdout[-3000:]}{self.proc.stderr[-6000:]}"
+        )
+        return self.results[name]
+
+
 def run(name: str, model) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(SCENARIOS), name, str(model)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=SCENARIOS.parent,
-        env={**os.environ},
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-6000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    return Results([name], model)[name]
 
 
-def test_blend_oracles_in_real_vllm(smollm2_model):
-    r = run("oracles", smollm2_model)
+@pytest.fixture(scope="module")
+def default_engine(smollm2_model) -> Results:
+    """The scenarios that use the same engine (the real model, blending's defaults, vLLM's
+    prefix cache off), run in one process, in this order."""
+    return Results(["oracles", "offset0_holes_faults"], smollm2_model)
+
+
+def test_blend_oracles_in_real_vllm(default_engine):
+    r = default_engine["oracles"]
     # (2) Ratio 1.0 recomputes everything: vLLM's own output and KV, to float rounding.
     assert r["ratio1_range"][0] == 0 and r["ratio1_range"][1] > 400
     assert r["ratio1_same_tokens"]
@@ -60,8 +86,8 @@ def test_blend_oracles_in_real_vllm(smollm2_model):
     assert c["blend_requests"] == 4 and c["blend_reused_tokens"] > 1000
 
 
-def test_offset_zero_is_prefix_reuse_and_holes_and_lost_chunks_are_recomputed(smollm2_model):
-    r = run("offset0_holes_faults", smollm2_model)
+def test_offset_zero_is_prefix_reuse_and_holes_and_lost_chunks_are_recomputed(default_engine):
+    r = default_engine["offset0_holes_faults"]
     # (3) One segment at offset 0, ratio 0: the layers after the check layer hold the
     # stored KV byte for byte, those up to it equal vLLM's to rounding; same output.
     assert r["offset0_range"][0] == 0 and r["offset0_range"][1] > 100

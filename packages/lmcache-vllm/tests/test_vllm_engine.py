@@ -174,9 +174,19 @@ def test_a_sliding_window_model_never_stores_or_loads_the_kv_vllm_dropped(family
     assert r["hit"] == r["cold"]
 
 
-def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
-    env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
-    first = run_scenario("restart", peaked_model, **env)
+@pytest.fixture(scope="module")
+def stored_on_disk(peaked_model, tmp_path_factory) -> tuple[dict[str, str], dict]:
+    """One engine process has stored a prompt in a new disk tier and exited: the disk
+    tier's environment and that process's result. The tests below start fresh processes
+    on it; what they store (under another config, or nothing new) leaves the first
+    prompt's chunks as they were."""
+    kv = tmp_path_factory.mktemp("disk") / "kv"
+    env = {"LMCACHE_LOCAL_DISK": f"file://{kv}", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
+    return env, run_scenario("restart", peaked_model, **env)
+
+
+def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, stored_on_disk):
+    env, first = stored_on_disk
     assert first["tiers"] == ["cpu", "disk"]
     assert first["loaded"] == 0 and first["disk_chunks"] == 3  # 2 full chunks + whole blocks
     second = run_scenario("restart", peaked_model, **env)
@@ -185,15 +195,14 @@ def test_a_fresh_engine_process_hits_from_the_disk_tier(peaked_model, tmp_path):
 
 
 def test_a_deployment_that_changes_the_models_config_never_loads_the_others_kv(
-    peaked_model, tmp_path
+    peaked_model, stored_on_disk
 ):
     """Same model path, one deployment with ``--hf-overrides`` (another rope theta, as a
     long-context YaRN override would be), one disk tier: the KV of one is never loaded by
     the other (it was, and answered otherwise than its own prefill), and each still hits
     its own from a fresh process (the config digest is the same in every process)."""
-    env = {"LMCACHE_LOCAL_DISK": f"file://{tmp_path}/kv", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1GiB"}
+    env, plain = stored_on_disk  # the plain deployment's prompt is on the disk
     rope = json.dumps({"rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}})
-    plain = run_scenario("restart", peaked_model, **env)
     assert plain["loaded"] == 0
     overridden = run_scenario("restart", peaked_model, LMC_TEST_HF_OVERRIDES=rope, **env)
     assert overridden["loaded"] == 0, "KV computed under another rope theta was loaded"
@@ -213,6 +222,8 @@ def test_a_prompt_prefilled_on_one_instance_is_answered_by_another_over_p2p(peak
             **os.environ,
             "LMCACHE_ENABLE_P2P": "true",
             "LMCACHE_P2P_INDEX_URL": redis.url,
+            # The p2p index is shared: it refuses to start without the deployment secret.
+            "LMCACHE_AUTH_SECRET": os.urandom(32).hex(),
         }
         first, second = owner_then_reader("p2p_owner", "p2p_reader", peaked_model, env)
     assert first["tiers"] == ["cpu", "p2p"]

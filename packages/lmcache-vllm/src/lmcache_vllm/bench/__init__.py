@@ -15,7 +15,11 @@ print and exit non-zero when a request failed:
 * :mod:`~lmcache_vllm.bench.blend`: non-prefix reuse, answer quality and TTFT
   against a full prefill (``tools/bench_blend.py``);
 * :mod:`~lmcache_vllm.bench.pd`: disaggregated prefill, decode TTFT against a
-  single instance (``tools/bench_pd.py``).
+  single instance (``tools/bench_pd.py``);
+* :mod:`~lmcache_vllm.bench.mp`: MP mode (the host's ``lmcache server``) against
+  in-process lmcache and vLLM alone (``tools/bench_server.py``);
+* :mod:`~lmcache_vllm.bench.upstream_mp`: MP mode against upstream LMCache 0.5.6's
+  and vLLM alone (``tools/bench_upstream_mp.py``).
 
 The main job (``tools/bench_vllm.py``) and the load runs
 (``tools/bench_load.py``) measure with lmcache-core's bench wing, which talks
