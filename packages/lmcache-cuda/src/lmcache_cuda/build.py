@@ -27,6 +27,26 @@ CUDA_LIB = "liblmcache_cuda.so"
 #: GPU architectures compiled in: Turing, Ampere, Ada (sm_89 runs sm_80 code),
 #: Hopper; PTX of the newest for later GPUs.
 CUDA_ARCHS = ("75", "80", "90")
+#: Overrides :data:`CUDA_ARCHS` for a build (a release image lists its targets):
+#: compute capabilities without the dot, separated by commas, semicolons or spaces
+#: ("80;90;100"); the last also gets PTX.
+ARCHS_ENV = "LMCACHE_CUDA_ARCHS"
+
+
+def cuda_archs(environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The architectures to compile: ``LMCACHE_CUDA_ARCHS`` when set, else the defaults."""
+    raw = (os.environ if environ is None else environ).get(ARCHS_ENV, "").strip()
+    if not raw:
+        return CUDA_ARCHS
+    archs = tuple(a for a in raw.replace(";", ",").replace(" ", ",").split(",") if a)
+    bad = [a for a in archs if not (a.isdigit() and 2 <= len(a) <= 3)]
+    if bad or not archs:
+        raise BuildError(
+            f"{ARCHS_ENV}={raw!r}: give compute capabilities without the dot, e.g. '80;90' "
+            f"(not {', '.join(bad) or 'nothing'})"
+        )
+    return archs
+
 
 C_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra"]
 
@@ -106,9 +126,10 @@ def build_cpu(out_dir: Path | None = None, *, werror: bool = False) -> Path:
 
 
 def build_cuda(
-    out_dir: Path | None = None, *, werror: bool = False, archs: tuple[str, ...] = CUDA_ARCHS
+    out_dir: Path | None = None, *, werror: bool = False, archs: tuple[str, ...] | None = None
 ) -> Path:
     out_dir = LIB_DIR if out_dir is None else out_dir
+    archs = cuda_archs() if archs is None else archs
     compiler = nvcc()
     if compiler is None:
         raise BuildError("nvcc not found; set LMCACHE_NVCC or CUDA_HOME")

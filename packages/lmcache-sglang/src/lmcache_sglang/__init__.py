@@ -15,6 +15,9 @@ __all__ = ["LMCacheHiCacheStorage", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "LMCacheHiCacheStorage":
+        from lmcache_sglang.compat import check_sglang
+
+        check_sglang()  # an older SGLang is refused here, with what to install
         try:
             from lmcache_sglang.storage import LMCacheHiCacheStorage
         except ImportError as e:

@@ -14,6 +14,9 @@ __all__ = ["LMCacheConnectorV1", "LMCacheKVConnector", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("LMCacheKVConnector", "LMCacheConnectorV1"):
+        from lmcache_vllm.compat import check_vllm
+
+        check_vllm()  # an older vLLM is refused here, with what to install
         from lmcache_vllm import connector
 
         return getattr(connector, name)

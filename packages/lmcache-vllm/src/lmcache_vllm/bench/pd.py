@@ -15,6 +15,7 @@ per-document ratios decode / single, with its spread. A failed request raises
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +52,12 @@ def measure_pd(
     prefill_s: list[float] = []
     with ExitStack() as stack:
         redis = stack.enter_context(RedisServer())
-        p2p = {"LMCACHE_ENABLE_P2P": "true", "LMCACHE_P2P_INDEX_URL": redis.url}
+        p2p = {
+            "LMCACHE_ENABLE_P2P": "true",
+            "LMCACHE_P2P_INDEX_URL": redis.url,
+            # The p2p index is shared: it requires the deployment secret (one per run).
+            "LMCACHE_AUTH_SECRET": os.environ.get("LMCACHE_AUTH_SECRET") or os.urandom(32).hex(),
+        }
 
         def start(role: str | None, name: str) -> OpenAIClient:
             port = stack.enter_context(

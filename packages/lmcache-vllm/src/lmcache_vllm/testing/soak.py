@@ -94,6 +94,7 @@ def run_vllm_soak(plan: SoakPlan, workdir: Path) -> tuple[SoakReport, list[str],
         if plan.redis_fault and plan.lmcache:
             redis = stack.enter_context(RedisServer())
             extra["remote_url"] = redis.url
+            env["LMCACHE_AUTH_SECRET"] = os.urandom(32).hex()  # a shared tier requires one
             down, up = 0.35 * plan.duration_s, 0.55 * plan.duration_s
             faults = [
                 Fault(down, "redis killed", redis.kill),
