@@ -33,6 +33,9 @@ def test_one_config_file_builds_the_same_tiers_under_vllm_and_sglang(tmp_path, m
             f"max_local_disk_size: 1GiB\nremote_url: {redis.url}\nremote_serde: lz4\n"
         )
         monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(cfg))
+        # A shared tier (Redis) needs the deployment secret: from the environment, as
+        # in production, the same for both engines.
+        monkeypatch.setenv("LMCACHE_AUTH_SECRET", "one-config-two-engines-secret-0123456789")
         v = vllm_config({"model_id": "m"})  # kv_connector_extra_config
         s = sglang_config({"backend_name": "lmcache", "module_path": "lmcache_sglang",
                            "class_name": "LMCacheHiCacheStorage", "interface_v1": 1})  # fmt: skip

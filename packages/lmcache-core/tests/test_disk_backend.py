@@ -35,6 +35,9 @@ class TestLocalDiskBackend(StorageBackendTests):
     def raw_set(self, backend, key, value):
         backend._path(key).write_bytes(value)
 
+    def raw_path(self, backend, key):
+        return backend._path(key)
+
 
 TestLocalDiskBackendStateful = backend_state_machine(make_disk, max_examples=30).TestCase
 
@@ -208,6 +211,81 @@ def test_use_odirect_keeps_chunks_out_of_the_page_cache_and_still_round_trips(tm
         assert engine.store(list(range(48)), src.kv(src.table(48, 0))) == 48
         assert engine.flush(10)
         assert engine.retrieve(list(range(48)), dst.kv(dst.table(48, 5))) == 48
-    bad = CacheConfig.from_dict({**base, "extra_config": {"use_odirect": "maybe"}})
+    # A value that is no boolean is refused when the config is read, named by its key.
     with pytest.raises(ConfigError, match="extra_config.use_odirect"):
-        CacheEngine(bad, model="m", layout=layout)
+        CacheConfig.from_dict({**base, "extra_config": {"use_odirect": "maybe"}})
+
+
+def _within(seconds, fn):
+    """``fn()`` on a thread, failing (not hanging) when it takes longer than ``seconds``."""
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"took longer than {seconds} s: a read waited on a FIFO"
+    return got[0]
+
+
+def test_a_fifo_in_place_of_a_chunk_file_is_a_miss_at_start_and_at_read(tmp_path):
+    """A FIFO (a writer that never comes) in a chunk's place hung that retrieve forever.
+    Now chunk files are opened only once they are regular files, with O_NONBLOCK."""
+    f = ChunkFactory(4096)
+    tier = LocalDiskBackend(tmp_path, 1 << 20)
+    _put(tier, f, [1, 2, 3])
+    for i in (1, 2):
+        path = tier._path(test_key(i))
+        path.unlink()
+        os.mkfifo(path, 0o600)
+    assert _within(5, lambda: _read(tier, f, 1)) is None  # read: a miss, counted as corrupt
+    assert tier.contains([test_key(1)]) == [False]
+    again = _within(5, lambda: LocalDiskBackend(tmp_path, 1 << 20))  # a restart lists it
+    assert again.contains([test_key(i) for i in (1, 2, 3)]) == [False, False, True]
+    assert _within(5, lambda: _read(again, f, 2)) is None
+    assert _read(again, f, 3) == chunk_payload(test_key(3), 4096)
+    _put(again, f, [2])  # a fresh put replaces the FIFO with the chunk
+    assert _read(again, f, 2) == chunk_payload(test_key(2), 4096)
+    tier.close()
+    again.close()
+
+
+def test_the_engine_waits_on_a_fifo_in_the_disk_tier_at_most_blocking_timeout(tmp_path):
+    """End to end: a disk tier whose read blocks (here: a FIFO opened the old way, by a
+    backend that does not check) costs a retrieve ``blocking_timeout_secs``, not forever."""
+    import time
+
+    from lmcache_core.testing.paged_memory import PagedKVMemory
+
+    layout = KVLayout(
+        kind="vllm_flash", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_size=8, block_size=4
+    )
+    config = CacheConfig.from_dict(
+        {
+            "chunk_size": 16,
+            "local_cpu": False,
+            "local_disk": f"file://{tmp_path}/",
+            "max_local_disk_size": "1MiB",
+            "blocking_timeout_secs": 0.5,
+        }
+    )
+    src, dst = PagedKVMemory(layout, seed=1), PagedKVMemory(layout, seed=2)
+    with CacheEngine(config, model="m", layout=layout) as engine:
+        assert engine.store(list(range(32)), src.kv(src.table(32, 0))) == 32
+        assert engine.flush(10)
+        disk = engine.tiers[0].backend
+        paths = list(tmp_path.rglob("*.chunk"))
+        assert paths
+        for p in paths:
+            p.unlink()
+            os.mkfifo(p, 0o600)
+        # A backend that opens the old way (no type check, blocking): a hung mount.
+        disk._open = lambda key: os.open(disk._path(key), os.O_RDONLY)
+        t0 = time.monotonic()
+        got = _within(10, lambda: engine.retrieve(list(range(32)), dst.kv(dst.table(32, 5))))
+        assert got == 0 and time.monotonic() - t0 < 5
+        for p in paths:  # let the hung open end (a writer comes), so the thread finishes
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: nobody waits on this one
+                pass

@@ -266,3 +266,127 @@ def test_a_full_filesystem_frees_unused_namespaces_before_lowering_the_bound(tmp
     c.release()
     monkeypatch.setattr(disk_module, "write_atomically", real)
     tier.close()
+
+
+# ---------------------------------------------------------------------------- symlinks
+
+
+def outside_chunks(where, ns: bytes, n: int) -> dict[str, bytes]:
+    """``n`` files named as ``ns``'s chunks (shard 00) in a folder outside the cache."""
+    (where / "00").mkdir(parents=True)
+    files = {}
+    for i in range(n):
+        name = f"00/v1-{ns.hex()}-{i:04x}.chunk"
+        (where / name).write_bytes(b"not lmcache's %d" % i)
+        files[name] = (where / name).read_bytes()
+    return files
+
+
+def untouched(where, files: dict[str, bytes]) -> bool:
+    now = {str(p.relative_to(where)): p.read_bytes() for p in where.rglob("*") if p.is_file()}
+    return now == files
+
+
+def test_a_symlink_in_place_of_the_tiers_namespace_folder_is_never_followed(tmp_path):
+    """It made 33 files outside the cache root and deleted one there: now the tier opens
+    its namespace folder without following a symlink, and puts a real folder in its place."""
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    root.mkdir()
+    outside_chunks(outside, NEW, 3)
+    # A chunk-sized file under a chunk's name, and a dead writer's temp file: at start the
+    # tier deletes such files in its own folder, and must not delete them here.
+    giant = f"{key(NEW, 7).prefix.hex()[:2]}/{key(NEW, 7).hex()}.chunk"
+    (outside / giant).parent.mkdir(exist_ok=True)
+    (outside / giant).write_bytes(b"x" * (3 * CHUNK))
+    (outside / "00" / ".x.chunk.tmp-999999999-1").write_bytes(b"someone's")
+    files = {str(p.relative_to(outside)): p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    (root / NEW.hex()).symlink_to(outside, target_is_directory=True)
+
+    tier = LocalDiskBackend(root, 1 << 20, namespace=NEW, max_chunk_bytes=CHUNK)
+    f = ChunkFactory(CHUNK)
+    keys = [key(NEW, i) for i in range(33)]
+    put(tier, f, keys)
+    tier.remove(keys[:5])
+    assert untouched(outside, files), "the tier wrote or deleted through the symlink"
+    assert (root / NEW.hex()).is_dir() and not (root / NEW.hex()).is_symlink()
+    assert len(chunk_files(root)) == 28  # its own files, inside the root
+    (c,) = tier.get([keys[10]], f.allocate)
+    assert c is not None and bytes(c.view) == chunk_payload(keys[10], CHUNK)
+    c.release()
+    tier.close()
+
+
+def test_a_symlink_in_place_of_a_shard_folder_is_never_followed(tmp_path):
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    tier = LocalDiskBackend(root, 1 << 20, namespace=NEW)
+    f = ChunkFactory(CHUNK)
+    k = key(NEW, 1)
+    put(tier, f, [k])
+    shard = tier._path(k).parent
+    outside.mkdir()
+    (outside / tier._path(k).name).write_bytes(b"someone else's file")
+    again = LocalDiskBackend(root, 1 << 20, namespace=NEW)  # a restart: shard fds reopened
+    tier.close()
+    for p in shard.iterdir():
+        p.unlink()
+    shard.rmdir()
+    shard.symlink_to(outside, target_is_directory=True)
+    assert again.get([k], f.allocate) == [None]  # a miss; the file there is not read
+    assert (outside / tier._path(k).name).read_bytes() == b"someone else's file"
+    put(again, f, [key(NEW, 2)])  # same shard (the key's prefix): a real folder replaces the link
+    assert shard.is_dir() and not shard.is_symlink()
+    assert [p.name for p in outside.iterdir()] == [tier._path(k).name]
+    again.close()
+
+
+def swap_for_symlink(ns_dir, target) -> None:
+    """What an attacker with write access to the cache root does between two steps."""
+    ns_dir.rename(ns_dir.with_name(ns_dir.name + ".moved"))
+    ns_dir.symlink_to(target, target_is_directory=True)
+
+
+def test_prune_is_not_redirected_by_a_folder_swapped_for_a_symlink_after_listing(
+    tmp_path, monkeypatch
+):
+    """`lmcache disk --prune` listed folders, then opened `<ns>/.lock` and walked `<ns>/` by
+    path: a folder swapped for a symlink in between made it delete 50 of 50 chunk-named
+    files outside the root. The swap is made at that very moment, through the listing."""
+    import lmcache_core.backends.disk_namespaces as dn
+
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    stored_by_old_namespace(root, 3)
+    files = outside_chunks(outside, OLD, 50)
+    listed = dn.namespace_names
+
+    def list_then_swap(root_fd):
+        names = listed(root_fd)
+        swap_for_symlink(root / OLD.hex(), outside)
+        return names
+
+    monkeypatch.setattr(dn, "namespace_names", list_then_swap)
+    rows = dn.survey(root, prune=True)
+    assert untouched(outside, files), "prune deleted files outside the cache root"
+    assert OLD.hex() not in {r.namespace for r in rows}  # a symlink now: skipped
+    assert len(chunk_files(root / (OLD.hex() + ".moved"))) == 3
+
+
+def test_reclaim_is_not_redirected_by_a_folder_swapped_for_a_symlink_after_the_scan(tmp_path):
+    """The orphans found at start are deleted minutes later, when room is needed: by then
+    their folder may be a symlink. Nothing is resolved by path again."""
+    root, outside = tmp_path / "cache", tmp_path / "outside"
+    old_keys = stored_by_old_namespace(root, 4)
+    names = {f"{k.prefix.hex()[:2]}/{k.hex()}.chunk" for k in old_keys}
+    outside.mkdir()
+    for name in names:  # the very names the scan queued
+        (outside / name).parent.mkdir(exist_ok=True)
+        (outside / name).write_bytes(b"not lmcache's")
+    files = {n: b"not lmcache's" for n in names}
+    frame = next(iter(chunk_files(root).values()))
+    tier = LocalDiskBackend(root, 6 * frame, namespace=NEW)
+    assert len(tier._orphans) == 4
+    swap_for_symlink(root / OLD.hex(), outside)
+    put(tier, ChunkFactory(CHUNK), [key(NEW, i) for i in range(6)])  # needs the orphans' room
+    assert untouched(outside, files), "reclaim deleted files outside the cache root"
+    assert len(tier._orphans) == 0  # forgotten, not followed
+    assert tier.contains([key(NEW, i) for i in range(6)]) == [True] * 6
+    tier.close()

@@ -154,8 +154,10 @@ def test_disk_start_ignores_sparse_giants_directories_and_symlinks(tmp_path):
 # ---------------------------------------------------------------------------- finding 6
 
 
-def test_short_frame_with_valid_checksum_is_removed_and_replaced(redis_server):
-    """The engine checks a chunk's size against its span: a short one is a miss, removed."""
+def test_short_frame_with_valid_checksum_is_removed_and_replaced(redis_server, monkeypatch):
+    """The engine checks a chunk's size against its span: a short one is a miss, removed
+    (even sealed under the deployment's own secret: a holder of it wrote a bad frame)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET.decode())
     src, dst = PagedKVMemory(LAYOUT, seed=1), PagedKVMemory(LAYOUT, seed=2)
     tokens = list(range(64))
     url = redis_server.url
@@ -173,7 +175,8 @@ def test_short_frame_with_valid_checksum_is_removed_and_replaced(redis_server):
         redis = engine.tiers[1].backend
         half = LAYOUT.chunk_bytes(8)
         frame = NaiveSerde().encode(keys[0].to_bytes(), 8, memoryview(b"\x07" * half))
-        redis.client.set(redis.name_of(keys[0]), b"".join(bytes(p) for p in frame))
+        sealed = redis.sealer.seal(keys[0].to_bytes(), list(frame))
+        redis.client.set(redis.name_of(keys[0]), b"".join(bytes(p) for p in sealed))
         assert engine.retrieve(tokens, dst.kv(dst.table(64, 0))) == 0
         assert engine.cpu.contains([keys[0]]) == [False]  # never promoted
         assert redis.client.exists(redis.name_of(keys[0])) == 0  # removed from the tier
@@ -275,19 +278,32 @@ def test_secret_comes_from_env_or_file_never_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "short")
     with pytest.raises(ConfigError, match="at least 16"):
         load_secret(CacheConfig())
+    monkeypatch.setenv(SECRET_ENV, "another-deployment-secret-0123456789")
     with pytest.raises(ConfigError, match="different secrets"):
         load_secret(CacheConfig(auth_secret_file=str(path)))
     with pytest.raises(ConfigError, match="auth_secret_file"):
         load_secret(CacheConfig(auth_secret_file=str(tmp_path / "missing")))
 
 
-def test_shared_tier_without_a_secret_warns_and_says_so(redis_server, monkeypatch, caplog):
+def test_shared_tier_without_a_secret_refuses_to_start_unless_opted_out(
+    redis_server, monkeypatch, caplog
+):
     monkeypatch.delenv(SECRET_ENV, raising=False)
     cfg = CacheConfig.from_dict(
         {"chunk_size": 16, "max_local_cpu_size": "1MiB", "remote_url": redis_server.url}
     )
+    # The safe default: no secret, no shared tier; the message says how to set one.
+    with pytest.raises(ConfigError) as e:
+        CacheEngine(cfg, model="m", layout=LAYOUT)
+    text = str(e.value)
+    assert "has no deployment secret" in text, text
+    assert SECRET_ENV in text and "auth_secret_file" in text and "openssl rand" in text, text
+    assert "allow_unauthenticated_shared_tiers: true" in text, text
+    # The documented opt-out (single-tenant test setups): it runs, warns and says so.
     with caplog.at_level(logging.WARNING):
-        engine = CacheEngine(cfg, model="m", layout=LAYOUT)
+        engine = CacheEngine(
+            cfg.replace(allow_unauthenticated_shared_tiers=True), model="m", layout=LAYOUT
+        )
     assert "NOT authenticated" in caplog.text
     assert engine.metrics.get("lmcache:tier_authenticated", tier="redis") == 0
     engine.close()
@@ -297,8 +313,12 @@ def test_shared_tier_without_a_secret_warns_and_says_so(redis_server, monkeypatc
     assert engine.tiers[1].backend.sealer.encrypt
     engine.close()
     monkeypatch.delenv(SECRET_ENV)
-    with pytest.raises(ConfigError, match="remote_encryption needs"):
+    with pytest.raises(ConfigError, match="has no deployment secret"):
         CacheEngine(cfg.replace(remote_encryption=True), model="m", layout=LAYOUT)
+    # The opt-out never covers encryption: it cannot be had without the secret.
+    opted_out = cfg.replace(remote_encryption=True, allow_unauthenticated_shared_tiers=True)
+    with pytest.raises(ConfigError, match="remote_encryption needs"):
+        CacheEngine(opted_out, model="m", layout=LAYOUT)
 
 
 def test_forged_frame_is_a_counted_miss_and_removed_and_no_secret_leaves_sealed_frames(

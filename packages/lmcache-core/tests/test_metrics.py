@@ -39,10 +39,11 @@ def test_large_counts_are_exact_in_the_exposition():
 def test_interval_gives_increases_changed_gauges_and_new_observations():
     m = Metrics()
     m.inc("lmcache:num_hit_tokens", 5)
-    m.observe("lmcache:time_to_retrieve", 0.5)  # before the first interval: not pending
+    m.observe("lmcache:time_to_retrieve", 0.5)  # before the first interval: carried too
     first = m.take_interval()
     assert first["counters"] == {"lmcache:num_hit_tokens": [[[], 5]]}
-    assert first["observations"] == {}
+    # (vLLM's /metrics ran one observation behind the exporter when this was dropped)
+    assert first["observations"] == {"lmcache:time_to_retrieve": [[[], [0.5]]]}
     m.inc("lmcache:num_hit_tokens", 2)
     m.set("lmcache:usage_bytes", 10, tier="cpu")
     m.observe("lmcache:time_to_retrieve", 0.25)
@@ -71,3 +72,31 @@ def test_histogram_buckets_are_cumulative_and_count_every_observation(values):
         assert count == sum(1 for v in values if v <= bound)
     total = next(x for x in text if x.startswith("lmcache:time_to_store_sum"))
     assert math.isclose(float(total.split()[-1]), sum(values), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_every_family_has_a_zero_series_from_the_start_per_known_tier():
+    """Dashboards read 0, not "No data": counters and histograms (and the gauges whose zero is
+    true) exist once declared, per tier where labelled; an interval carries them once."""
+    from lmcache_core.metrics import ZERO_GAUGES
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = Metrics()
+    m.inc("lmcache:num_evictions", 3, tier="cpu")
+    m.declare(tier=["cpu", "disk"])
+    fams = {f.name: f for f in text_string_to_metric_families(render_prometheus(m))}
+    expected = {n for n, s in METRICS.items() if s.kind != "gauge" or n in ZERO_GAUGES}
+    assert expected <= set(fams), expected - set(fams)
+    ev = {s.labels["tier"]: s.value for s in fams["lmcache:num_evictions"].samples}
+    assert ev == {"cpu": 3, "disk": 0}  # a value already there is kept
+    failures = {tuple(sorted(s.labels.items())) for s in fams["lmcache:num_failures"].samples}
+    assert (("op", ""), ("tier", "disk")) in failures  # an unknown label is left empty
+    count = [s for s in fams["lmcache:time_to_store"].samples if s.name.endswith("_count")]
+    assert [s.value for s in count] == [0]
+    assert "lmcache:tier_authenticated" not in fams  # only a shared tier knows its value
+    first = m.take_interval()
+    assert [[["disk"], 0], [["cpu"], 3]] == sorted(
+        first["counters"]["lmcache:num_evictions"], key=lambda r: r[1]
+    )
+    assert first["observations"]["lmcache:time_to_store"] == [[[], []]]
+    assert first["gauges"]["lmcache:pinned_chunks"] == [[["cpu"], 0], [["disk"], 0]]
+    assert m.take_interval() == {"counters": {}, "gauges": {}, "observations": {}}

@@ -256,10 +256,14 @@ def test_frame_stores_take_the_shared_arguments_from_one_place():
         assert store.sealer is not None and store.sealer.encrypt
     finally:
         store.close()
-    # Without the secret: no sealer, and the tier says so in its gauge.
+    # Without the secret a shared tier refuses to start, saying how to set one ...
     bare = BackendContext(layout=None, pool=pool, metrics=Metrics())
     plain = config.replace(remote_encryption=False)
-    assert SharedFSBackend.common_kwargs(plain, bare)["sealer"] is None
+    with pytest.raises(ConfigError, match="has no deployment secret.*LMCACHE_AUTH_SECRET"):
+        SharedFSBackend.common_kwargs(plain, bare)
+    # ... unless the config opts out: no sealer then, and the tier says so in its gauge.
+    opted_out = plain.replace(allow_unauthenticated_shared_tiers=True)
+    assert SharedFSBackend.common_kwargs(opted_out, bare)["sealer"] is None
     assert bare.metrics.get("lmcache:tier_authenticated", tier="fs") == 0
 
 
@@ -365,3 +369,38 @@ def test_a_third_party_tiers_key_without_its_tier_warns_naming_the_tier(install_
         "tape_speed has no effect" in r.getMessage() and "the tape tier" in r.getMessage()
         for r in caplog.records
     )
+
+
+SHARED_NOT_A_FRAME_STORE = """
+from lmcache_core.backends.base import BackendCapabilities, StorageBackend
+
+class Plugin(StorageBackend):
+    name = "plainshared"
+    capabilities = BackendCapabilities(persistent=True, shared=True)
+
+    @classmethod
+    def from_config(cls, config, context):
+        raise RuntimeError("built")
+"""
+
+
+def test_a_third_party_shared_tier_that_is_no_frame_store_is_refused_without_a_secret(
+    install_plugin, monkeypatch
+):
+    """The secure default is the engine's, not each backend's: a shared tier written from
+    scratch (not a FrameStore, which refuses by itself) is refused before it is built."""
+    monkeypatch.delenv("LMCACHE_AUTH_SECRET", raising=False)
+    install_plugin("lmcache.backends", "plainshared", SHARED_NOT_A_FRAME_STORE)
+    layout = KVLayout("vllm_flash", "bfloat16", 2, 2, 8, 4)
+    config = CacheConfig.from_dict({"remote_url": "plainshared://x", "max_local_cpu_size": "1MiB"})
+    with pytest.raises(ConfigError, match=r"plainshared://x.*has no deployment secret"):
+        CacheEngine(config, model="m", layout=layout)
+    opted_out = CacheConfig.from_dict({
+        "remote_url": "plainshared://x", "max_local_cpu_size": "1MiB",
+        "allow_unauthenticated_shared_tiers": True,
+    })  # fmt: skip
+    with pytest.raises(RuntimeError, match="built"):
+        CacheEngine(opted_out, model="m", layout=layout)
+    monkeypatch.setenv("LMCACHE_AUTH_SECRET", "a6f0c2e91d7b4c58a3e0f1d2b9c8e7a6")
+    with pytest.raises(RuntimeError, match="built"):
+        CacheEngine(config, model="m", layout=layout)

@@ -62,6 +62,11 @@ class TestRedisBackend(StorageBackendTests):
     def raw_set(self, backend, key, value):
         backend.client.set(backend.name_of(key), value)
 
+    def raw_set_unusable(self, backend, key):
+        name = backend.name_of(key)
+        backend.client.delete(name)
+        backend.client.rpush(name, b"not", b"a", b"frame")
+
 
 SECRET = b"0123456789abcdef-test-secret"
 
@@ -282,7 +287,7 @@ def test_upstream_valkey_settings_in_extra_config():
             {"remote_url": f"valkey://127.0.0.1:{s.port}, {other}", "extra_config": extra}
         )
         ctx = BackendContext(
-            layout=layout, pool=SlotPool.anonymous(1 << 20, 8192), metrics=Metrics()
+            layout=layout, pool=SlotPool.anonymous(1 << 20, 8192), metrics=Metrics(), secret=SECRET
         )
         b = RedisBackend.from_config(config, ctx)
         _put(b, f, [1])

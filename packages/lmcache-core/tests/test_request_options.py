@@ -138,3 +138,50 @@ def test_tags_change_every_chunk_key():
     ).digests
     assert len(plain) == len(tagged) == 3
     assert not set(plain) & set(tagged) and not set(tagged) & set(other)
+
+
+# ---------------------------------------------------------------------------- hostile clients
+
+
+@pytest.mark.parametrize(
+    "salt, params",
+    [
+        (None, {"lmcache.tag.user": "\ud800"}),  # a lone surrogate, as JSON's "\ud800" gives
+        (None, {"lmcache.tag.\udfff": "alice"}),
+        ("tenant-\ud83d", None),
+        ("tenant-\ud83d", {"lmcache.tag.user": "alice"}),
+    ],
+)
+def test_a_lone_surrogate_in_a_tag_or_the_salt_is_refused_once_as_malformed(salt, params):
+    """Refused where the controls are parsed, so no later step (hashing a key) meets it."""
+    with pytest.raises(RequestOptionsError, match="lone surrogate") as e:
+        parse_request_options(params or {}).key_salt(salt)
+    assert len(str(e.value)) < 400
+    assert "\ud800" not in str(e.value) and "\udfff" not in str(e.value)  # loggable as UTF-8
+    str(e.value).encode("utf-8")
+
+
+def test_what_is_kept_of_unknown_controls_is_bounded():
+    """200 requests with 100 kB unknown lmcache.<name> controls kept 19 MiB: now a request
+    keeps at most MAX_UNUSED names, each cut to MAX_NAME_CHARS."""
+    import tracemalloc
+
+    from lmcache_core.request_options import MAX_NAME_CHARS, MAX_UNUSED
+
+    kept = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(200):
+            params = {f"lmcache.{i:03d}.{j}" + "x" * 100_000: "y" for j in range(20)}
+            kept.append(parse_request_options(params))
+            del params
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown < 1 << 20, f"{grown} bytes kept for 200 requests"
+    for options in kept:
+        assert len(options.unused) <= MAX_UNUSED + 1  # + "... and N more"
+        assert all(len(n) <= MAX_NAME_CHARS + 30 for n in options.unused)
+    assert f"... and {20 - MAX_UNUSED} more" in kept[0].unused

@@ -90,6 +90,17 @@ class TestSharedFSBackend(StorageBackendTests):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(value)
 
+    def raw_path(self, backend, key):
+        return backend.root / backend.name_of(key)
+
+    def raw_set_unusable(self, backend, key):
+        """An (empty) folder in the chunk file's place: a miss for that chunk alone; it is
+        removed, and the chunk is written again."""
+        path = backend.root / backend.name_of(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.mkdir()
+
 
 class TestSharedFSBackendAuthenticated(TestSharedFSBackend):
     authenticated = True
@@ -209,8 +220,9 @@ def test_upstream_s3_url_forms():
         parse_s3_location("s3://localhost:8080/")
 
 
-def test_upstream_s3_settings_reach_a_real_store_through_the_engine():
+def test_upstream_s3_settings_reach_a_real_store_through_the_engine(monkeypatch):
     """Upstream's S3 recipe: endpoint in the URL, region, static keys, plain HTTP, IO threads."""
+    monkeypatch.setenv("LMCACHE_AUTH_SECRET", SECRET.decode())
     from lmcache_core import CacheConfig, CacheEngine, KVLayout
     from lmcache_core.testing.paged_memory import PagedKVMemory
 

@@ -201,3 +201,67 @@ def test_close_writes_what_is_queued():
     tier.close()
     again = LocalDiskBackend(root, 1 << 20)
     assert again.contains([test_key(i) for i in range(6)]) == [True] * 6
+
+
+class HangingBackend(LocalDiskBackend):
+    """A disk tier whose reads (or removes) wait until released: a hung mount, a FIFO."""
+
+    hang: threading.Event | None = None
+
+    def _wait(self):
+        if self.hang is not None:
+            self.hang.wait(30)
+
+    def get(self, keys, allocator):
+        got = super().get(keys, allocator)  # it has allocated chunks: a late answer holds them
+        self._wait()
+        return got
+
+    def remove(self, keys):
+        self._wait()
+        return super().remove(keys)
+
+
+def test_blocking_timeout_bounds_every_call_to_a_hung_tier():
+    """A backend that never answers costs the first call ``blocking_timeout_secs``, the
+    next ones nothing (misses at once while it still hangs); what it returns late is
+    released; it rejoins once it answers."""
+    f = ChunkFactory(4096)
+    backend = HangingBackend(scratch_dir(), 1 << 20)
+    m = Metrics()
+    tier = ManagedTier(backend, metrics=m, timeout_s=0.3, base_backoff_s=0.05, max_backoff_s=0.05)
+    _store(tier, f, [1, 2])
+    backend.hang = threading.Event()
+    t0 = time.monotonic()
+    assert tier.get([test_key(1)], f.allocate) == [None]
+    assert 0.25 < time.monotonic() - t0 < 2.0, "the call waited about blocking_timeout_secs"
+    assert not tier.read_health.healthy
+    assert m.get("lmcache:num_failures", tier="disk", op="get") == 1
+    time.sleep(0.1)  # past the backoff: without the late call, this would be the probe
+    t0 = time.monotonic()
+    assert tier.get([test_key(2)], f.allocate) == [None]
+    assert time.monotonic() - t0 < 0.2, "calls while the late one runs must not wait again"
+    t0 = time.monotonic()
+    assert tier.remove([test_key(1)]) == 0  # the write path: bounded the same way
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    assert f.pool.free_slots < f.pool.num_slots  # the hung get holds a chunk...
+    backend.hang.set()
+    deadline = time.monotonic() + 5
+    while f.pool.free_slots < f.pool.num_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f.pool.free_slots == f.pool.num_slots, "...released when it ends"
+    backend.hang = None
+    time.sleep(0.1)
+    (c,) = tier.get([test_key(2)], f.allocate)  # the probe: answers, and the tier rejoins
+    assert c is not None and bytes(c.view) == chunk_payload(test_key(2), 4096)
+    c.release()
+    assert tier.read_health.healthy
+    tier.close()
+
+
+def test_contains_of_an_in_memory_index_is_called_inline():
+    backend = HangingBackend(scratch_dir(), 1 << 20)
+    tier = ManagedTier(backend)
+    tier.contains([test_key(1)])
+    assert tier._calls is None, "the disk tier's contains reads its index: no thread hop"
+    tier.close()

@@ -26,6 +26,13 @@ LAYOUT = KVLayout(
 )
 CHUNK = 16
 CHUNK_BYTES = LAYOUT.chunk_bytes(CHUNK)  # 4 KiB
+#: The deployment secret a production setup of a shared tier has (it refuses to start without).
+SECRET = "tier-cascade-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _deployment_secret(monkeypatch):
+    monkeypatch.setenv("LMCACHE_AUTH_SECRET", SECRET)
 
 
 def make_engine(**cfg) -> CacheEngine:
@@ -192,7 +199,9 @@ def test_corrupted_bytes_on_disk_and_in_redis_are_misses_never_wrong_kv(tmp_path
         # Chunk 2 is bad everywhere: the hit stops before it.
         assert check_hit(e, src, toks, 3) == 2 * CHUNK
         assert e.metrics.get("lmcache:num_corrupt_chunks", tier="disk") == 2
-        assert e.metrics.get("lmcache:num_corrupt_chunks", tier="redis") == 1
+        # Redis is authenticated: a flipped bit fails the frame's MAC (forged, deleted).
+        assert e.metrics.get("lmcache:num_forged_chunks", tier="redis") == 1
+        assert not raw.exists(name)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from lmcache_core.config import CacheConfig
 from lmcache_core.errors import ConfigError
 
@@ -53,3 +54,79 @@ def test_upstream_environment_names_load(monkeypatch):
     monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "1.5")
     config = CacheConfig.load()
     assert config.pin_timeout == 120 and config.max_local_cpu_size == int(1.5 * 2**30)
+
+
+VENDORED = sorted((Path(__file__).parent / "upstream_configs" / "lmcache-0.5.6").glob("*.yaml"))
+
+
+def test_every_vendored_upstream_config_is_here():
+    """Upstream 0.5.6's examples/, tests/ and docs/ configs (see that folder's README)."""
+    readme = (VENDORED[0].parent / "README.md").read_text()
+    assert len(VENDORED) >= 160
+    for path in VENDORED:
+        assert f"`{path.name}`" in readme, f"{path.name} is not listed in the README"
+
+
+@pytest.mark.parametrize("path", VENDORED, ids=lambda p: p.stem)
+def test_each_vendored_upstream_config_loads_with_warnings_only(
+    path, caplog, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        CacheConfig.from_file(path)
+    values = yaml.safe_load(path.read_text()) or {}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    url = str(values.get("remote_url") or "")
+    if url.split("://")[0] in ("lm", "mooncakestore", "mock", "infinistore", "external"):
+        assert "runs without a remote tier" in said and "remote_url=" in said
+    if values.get("remote_serde") == "cachegen":
+        assert "remote_serde='cachegen'" in said and "naive" in said
+
+
+def test_unsupported_upstream_backends_warn_and_what_lmcache_does_instead(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = CacheConfig.from_dict(
+            {
+                "remote_url": "mooncakestore://127.0.0.1:50051/",
+                "remote_serde": "cachegen",
+                "extra_config": {"master_server_address": "x:1", "protocol": "tcp"},
+            }
+        )
+    assert config.remote_url is None and config.remote_serde == "naive"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "mooncakestore:// is Mooncake Store" in said and "without a remote tier" in said
+    assert "master_server_address" in said and "protocol" in said
+    # upstream's null serde is the default
+    assert CacheConfig.from_dict({"remote_url": None, "remote_serde": None}).remote_serde == "naive"
+
+
+def test_our_own_invalid_values_are_still_errors_all_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_dict(
+            {
+                "chunk_sise": 256,  # a typo of ours
+                "max_local_cpu_size": "lots",  # a bad value of ours
+                "remote_url": "reddis://host:6379",  # a typo of our scheme
+                "remote_serde": "nope",  # not a serde anyone has
+                "enable_pd": True,  # upstream's: a warning, not a problem
+            }
+        )
+    problems = e.value.problems
+    assert len(problems) == 4, problems
+    text = "\n".join(problems)
+    assert "did you mean 'chunk_size'" in text and "max_local_cpu_size='lots'" in text
+    assert "reddis://" in text and "remote_serde='nope'" in text
+
+
+def test_a_bad_extra_config_value_is_reported_with_a_bad_top_level_key():
+    """One round: an unknown top-level key no longer hides extra_config's problems."""
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_dict(
+            {
+                "chunk_sise": 256,
+                "remote_url": "redis://localhost:6379",
+                "extra_config": {"redis_tll": 5},
+            }
+        )
+    text = "\n".join(e.value.problems)
+    assert "chunk_sise" in text and "did you mean 'redis_ttl'" in text

@@ -14,10 +14,16 @@ from lmcache_core import CacheEngine
 from lmcache_core.testing.paged_memory import PagedKVMemory
 from lmcache_core.testing.servers import RedisServer
 from lmcache_core.transport import Region, TransportError
-from lmcache_nixl.testing import LAYOUT, config, prompt
+from lmcache_nixl.testing import LAYOUT, SECRET, config, prompt
 from lmcache_nixl.transport import NixlTransport
 
 SRC = PagedKVMemory(LAYOUT, num_blocks=64, seed=7)  # what the peer stored
+
+
+@pytest.fixture(autouse=True)
+def _deployment_secret(monkeypatch):
+    """Every instance on one p2p index has the deployment secret (the peers inherit it)."""
+    monkeypatch.setenv("LMCACHE_AUTH_SECRET", SECRET)
 
 
 @pytest.fixture

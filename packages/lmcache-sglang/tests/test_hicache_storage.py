@@ -175,6 +175,15 @@ def test_legacy_flat_page_calls_agree_with_the_host_pool_layout():
         assert not b.batch_set(["x"], [page[:-1]])  # wrong size: refused
 
 
+#: The deployment secret a production setup of a shared tier has (it refuses to start without).
+SECRET = "sglang-hicache-test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def deployment_secret(monkeypatch):
+    monkeypatch.setenv("LMCACHE_AUTH_SECRET", SECRET)
+
+
 def with_redis(url: str) -> dict:
     """Extra config: 64 MiB of DRAM over Redis, under a key prefix of this test's own."""
     return {
@@ -184,7 +193,7 @@ def with_redis(url: str) -> dict:
     }
 
 
-def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier():
+def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier(deployment_secret):
     with RedisServer() as redis:
         extra = with_redis(redis.url)
         pool = HostPool()
@@ -204,7 +213,7 @@ def test_tp_ranks_and_models_are_kept_apart_in_a_shared_tier():
         assert torch.equal(again.mem_pool_host.token_kv(28), pool.token_kv(0))
 
 
-def test_clear_means_nothing_stored_before_is_read_again_from_any_tier():
+def test_clear_means_nothing_stored_before_is_read_again_from_any_tier(deployment_secret):
     """SGLang's clear_storage_backend: DRAM empties, and what Redis holds from before is no
     longer read by this instance (it was: only DRAM was emptied)."""
     with RedisServer() as redis:

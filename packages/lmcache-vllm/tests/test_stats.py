@@ -66,3 +66,42 @@ def test_prometheus_side_records_what_the_workers_sent():
 
 class _Cfg:
     kv_transfer_config = None
+
+
+def test_vllms_metrics_have_every_family_at_zero_before_the_first_step(monkeypatch, tmp_path):
+    """Before any request (no step has carried a payload), vLLM's /metrics has each family's
+    zero series: per configured tier, gauges per rank (dashboards read 0, not "No data")."""
+    from types import SimpleNamespace
+
+    from lmcache_core.metrics import METRICS, ZERO_GAUGES
+
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", f"file://{tmp_path}/")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_DISK_SIZE", "1GiB")
+    registry = CollectorRegistry()
+
+    def bound(cls):
+        class InRegistry(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *a, **kw):
+                super().__init__(*a, registry=registry, **kw)
+
+        return InRegistry
+
+    cfg = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}),
+        parallel_config=SimpleNamespace(world_size=2),
+    )
+    types = {Gauge: bound(Gauge), Counter: bound(Counter), Histogram: bound(Histogram)}
+    LMCachePromMetrics(cfg, types, ["model_name", "engine"], {0: ["m", "0"]})
+    fams = {f.name: f for f in registry.collect()}
+    expected = {n for n, s in METRICS.items() if s.kind != "gauge" or n in ZERO_GAUGES}
+    present = {n for n, f in fams.items() if f.samples}
+    assert expected <= present, expected - present
+    get = registry.get_sample_value
+    for tier in ("cpu", "disk"):
+        assert (
+            get("lmcache:stored_bytes_total", {"model_name": "m", "engine": "0", "tier": tier}) == 0
+        )
+        for rank in ("0", "1"):
+            labels = {"model_name": "m", "engine": "0", "tier": tier, "rank": rank}
+            assert get("lmcache:pinned_chunks", labels) == 0
+    assert get("lmcache:time_to_lookup_count", {"model_name": "m", "engine": "0"}) == 0

@@ -160,8 +160,11 @@ def test_lmcache_metrics_are_on_vllms_own_metrics_endpoint(server):
     hits = families["lmcache:num_hit_tokens"]
     assert hits.type == "counter"
     assert {s.labels.get("model_name") for s in hits.samples} == {str(server_model(port))}
-    # The same counts as the worker's own exporter, once vLLM has carried the last step.
+    # The same counts as the worker's own exporter, once vLLM has carried the last step:
+    # counters and every histogram's count (they ran one observation behind: the ones made
+    # before vLLM's first step were dropped).
     counters = [n for n, s in METRICS.items() if s.kind == "counter"]
+    counters += [f"{n}_count" for n, s in METRICS.items() if s.kind == "histogram"]
     deadline = time.monotonic() + 20
     while True:
         ours, theirs = scrape_metrics(exporter_url), scrape_metrics(vllm_url)

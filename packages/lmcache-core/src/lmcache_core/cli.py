@@ -39,7 +39,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     config = CacheConfig.from_file(args.file) if args.file else CacheConfig.load()
     print(config.describe(), end="")
-    return 0
+    # What an engine or server would refuse at start here, beyond the config itself:
+    # the secret (from this environment) and the shared tiers that need one.
+    from lmcache_core.auth import load_secret, shared_tier_problems
+
+    try:
+        problems = shared_tier_problems(config, load_secret(config))
+    except LMCacheError as e:
+        problems = list(getattr(e, "problems", None) or [str(e)])
+    for problem in problems:
+        print(f"lmcache config: refused at start: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _cmd_plugins(_args: argparse.Namespace) -> int:

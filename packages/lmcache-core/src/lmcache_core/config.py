@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmcache_core.config_checks import config_problems
+from lmcache_core.config_checks import config_problems, upstream_fallbacks
 from lmcache_core.config_extra import check_extra_config
 from lmcache_core.config_sources import (
     CONFIG_FILE_ENV,
@@ -137,7 +137,15 @@ class CacheConfig:
         "opt_str",
         None,
         "file holding the deployment secret that authenticates shared tiers and the p2p index "
-        "(or set LMCACHE_AUTH_SECRET; never the secret itself in the config)",
+        "(or set LMCACHE_AUTH_SECRET; never the secret itself in the config); one secret per "
+        "line: the first seals, every one opens (rotation)",
+    )
+    allow_unauthenticated_shared_tiers: bool = _opt(
+        "bool",
+        False,
+        "run shared tiers (Redis/Valkey, S3, shared fs) and the p2p index without a deployment "
+        "secret, which they otherwise refuse: single-tenant test setups only (anyone who can "
+        "write to the store can then serve forged KV)",
     )
     remote_encryption: bool = _opt(
         "bool",
@@ -245,6 +253,8 @@ class CacheConfig:
             key = str(raw_key)
             if key in LMCACHE_RENAMED_KEYS and LMCACHE_RENAMED_KEYS[key] not in values:
                 key = LMCACHE_RENAMED_KEYS[key]
+            if key == "remote_serde" and value is None:
+                continue  # upstream writes null for "the default" (with no remote_url)
             if key in fields:
                 try:
                     kwargs[key] = COERCERS[fields[key].metadata["kind"]](value, key)
@@ -265,6 +275,14 @@ class CacheConfig:
                 source,
                 ", ".join(sorted(ignored)),
             )
+        fallbacks = upstream_fallbacks(kwargs)  # upstream warns on these: so do we
+        for fallback in fallbacks:
+            logger.warning("%s: %s", source, fallback)
+        upstream = None
+        if fallbacks or ignored:
+            upstream = "an upstream LMCache config: " + ", ".join(
+                [*sorted(ignored)[:3], *(["a backend lmcache has not"] if fallbacks else [])]
+            )
         if (
             kwargs.get("enable_p2p")
             and not kwargs.get("p2p_index_url")
@@ -277,14 +295,20 @@ class CacheConfig:
                 source,
             )
             kwargs["enable_p2p"] = False
+        # Every problem at once, in one round: the values that did parse are checked too
+        # (the others at their defaults, so nothing is said twice about a bad key), and
+        # extra_config with them.
+        failed = set(fields) - set(kwargs)
+        config = cls(**kwargs)
+        checked = config._problems()
+        problems += [p for p in checked if not any(k in p for k in failed & set(values))]
+        if unknown_extra != "skip" and "extra_config" not in failed & set(values):
+            strict = unknown_extra == "error"
+            problems += check_extra_config(
+                config, strict=strict, source=source, upstream_config=upstream
+            )
         if not problems:
-            config = cls(**kwargs)
-            problems = config._problems()
-            if unknown_extra != "skip":
-                strict = unknown_extra == "error"
-                problems += check_extra_config(config, strict=strict, source=source)
-            if not problems:
-                return config
+            return config
         raise ConfigError(problems, source)
 
     @classmethod

@@ -23,6 +23,13 @@ config is loaded, each key of its ``extra_config`` is one of:
 
 A plugin that cannot be loaded (not installed, or written for another plugin
 API) makes the check of unknown names wait: that failure is the error.
+
+A key may also declare what its value must be: an :class:`ExtraKey` (a string,
+so a plain one-line declaration keeps working) with a kind (number, integer,
+bool, text, choice) and a range. Values of the keys of plugins in use are then
+checked when the config is read, every problem reported together and named
+``extra_config.<key>``, from every source (a wrong value is an error even from
+``LMCACHE_EXTRA_CONFIG``), instead of breaking a tier when it is built or used.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from lmcache_core.config_sources import SECRET_KEYS
+from lmcache_core.config_values import shown, text_problem, to_bool, to_float, to_int
 from lmcache_core.errors import PluginAPIError
 
 if TYPE_CHECKING:
@@ -42,11 +50,97 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lmcache_core.config")
 
+
+class ExtraKey(str):
+    """An ``extra_config_keys`` entry (its one line) that also says what a value must be.
+
+    ``kind``: ``"number"`` (finite), ``"integer"``, ``"bool"``, ``"text"`` (no lone
+    surrogate, NUL or control character; at most ``max_length`` characters) or
+    ``"choice"`` (one of ``choices``); ``minimum``/``maximum`` bound numbers
+    (``open_minimum``: above, not at, ``minimum``), in ``unit``. A third-party
+    plugin declares its keys the same way::
+
+        extra_config_keys = {
+            "tape_speed": ExtraKey("metres per second", "number", minimum=0.1, maximum=20),
+        }
+    """
+
+    kind: str
+    minimum: float | None
+    maximum: float | None
+    open_minimum: bool
+    choices: tuple[str, ...]
+    max_length: int
+    unit: str
+
+    def __new__(
+        cls,
+        doc: str,
+        kind: str = "text",
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        open_minimum: bool = False,
+        choices: tuple[str, ...] = (),
+        max_length: int = 4096,
+        unit: str = "",
+    ) -> ExtraKey:
+        if kind not in ("number", "integer", "bool", "text", "choice"):
+            raise ValueError(f"ExtraKey kind {kind!r} is not number, integer, bool, text or choice")
+        self = super().__new__(cls, doc)
+        self.kind, self.minimum, self.maximum = kind, minimum, maximum
+        self.open_minimum, self.choices = open_minimum, tuple(choices)
+        self.max_length, self.unit = max_length, unit
+        return self
+
+    def problem(self, name: str, value: object) -> str | None:
+        """Why ``value`` cannot be this key's (None: it can). ``name`` is how to call it."""
+        try:
+            if self.kind == "bool":
+                to_bool(value, name)
+                return None
+            if self.kind in ("text", "choice"):
+                return self._text_problem(name, value)
+            number = to_int(value, name) if self.kind == "integer" else to_float(value, name)
+        except ValueError as e:
+            return str(e)
+        low, high = self.minimum, self.maximum
+        unit = f" {self.unit}" if self.unit else ""
+        below = low is not None and (number <= low if self.open_minimum else number < low)
+        if below or (high is not None and number > high):
+            if low is not None and high is not None:
+                if self.open_minimum:
+                    return f"{name}={shown(value)} must be > {low:g} and at most {high:g}{unit}"
+                return f"{name}={shown(value)} must be between {low:g} and {high:g}{unit}"
+            if low is not None:
+                op = ">" if self.open_minimum else ">="
+                return f"{name}={shown(value)} must be {op} {low:g}{unit}"
+            return f"{name}={shown(value)} must be at most {high:g}{unit}"
+        return None
+
+    def _text_problem(self, name: str, value: object) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return f"{name}={shown(value)} must be text"
+        text = str(value)
+        problem = text_problem(text)
+        if problem is not None:
+            return f"{name}={shown(value)} {problem}; use printable text"
+        if len(text) > self.max_length:
+            return f"{name} is {len(text)} characters; at most {self.max_length}"
+        if self.kind == "choice" and text not in self.choices:
+            return f"{name}={shown(value)} must be one of {', '.join(self.choices)}"
+        return None
+
+
 #: ``extra_config`` keys the engine adapters read, whatever the tiers.
 ENGINE_KEYS: Mapping[str, str] = {
-    "model_id": "the model's identity in cache keys, in place of the name or path the engine "
-    "was given, so instances loading the same weights from different paths share their "
-    "cache (read by the vLLM adapter)",
+    "model_id": ExtraKey(
+        "the model's identity in cache keys, in place of the name or path the engine "
+        "was given, so instances loading the same weights from different paths share their "
+        "cache (read by the vLLM adapter)",
+        "text",
+        max_length=1024,
+    ),
 }
 
 #: ``extra_config`` keys upstream LMCache reads that have no effect here (logged once).
@@ -57,10 +151,34 @@ UPSTREAM_EXTRA_KEYS = frozenset(
     nixl_presence_cache nixl_sync_mode nixl_use_hugepages region
     remote_enable_mla_worker_id_as0 resp_num_threads s3_enable_s3express s3_file_prefix
     s3_max_inflight_reqs s3_max_io_concurrency s3_part_size s3_prefer_http2 save_chunk_meta
-    save_only_first_rank use_direct_io""".split()
+    save_only_first_rank use_direct_io
+    audit_calc_checksum audit_exclude_cmds audit_verify_checksum azure_account_key
+    azure_account_url azure_connection_string azure_sas_token connection_timeout
+    controller_packages disabled_controllers enable_sparse force_store_wait fs_base_path
+    full_sync_batch_size gpu_to_numa_mapping heartbeat_url kv_msg_batch_size
+    kv_msg_batch_timeout lmcache_rpc_port mooncake_prefer_local_alloc nixl_path_sharding
+    nixl_presence_cache_only p2p_max_retry_count p2p_socket_recv_timeout_ms
+    p2p_socket_send_timeout_ms password redis_url sagemaker_hyperpod_bucket
+    sagemaker_hyperpod_use_https storage_root_dir tls_enable transfer_timeout username
+    valkey_enable_ttl valkey_num_workers valkey_sync_num_workers valkey_ttl_sec""".split()
 )
-#: Upstream's families of ``extra_config`` keys (its dynamically loaded backends).
-UPSTREAM_EXTRA_PREFIXES = ("external_backend.", "storage_plugin.", "remote_storage_plugin.")
+#: Upstream's families of ``extra_config`` keys (its dynamically loaded backends, its
+#: chunk statistics, 3FS, DAX, fs connector, histogram and MP settings).
+UPSTREAM_EXTRA_PREFIXES = (
+    "external_backend.",
+    "storage_plugin.",
+    "remote_storage_plugin.",
+    "chunk_statistics_",
+    "hf3fs_",
+    "dax.",
+    "fs_connector_",
+    "histogram_bucket_",
+    "lmcache.mp.",
+    "rust_raw_block.",
+    "local_cpu.",
+    "plugin.",
+    "shmfs.",
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +193,7 @@ def declared_keys(cls: object) -> Mapping[str, str]:
     """A plugin class's ``extra_config_keys`` (a plain list of names is taken too)."""
     keys = getattr(cls, "extra_config_keys", None) or {}
     if isinstance(keys, Mapping):
-        return {str(k): str(v) for k, v in keys.items()}
+        return {str(k): v if isinstance(v, ExtraKey) else str(v) for k, v in keys.items()}
     if isinstance(keys, list | tuple | set | frozenset):
         return dict.fromkeys(map(str, keys), "")
     return {}
@@ -156,18 +274,24 @@ def _installed_readers() -> Iterator[Reader]:
                 yield Reader(f"the {getattr(cls, 'name', name)} {kind}", keys)
 
 
-def check_extra_config(config: CacheConfig, *, strict: bool, source: str) -> list[str]:
+def check_extra_config(
+    config: CacheConfig, *, strict: bool, source: str, upstream_config: str | None = None
+) -> list[str]:
     """The problems of ``config.extra_config`` (errors); warnings are logged.
 
     ``strict``: unknown keys are errors (a file, overrides); else warnings
-    (``LMCACHE_EXTRA_CONFIG``). ``source`` names where the config came from.
+    (``LMCACHE_EXTRA_CONFIG``). ``upstream_config``: why the config is upstream LMCache's (it uses
+    keys or a backend lmcache does not have): its unknown keys are then warnings, as
+    upstream's are, since they are read by what lmcache leaves off; values of keys lmcache
+    reads are still checked. ``source`` names where the config came from.
     """
     extra = config.extra_config
     if not extra:
         return []
-    where = "extra_config" if strict else "LMCACHE_EXTRA_CONFIG"
+    where = "extra_config" if strict or upstream_config else "LMCACHE_EXTRA_CONFIG"
     readers, problems, complete = readers_in_use(config)
     known = {k: r.label for r in reversed(readers) for k in r.keys}
+    problems += value_problems(extra, readers, where)
     top = list(config.keys())
     upstream: list[str] = []
     unknown: list[str] = []
@@ -223,8 +347,25 @@ def check_extra_config(config: CacheConfig, *, strict: bool, source: str) -> lis
                 f"{where}: unknown key {key!r}{hint} (the tiers in use and the engine read: "
                 f"{in_use}; a plugin declares its keys in extra_config_keys)"
             )
-        if strict and (complete or key in top):
+        if upstream_config and key not in top:  # upstream's own file: its keys are its own
+            logger.warning("%s: ignoring %s (%s)", source, message, upstream_config)
+        elif strict and (complete or key in top):
             problems.append(message)
         elif not strict:
             logger.warning("%s: ignoring %s", source, message)
+    return problems
+
+
+def value_problems(extra: Mapping[str, object], readers: list[Reader], where: str) -> list[str]:
+    """The values of ``extra`` that the readers in use declare with an :class:`ExtraKey`
+    and that are not what the declaration says (null means the default: not checked)."""
+    specs = {k: v for r in reversed(readers) for k, v in r.keys.items() if isinstance(v, ExtraKey)}
+    problems = []
+    for key, value in extra.items():
+        spec = specs.get(str(key))
+        if spec is None or value is None:
+            continue
+        problem = spec.problem(f"{where}.{key}", value)
+        if problem is not None:
+            problems.append(problem)
     return problems

@@ -87,6 +87,12 @@ LMCACHE_COMPAT_KEYS = frozenset(
         remote_config_url remote_storage_plugins retrieve_locations runtime_plugin_locations
         script_allowed_imports storage_plugins store_location use_gds
         use_gpu_connector_v3""".split(),
+        # Keys of upstream's examples and docs its v1 config does not define (it warns).
+        "run_script_api_enabled",
+        "pd_backends",
+        "eic_instance_id",
+        "eic_flag_file",
+        "async_loading",
     }
 )
 
@@ -122,10 +128,20 @@ def unknown_key_message(key: str, valid: list[str]) -> str:
     return f"unknown key {key!r}{hint} (valid keys: {', '.join(valid)})"
 
 
+#: Deepest nesting of a config file: top-level keys, extra_config, a plugin's mapping.
+MAX_YAML_DEPTH = 16
+#: An integer written with more characters than this is kept as text, so the key's own
+#: parser refuses it by name (Python refuses to convert more than 4300 digits at all).
+_LONG_NUMBER = 64
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases: ``*a`` nested a few levels deep expands to billions of
     nodes for whoever walks the result (the "billion laughs"); a cache config has no
-    use for them."""
+    use for them. Nor for nesting deeper than :data:`MAX_YAML_DEPTH` (a file of
+    100000 ``[`` would exhaust the recursion of the loader)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -134,7 +150,25 @@ class _NoAliasLoader(yaml.SafeLoader):
                 f"YAML aliases (*name) are not allowed in a cache config (line {mark.line + 1}); "
                 "write the value out"
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(
+                f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1}); a cache "
+                "config is a mapping of keys with flat values"
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        if len(str(node.value)) > _LONG_NUMBER:
+            return str(node.value)  # refused by the key's parser, with the key's name
+        return super().construct_yaml_int(node)
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -154,6 +188,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    except (ValueError, OverflowError, RecursionError) as e:  # what a constructor met
+        raise ConfigError([f"not a usable YAML value: {str(e)[:200]}"], str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

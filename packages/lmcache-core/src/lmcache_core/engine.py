@@ -105,6 +105,8 @@ class CacheEngine:
             )
             store = LocalChunkStore(config, context, tiers)
         self.chunk_store: ChunkStore = store
+        # Every family has its zero series from the start (per tier where labelled).
+        self.metrics.declare(tier=list(store.tier_names))
         # A process that exits without close() still finishes queued lower-tier writes.
         atexit.register(_close_at_exit, weakref.ref(self))
         logger.info(

@@ -19,10 +19,11 @@ upstream's histograms.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,15 @@ METRICS: dict[str, MetricSpec] = {
     "lmcache:num_forged_chunks": _counter(
         "Values on a shared tier without a valid tag under this deployment's secret (dropped)", T
     ),
+    "lmcache:num_foreign_chunks": _counter(
+        "Frames on a shared tier sealed under a secret this instance does not hold (another "
+        "deployment's, or a rotation's): misses, left in place",
+        T,
+    ),
+    "lmcache:num_unencrypted_chunks": _counter(
+        "Clear frames refused by a reader that requires encryption (remote_encryption): misses",
+        T,
+    ),
     "lmcache:num_stale_chunks": _counter(
         "Chunks a peer had reused the slot of by the time they were pulled (misses)", T
     ),
@@ -117,6 +127,30 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 LabelValues = tuple[str, ...]
+#: Gauges whose zero is true until something sets them (the others are set when their
+#: tier starts, or, as ``tier_authenticated``, exist only for a shared tier).
+ZERO_GAUGES = frozenset(
+    {
+        "lmcache:server_sessions",
+        "lmcache:pinned_chunks",
+        "lmcache:write_queue_bytes",
+        "lmcache:usage_bytes",
+    }
+)
+
+
+def zero_series(**known: Sequence[str]) -> Iterator[tuple[str, MetricSpec, LabelValues]]:
+    """The series every dashboard should find from the start, at zero: each counter, each
+    histogram and each :data:`ZERO_GAUGES` gauge, once per combination of the ``known``
+    label values (``tier=["cpu", "disk"]``). A label with no known values is left empty,
+    which Prometheus reads as absent (``lmcache:num_failures_total{tier="disk"}``)."""
+    for name, spec in METRICS.items():
+        if spec.kind == "gauge" and name not in ZERO_GAUGES:
+            continue
+        for lv in itertools.product(*[list(known.get(label) or [""]) for label in spec.labels]):
+            yield name, spec, tuple(str(v) for v in lv)
+
+
 #: At most this many observations per histogram series wait for ``take_interval``.
 MAX_PENDING_OBSERVATIONS = 4096
 
@@ -143,8 +177,9 @@ class Metrics:
         self._hists: dict[str, dict[LabelValues, _Histogram]] = {}
         # For take_interval: counters as last taken, observations since.
         self._taken: dict[str, dict[LabelValues, float]] = {}
+        # Kept from the start (bounded): an observation made before the first
+        # take_interval (the first request's lookup) must reach vLLM's /metrics too.
         self._pending: dict[str, dict[LabelValues, list[float]]] = {}
-        self._interval_started = False
 
     @staticmethod
     def _key(name: str, labels: dict[str, str], kind: str | None = None) -> LabelValues:
@@ -179,10 +214,22 @@ class Metrics:
             h.counts[bisect.bisect_left(buckets, value)] += 1
             h.sum += value
             h.count += 1
-            if self._interval_started:
-                pending = self._pending.setdefault(name, {}).setdefault(key, [])
-                if len(pending) < MAX_PENDING_OBSERVATIONS:
-                    pending.append(value)
+            pending = self._pending.setdefault(name, {}).setdefault(key, [])
+            if len(pending) < MAX_PENDING_OBSERVATIONS:
+                pending.append(value)
+
+    def declare(self, **known: Sequence[str]) -> None:
+        """Give every family its zero series now (see :func:`zero_series`), so a dashboard
+        reads 0, not "No data", before the first event. Existing values are kept."""
+        with self._lock:
+            for name, spec, lv in zero_series(**known):
+                if spec.kind == "histogram":
+                    hists = self._hists.setdefault(name, {})
+                    if lv not in hists:
+                        hists[lv] = _Histogram(len(spec.buckets))
+                        self._pending.setdefault(name, {}).setdefault(lv, [])
+                else:
+                    self._values.setdefault(name, {}).setdefault(lv, 0)
 
     @contextmanager
     def timer(self, name: str, **labels: str) -> Iterator[None]:
@@ -235,25 +282,29 @@ class Metrics:
         ``{"counters": {name: [[label values, increase], ...]},
         "gauges": {name: [[label values, value], ...]}`` (those set to a new value),
         "observations": {name: [[label values, [seconds, ...]], ...]}}``.
-        Observations are kept from the first call on (at most
-        :data:`MAX_PENDING_OBSERVATIONS` per series and interval).
+        Observations are kept from the start (at most :data:`MAX_PENDING_OBSERVATIONS`
+        per series and interval). A series seen for the first time is in it even at zero
+        (a declared counter with no increase, a histogram with no observation), so the
+        receiver shows it from then on.
         """
         out: dict[str, Any] = {"counters": {}, "gauges": {}, "observations": {}}
         with self._lock:
-            self._interval_started = True
             for name, series in self._values.items():
                 kind = METRICS[name].kind
                 taken = self._taken.setdefault(name, {})
                 if kind == "gauge":
                     rows = [[list(k), v] for k, v in series.items() if taken.get(k) != v]
                 else:
-                    rows = [[list(k), v - taken.get(k, 0)] for k, v in series.items()]
-                    rows = [r for r in rows if r[1]]
+                    rows = [
+                        [list(k), v - taken.get(k, 0)]
+                        for k, v in series.items()
+                        if v != taken.get(k, 0) or k not in taken
+                    ]
                 if rows:
                     out["gauges" if kind == "gauge" else "counters"][name] = rows
                 taken.update(series)
             for name, pending in self._pending.items():
-                rows = [[list(k), obs] for k, obs in pending.items() if obs]
+                rows = [[list(k), obs] for k, obs in pending.items()]
                 if rows:
                     out["observations"][name] = rows
             self._pending = {}

@@ -18,7 +18,16 @@ used them there keeps working here:
 Malformed controls raise :class:`RequestOptionsError` with what to fix. An
 engine adapter cannot fail one request from its scheduler, so it logs that
 message and serves the request without the cache: neither loading (a tag
-meant to isolate it may be the malformed one) nor storing.
+meant to isolate it may be the malformed one) nor storing. Text that is not
+Unicode a key can hash (a lone surrogate, which JSON's ``"\ud800"`` escape
+makes) is malformed too, in a tag's name or value and in ``cache_salt``:
+checked here, once, so that no later step meets it.
+
+Whatever a client sends, what this module keeps and says is bounded: a
+message quotes at most :data:`SHOWN_CHARS` characters of a name or value,
+and at most :data:`MAX_UNUSED` unknown names of a request are kept, each cut
+to :data:`MAX_NAME_CHARS` (200 requests with 100 kB names were 19 MiB of logs
+kept in memory).
 
 Engine-agnostic (no vLLM here) so that another engine's adapter parses the
 same controls the same way.
@@ -43,6 +52,10 @@ IGNORED = frozenset({"lmcache.ttl"})
 #: Bounds on what a client can make every lookup hash.
 MAX_TAGS = 32
 MAX_TAG_CHARS = 1024
+#: Bounds on what is kept and logged of a request's controls.
+SHOWN_CHARS = 80
+MAX_UNUSED = 8
+MAX_NAME_CHARS = 64
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -50,6 +63,38 @@ _FALSE = {"false", "0", "no", "off"}
 
 class RequestOptionsError(LMCacheError, ValueError):
     """A request's ``lmcache.*`` controls are malformed; the message says which and how."""
+
+
+def shown(text: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(text)`` (which escapes lone surrogates and control characters), cut to
+    ``limit`` characters: what a message may quote of what a client sent."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[: limit - 24]}...({len(r)} characters)"
+
+
+def _label(name: str) -> str:
+    """A control's name in a message: as it is when short and printable, else :func:`shown`."""
+    if len(name) <= SHOWN_CHARS and name.isprintable() and name.isascii():
+        return name
+    return shown(name)
+
+
+def short_name(name: str) -> str:
+    """A control's name as kept: at most :data:`MAX_NAME_CHARS` characters."""
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    return f"{name[: MAX_NAME_CHARS - 20]}...({len(name)} characters)"
+
+
+def _unicode(what: str, text: str) -> None:
+    """A key hashes its salt and tags as UTF-8: a lone surrogate cannot be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestOptionsError(
+            f"{what} is not valid Unicode text (it holds a lone surrogate, such as JSON's "
+            "\\ud800 escape); lmcache does not cache such requests"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -77,11 +122,15 @@ class RequestOptions:
         stay apart whichever of the two they use.
         """
         salt = cache_salt or None
+        if salt is not None and not isinstance(salt, str):
+            raise RequestOptionsError(f"cache_salt must be text, got {type(salt).__name__}")
         if salt is not None and "\x00" in salt:
             raise RequestOptionsError(
                 "cache_salt contains a NUL character; lmcache does not cache such requests "
                 "(use printable text)"
             )
+        if salt is not None:
+            _unicode("cache_salt", salt)
         if not self.tags:
             return salt
         body = json.dumps([salt, [list(t) for t in self.tags]], ensure_ascii=False)
@@ -117,23 +166,38 @@ def _flag(name: str, value: Any) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise RequestOptionsError(f"{name} must be true or false, got {value!r:.80}")
+    raise RequestOptionsError(f"{name} must be true or false, got {shown(value)}")
 
 
 def _tag(name: str, value: Any) -> tuple[str, str]:
     tag = name[len(TAG_PREFIX) :]
     if not tag:
         raise RequestOptionsError(f"{name!r} has no tag name: use 'lmcache.tag.<name>'")
+    if len(tag) > MAX_TAG_CHARS:
+        raise RequestOptionsError(
+            f"{_label(name)}: tag names and values are limited to {MAX_TAG_CHARS} characters"
+        )
+    _unicode(f"the tag name {_label(name)}", tag)
     if value is None or not isinstance(value, (str, int, float, bool)):
         raise RequestOptionsError(
-            f"{name} must be a string, number or boolean, got {type(value).__name__}"
+            f"{_label(name)} must be a string, number or boolean, got {type(value).__name__}"
         )
     if isinstance(value, float) and not math.isfinite(value):
-        raise RequestOptionsError(f"{name} must be a finite number, got {value!r:.80}")
-    encoded = json.dumps(value, ensure_ascii=False)
-    if len(tag) > MAX_TAG_CHARS or len(encoded) > MAX_TAG_CHARS:
+        raise RequestOptionsError(f"{_label(name)} must be a finite number, got {value!r}")
+    if isinstance(value, str):
+        if len(value) > MAX_TAG_CHARS:
+            raise RequestOptionsError(
+                f"{_label(name)}: tag names and values are limited to {MAX_TAG_CHARS} characters"
+            )
+        _unicode(f"the value of {_label(name)}", value)
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3000:
         raise RequestOptionsError(
-            f"{name}: tag names and values are limited to {MAX_TAG_CHARS} characters"
+            f"{_label(name)}: tag names and values are limited to {MAX_TAG_CHARS} characters"
+        )
+    encoded = json.dumps(value, ensure_ascii=False)
+    if len(encoded) > MAX_TAG_CHARS:
+        raise RequestOptionsError(
+            f"{_label(name)}: tag names and values are limited to {MAX_TAG_CHARS} characters"
         )
     return tag, encoded
 
@@ -153,17 +217,22 @@ def parse_request_options(params: Any) -> RequestOptions:
     skip_save = False
     tags: list[tuple[str, str]] = []
     unused: list[str] = []
+    more = 0
     for name, value in params.items():
         if not isinstance(name, str) or not name.startswith(PREFIX):
             continue
         if name == SKIP_SAVE:
             skip_save = _flag(name, value)
         elif name.startswith(TAG_PREFIX):
+            if len(tags) >= MAX_TAGS:
+                raise RequestOptionsError(f"at most {MAX_TAGS} lmcache.tag.* entries per request")
             tags.append(_tag(name, value))
+        elif len(unused) < MAX_UNUSED:
+            unused.append(short_name(name))  # kept for a log line: bounded
         else:
-            unused.append(name)
-    if len(tags) > MAX_TAGS:
-        raise RequestOptionsError(f"at most {MAX_TAGS} lmcache.tag.* entries per request")
+            more += 1
+    if more:
+        unused.append(f"... and {more} more")
     if not (skip_save or tags or unused):
         return NO_OPTIONS
     return RequestOptions(skip_save, tuple(sorted(tags)), tuple(sorted(unused)))

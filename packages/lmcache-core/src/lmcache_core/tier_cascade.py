@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+from lmcache_core.auth import require_secret
 from lmcache_core.backends.base import BackendContext, StorageBackend
 from lmcache_core.backends.cpu import LocalCPUBackend
 from lmcache_core.config import CacheConfig
@@ -30,6 +31,26 @@ logger = logging.getLogger("lmcache_core.engine")
 
 #: ``watch`` callbacks: ``(event, tier name, keys)``, event "stored" or "removed".
 Watcher = Callable[[str, str, list[CacheKey]], None]
+
+
+def configured_tier_names(config: CacheConfig) -> list[str]:
+    """The names the tiers :meth:`TierCascade._build` makes from ``config`` will have, without
+    making them (for a process that shows their metrics but holds none: vLLM's API server).
+    With ``server_url`` the server's tiers, which only the server knows: ``["server"]``."""
+    if config.server_url:
+        return ["server"]
+    names = ["cpu"] if config.local_cpu else []
+    if config.local_disk:
+        names.append("disk")
+    if config.enable_p2p:
+        names.append("p2p")
+    if config.remote_url:
+        scheme = urlparse(config.remote_url).scheme.lower()
+        try:
+            names.append(str(load_plugin(BACKENDS, scheme).name))
+        except Exception:
+            names.append(scheme)
+    return names
 
 
 class TierCascade:
@@ -83,7 +104,14 @@ class TierCascade:
             lower.append(load_plugin(BACKENDS, "p2p").from_config(config, self.context))
         if config.remote_url:
             scheme = urlparse(config.remote_url).scheme.lower()
-            lower.append(load_plugin(BACKENDS, scheme).from_config(config, self.context))
+            remote_cls = load_plugin(BACKENDS, scheme)
+            if remote_cls.capabilities.shared:
+                # A frame store refuses by itself; a third party's shared tier that is
+                # not one is refused here, before it is built: the same default for all.
+                require_secret(
+                    config, self.context.secret, f"the shared tier remote_url={config.remote_url!r}"
+                )
+            lower.append(remote_cls.from_config(config, self.context))
         for backend in lower:
             tiers.append(
                 ManagedTier(
@@ -138,13 +166,20 @@ class TierCascade:
                 logger.warning("a cache watcher failed on %s %s", event, tier, exc_info=True)
 
     def on_cpu_evict(self, chunk: Chunk, may_demote: bool) -> None:
-        """The DRAM tier evicts ``chunk`` of this cascade: tell watchers, demote it."""
-        if self._watchers:
-            self.notify("removed", self.cpu.name if self.cpu else "cpu", [chunk.key])
+        """The DRAM tier evicts ``chunk`` of this cascade: demote it, tell watchers.
+
+        Demoted first, so a watcher hears of the disk copy ("stored" on disk)
+        before the DRAM copy goes ("removed" on cpu): a router never sees the
+        chunk held nowhere, and a watcher that forgets chunks held in no tier
+        (vLLM's :class:`WorkerEvents`) still knows the chunk when its disk
+        store is announced.
+        """
         for listener in self._evict_listeners:  # e.g. the p2p tier unpublishes it
             listener.evicted_upstream(chunk.key)
         if may_demote and self._demote_to is not None:
             self._demote(chunk)
+        if self._watchers:
+            self.notify("removed", self.cpu.name if self.cpu else "cpu", [chunk.key])
 
     def _demote(self, chunk: Chunk) -> None:
         """Called by the CPU tier as it evicts ``chunk``: keep it on local disk if it is not there.
@@ -158,8 +193,10 @@ class TierCascade:
             return
         if tier.contains([chunk.key])[0]:
             return
-        if tier.put([chunk])[0]:
+        ok = tier.put([chunk])
+        if ok[0]:
             self.metrics.inc("lmcache:num_demotions", tier=tier.name)
+            self.stored(tier, [chunk], ok)  # a write to disk is announced like any other
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued lower-tier write is done; False on timeout."""

@@ -75,7 +75,14 @@ def serve_p2p_peer(url: str, n: int, checksums: bool) -> None:
 
 def run_p2p_benchmark(n: int = 16, rounds: int = 5, checksums: bool = False) -> dict:
     """``n`` chunks pulled from a peer process: a raw NIXL read of the peer's regions
-    against the p2p tier's ``get`` of the same keys, rounds interleaved, medians."""
+    against the p2p tier's ``get`` of the same keys, rounds interleaved, medians.
+
+    Both sides run as production does, with a deployment secret (the p2p index
+    refuses to start without one): ``LMCACHE_AUTH_SECRET`` if set, else a random
+    one, which the peer inherits."""
+    import secrets
+
+    os.environ.setdefault("LMCACHE_AUTH_SECRET", secrets.token_hex(32))
     with RedisServer() as redis:
         peer = subprocess.Popen(
             [sys.executable, "-m", "lmcache_nixl.bench", "p2p-peer", redis.url, str(n)]

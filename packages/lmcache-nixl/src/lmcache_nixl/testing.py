@@ -6,6 +6,10 @@ prompts, then serves them to peers until told to exit (or killed).
 Its layout, config and prompts are importable, so a test reads what the peer
 stored (:data:`LAYOUT`, :func:`config`, :func:`prompt`).
 
+The p2p index refuses to start without a deployment secret, as in production:
+the peer reads ``LMCACHE_AUTH_SECRET`` from its environment (the tests set
+:data:`SECRET` there before starting it).
+
 Prints READY once its chunks are stored and published. Commands on stdin:
 ``evict`` drops every chunk from its DRAM tier (so its index entries must go),
 ``reuse`` drops every chunk, stores other prompts into the freed slots and
@@ -20,6 +24,9 @@ from lmcache_core import CacheConfig, CacheEngine, KVLayout
 from lmcache_core.testing.paged_memory import PagedKVMemory
 
 LAYOUT = KVLayout("vllm_flash", "bfloat16", 4, 2, 64, 16)
+#: The deployment secret of the tests' instances (``LMCACHE_AUTH_SECRET``): every
+#: instance sharing one p2p index has the same one.
+SECRET = "lmcache-nixl-test-secret-0123456789abcdef"
 
 
 def config(redis_url: str, **extra) -> CacheConfig:

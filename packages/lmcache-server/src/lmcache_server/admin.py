@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from lmcache_core.auth import secrets_of
 from lmcache_core.errors import ConfigError
 from lmcache_core.mp.address import is_loopback
 
@@ -94,7 +95,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             return True
         header = self.headers.get("Authorization", "")
         given = header[7:].strip().encode() if header.startswith("Bearer ") else b""
-        if hmac.compare_digest(given, self.bearer):
+        if any(hmac.compare_digest(given, s) for s in secrets_of(self.bearer)):
             return True
         self.cache_server.metrics.inc("lmcache:server_auth_failures")
         self._reply(401, {"error": "send Authorization: Bearer <deployment secret>"})

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcache_core.auth import load_secret
+from lmcache_core.auth import load_secret, shared_tier_problems
 from lmcache_core.backends.base import BackendContext
 from lmcache_core.backends.cpu import LocalCPUBackend
 from lmcache_core.cache_key import NAMESPACE_DIGEST_SIZE, KeyNamespace
@@ -65,6 +65,11 @@ class NamespaceRegistry:
         self.config = config
         self.metrics = metrics
         self.secret = load_secret(config)
+        # Shared tiers are built per namespace, at a client's first HELLO: refuse a
+        # config that would fail there now, at start, with what to set.
+        refused = shared_tier_problems(config, self.secret)
+        if refused:
+            raise ConfigError(refused)
         size = config.max_local_cpu_size + SLOT_OFFSET
         try:
             self.arena = SharedArena(size, shm_name=shm_name, prefault=config.local_cpu_prefault)
@@ -110,6 +115,7 @@ class NamespaceRegistry:
                 config = self.config.replace(chunk_size=spec.chunk_size)
                 ns = Namespace(spec, LocalChunkStore(config, context, cpu=self.cpu))
                 self._namespaces[spec.digest] = ns
+                self.metrics.declare(tier=list(ns.store.tier_names))  # zero series per tier
                 logger.info(
                     "lmcache server: namespace %s for %s (rank %d/%d, %s, tiers: %s)",
                     spec.digest.hex()[:12],

@@ -68,6 +68,7 @@ class CacheServer:
         self._listeners: list[socket.socket] = []
         self.admin: Any = None
         self.registry = NamespaceRegistry(config, self.metrics, shm_name=shm_name)
+        self.metrics.declare(tier=["cpu"])  # lower tiers' series come with each namespace
         try:
             if tcp_port is not None and self.registry.secret is None:
                 raise ConfigError(

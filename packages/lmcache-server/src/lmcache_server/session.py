@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from lmcache_core.auth import secrets_of
 from lmcache_core.cache_key import CacheKey, KeyNamespace
 from lmcache_core.errors import LayoutError
 from lmcache_core.hit_sources import KINDS
@@ -168,7 +169,11 @@ class Session:
                 )
             if needs_auth:
                 secret = self.server.registry.secret
-                if secret is None or not hmac.compare_digest(proof, hello_proof(secret, challenge)):
+                # Any of the deployment's secrets (a rotation: clients may seal with the new one).
+                if secret is None or not any(
+                    hmac.compare_digest(proof, hello_proof(s, challenge))
+                    for s in secrets_of(secret)
+                ):
                     self.server.metrics.inc("lmcache:server_auth_failures")
                     raise ClientError("authentication failed: the deployment secrets differ")
             spec = parse_hello(hello_raw)

@@ -21,6 +21,11 @@ load that comes up short reports the blocks it could not fill through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them (the connector
 sets vLLM's ``kv_load_failure_policy`` to ``recompute``: for a cache, failing
 the request would be wrong); a store that fails is logged and skipped.
+
+Every scheduler-side hook is wrapped: an lmcache error in one (a request whose
+controls lmcache cannot key, a bug) serves that request without the cache and
+never reaches vLLM's scheduler, whose state would otherwise be left half
+updated for every later request (:meth:`SchedulerSide.serve_uncached`).
 """
 
 from __future__ import annotations
@@ -172,15 +177,26 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         try:
             return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
-        except Exception:
-            logger.exception("lmcache: lookup failed; treating it as a miss")
+        except Exception as e:
+            self._failed(request, "get_num_new_matched_tokens", e)
             return 0, False
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self.scheduler is not None
-        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        try:
+            self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        except Exception as e:  # a load vLLM expects is then sent as a failed one
+            self._failed(request, "update_state_after_alloc", e)
+
+    def _failed(self, request: Request, hook: str, error: BaseException) -> None:
+        """An lmcache error in a scheduler hook: that request goes on without the cache."""
+        try:
+            assert self.scheduler is not None
+            self.scheduler.serve_uncached(request.request_id, hook, error)
+        except Exception:
+            logger.exception("lmcache: %s failed, and so did serving the request uncached", hook)
 
     def get_external_cache_hit_sources(
         self, request: Request, num_external_tokens: int
@@ -211,13 +227,22 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         return out
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Per request guarded inside (:meth:`SchedulerSide.build_connector_meta`); should
+        the step itself fail, the workers get a fence and nothing else to do."""
         assert self.scheduler is not None
-        return self.scheduler.build_connector_meta(scheduler_output)
+        try:
+            return self.scheduler.build_connector_meta(scheduler_output)
+        except Exception:
+            logger.exception("lmcache: planning the step failed; nothing loaded or stored in it")
+            return LMCacheConnectorMetadata(fence=True)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         events = connector_output.kv_cache_events
         if self.scheduler is not None and self.scheduler.events is not None and events:
-            self.scheduler.events.add(events)
+            try:
+                self.scheduler.events.add(events)
+            except Exception:
+                logger.warning("lmcache: KV cache events of this step dropped", exc_info=True)
 
     def reset_cache(self) -> bool | None:
         """vLLM resets its caches (``reset_prefix_cache(reset_connector=True)``, and
@@ -235,13 +260,23 @@ class LMCacheKVConnector(KVConnectorBase_V1):
         """Events every rank reported, for vLLM's event publisher."""
         if self.scheduler is None or self.scheduler.events is None:
             return ()
-        return self.scheduler.events.take()
+        try:
+            return self.scheduler.events.take()
+        except Exception:
+            logger.warning("lmcache: KV cache events dropped", exc_info=True)
+            return ()
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """Whether vLLM keeps the request's blocks for saves in flight: answered first
+        (:meth:`SchedulerSide.request_finished`), whatever the clean-up meets."""
         assert self.scheduler is not None
-        return self.scheduler.request_finished(request), None
+        try:
+            return self.scheduler.request_finished(request), None
+        except Exception:
+            logger.exception("lmcache: forgetting request %s failed", request.request_id)
+            return False, None
 
 
 #: The name the issue and LMCache users know; with ``kv_connector_module_path``

@@ -27,18 +27,30 @@ target's).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from lmcache_core.keys import MultimodalItem
 from lmcache_core.model_config_digest import model_config_digest
-from lmcache_core.request_options import IGNORED, RequestOptionsError, parse_request_options
+from lmcache_core.request_options import (
+    IGNORED,
+    RequestOptionsError,
+    parse_request_options,
+    shown,
+)
 
 logger = logging.getLogger(__name__)
-#: Messages already logged: a client repeating a malformed control logs it once.
-_LOGGED: set[str] = set()
+#: Digests of the messages logged lately (16 bytes each, the oldest forgotten first): a
+#: client repeating a malformed control logs it once, and no client's text is kept.
+_LOGGED: OrderedDict[bytes, None] = OrderedDict()
 _MAX_LOGGED = 1024
+#: Longest message logged (names and values in it are cut already; this bounds the rest).
+_MAX_MESSAGE = 400
+_LOGGED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,16 @@ class RequestIdentity:
 
 
 def _log_once(message: str, level: int = logging.WARNING) -> None:
-    if message in _LOGGED or len(_LOGGED) >= _MAX_LOGGED:
-        return
-    _LOGGED.add(message)
+    if len(message) > _MAX_MESSAGE:
+        message = f"{message[: _MAX_MESSAGE - 30]}...({len(message)} characters)"
+    digest = hashlib.blake2b(message.encode("utf-8", "backslashreplace"), digest_size=16).digest()
+    with _LOGGED_LOCK:
+        if digest in _LOGGED:
+            _LOGGED.move_to_end(digest)
+            return
+        _LOGGED[digest] = None
+        if len(_LOGGED) > _MAX_LOGGED:
+            _LOGGED.popitem(last=False)
     logger.log(level, message)
 
 
@@ -71,11 +90,11 @@ def request_identity(request: Any) -> RequestIdentity | None:
     except RequestOptionsError as e:
         _log_once(f"lmcache: request served without the cache: {e}")
         return None
-    for name in options.unused:
+    for name in options.unused:  # at most a few, each cut short (request_options)
         what = "is not used (chunks live until evicted)" if name in IGNORED else "is unknown"
         _log_once(
-            f"lmcache: kv_transfer_params[{name!r}] {what}; lmcache reads lmcache.skip_save "
-            "and lmcache.tag.<name>",
+            f"lmcache: kv_transfer_params[{shown(name)}] {what}; lmcache reads "
+            "lmcache.skip_save and lmcache.tag.<name>",
             logging.INFO if name in IGNORED else logging.WARNING,
         )
     lora = getattr(request, "lora_request", None)

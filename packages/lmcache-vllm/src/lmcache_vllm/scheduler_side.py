@@ -5,6 +5,14 @@ chunks it holds (the minimum counts), and tells the workers, in one metadata
 object per step, which blocks to load and which computed chunks to store.
 Blend requests (:mod:`lmcache_vllm.blend.scheduler`) take the same path with
 their segments.
+
+A request's ``lmcache.*`` controls are checked once, at its first hook: one
+that lmcache cannot key (malformed controls, a lone surrogate in a tag or in
+``cache_salt``) is served without the cache from then on, and so is a request
+one of whose hooks met an lmcache error (:meth:`SchedulerSide.serve_uncached`;
+the connector wraps every hook). vLLM's state stays consistent either way: a
+request that fails after vLLM took tokens from lmcache gets a load that loads
+nothing, so the workers report its blocks and vLLM recomputes them.
 """
 
 from __future__ import annotations
@@ -102,6 +110,17 @@ class SchedulerSide:
             self.config.blocking_timeout_secs,
         )
         self.requests: dict[str, _RequestState] = {}
+        #: Requests served without the cache, decided at their first hook (controls lmcache
+        #: cannot key) or at an lmcache error in one of their hooks; never tried again.
+        self.uncached: set[str] = set()
+        #: vLLM's own hit each request was last looked up with.
+        self.asked: dict[str, int] = {}
+        #: Tokens [from, until) vLLM took from lmcache for a request and expects loaded,
+        #: until its load is planned: a request that fails before then is sent a load
+        #: that loads nothing, so the workers report its blocks and vLLM recomputes them.
+        self.promised: dict[str, tuple[int, int]] = {}
+        #: (hook, error type) already logged with a traceback.
+        self._failures_logged: set[tuple[str, str]] = set()
         #: Set by a cache reset (:meth:`reset_cache`); folded into every key's salt.
         self.epoch: str | None = None
         #: Saves may finish after the step (GPU): requests that had one keep their
@@ -141,11 +160,39 @@ class SchedulerSide:
         )
         return True
 
+    def serve_uncached(self, req_id: str, hook: str, error: BaseException | None = None) -> None:
+        """An lmcache error in ``hook`` of request ``req_id``: serve it without the cache
+        from now on (its pins released, its plans forgotten). A load vLLM expects from
+        it is sent as one that loads nothing (:attr:`promised`), so vLLM recomputes."""
+        if error is not None:
+            key = (hook, type(error).__name__)
+            first = key not in self._failures_logged
+            if first and len(self._failures_logged) < 256:
+                self._failures_logged.add(key)
+            logger.warning(
+                "lmcache: %s failed for request %s (%s: %s); it is served without the cache",
+                hook,
+                req_id,
+                type(error).__name__,
+                str(error)[:200],
+                exc_info=error if first else None,
+            )
+        self.uncached.add(req_id)
+        st = self.requests.pop(req_id, None)
+        if st is not None and st.pinned:
+            try:
+                self.client.unpin(req_id)
+            except Exception:
+                logger.debug("lmcache: unpinning %s failed", req_id, exc_info=True)
+
     def _state(self, request: Request) -> _RequestState | None:
         st = self.requests.get(request.request_id)
         if st is None:
+            if request.request_id in self.uncached:
+                return None  # decided at its first hook
             identity = request_identity(request)
             if identity is None:
+                self.uncached.add(request.request_id)
                 return None
             if self.epoch:  # after a cache reset: keys of their own
                 identity = replace(identity, cache_salt=epoch_salt(identity.cache_salt, self.epoch))
@@ -181,6 +228,7 @@ class SchedulerSide:
         return st
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        self.asked[request.request_id] = num_computed_tokens
         if self.role == "kv_producer":
             return 0
         if getattr(request, "skip_reading_prefix_cache", False):
@@ -262,6 +310,9 @@ class SchedulerSide:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        if num_external_tokens > 0:  # first: whatever fails below, vLLM expects this load
+            lo = self.asked.get(request.request_id, 0)
+            self.promised[request.request_id] = (lo, lo + num_external_tokens)
         st = self._state(request)
         if st is None:
             return
@@ -296,43 +347,75 @@ class SchedulerSide:
         return out if sum(out.values()) == num_tokens else {}
 
     def build_connector_meta(self, so: SchedulerOutput) -> LMCacheConnectorMetadata:
+        """This step's plans: each request planned on its own, so an lmcache error in one
+        serves that request without the cache and never the others (nor fails vLLM)."""
         meta = LMCacheConnectorMetadata()
         preempted = getattr(so, "preempted_req_ids", None) or set()
-        if self.tracker.fence_needed(preempted):
-            meta.fence = True  # their blocks may be rewritten in this very step
-        elif self.sliding and self.tracker.saving_any():
-            meta.fence = True  # blocks that left the window may be handed out in this step
+        try:
+            if self.tracker.fence_needed(preempted):
+                meta.fence = True  # their blocks may be rewritten in this very step
+            elif self.sliding and self.tracker.saving_any():
+                meta.fence = True  # blocks that left the window may be handed out in this step
+        except Exception as e:  # cannot tell: fencing is always safe
+            logger.warning("lmcache: planning the step's fence failed (%s); fencing", e)
+            meta.fence = True
         for new in so.scheduled_new_reqs:
-            st = self.requests.get(new.req_id)
-            if st is None:
-                continue
-            st.block_ids = list(new.block_ids[0])
-            self._plan_load(new.req_id, st, meta)
-            self._plan_save(
-                new.req_id, st, new.num_computed_tokens + so.num_scheduled_tokens[new.req_id], meta
-            )
+            block_ids = new.block_ids[0] if new.block_ids else []
+            try:
+                st = self.requests.get(new.req_id)
+                if st is not None:
+                    st.block_ids = list(block_ids)
+                    self._plan_load(new.req_id, st, meta)
+                    done = new.num_computed_tokens + so.num_scheduled_tokens[new.req_id]
+                    self._plan_save(new.req_id, st, done, meta)
+            except Exception as e:
+                self.serve_uncached(new.req_id, "build_connector_meta", e)
+            self._settle_promise(new.req_id, block_ids, meta)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            st = self.requests.get(req_id)
-            if st is None:
-                continue
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                st.block_ids = list(new_ids[0]) if new_ids else []
-            elif new_ids:
-                st.block_ids.extend(new_ids[0])
-            # A preempted request comes back here, not among the new ones, and
-            # may have looked up (and been promised) tokens again.
-            self._plan_load(req_id, st, meta)
-            done = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
-            self._plan_save(req_id, st, done, meta)
+            try:
+                st = self.requests.get(req_id)
+                if st is not None:
+                    if req_id in cached.resumed_req_ids:
+                        st.block_ids = list(new_ids[0]) if new_ids else []
+                    elif new_ids:
+                        st.block_ids.extend(new_ids[0])
+                    # A preempted request comes back here, not among the new ones, and
+                    # may have looked up (and been promised) tokens again.
+                    self._plan_load(req_id, st, meta)
+                    done = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
+                    self._plan_save(req_id, st, done, meta)
+            except Exception as e:
+                self.serve_uncached(req_id, "build_connector_meta", e)
+            if req_id in self.promised:
+                self._settle_promise(req_id, new_ids[0] if new_ids else [], meta)
         return meta
+
+    def _settle_promise(
+        self, req_id: str, block_ids: list[int], meta: LMCacheConnectorMetadata
+    ) -> None:
+        """A load vLLM expects for ``req_id`` that no plan made (an lmcache error on the
+        way): a load of nothing, which the workers report short, so vLLM recomputes."""
+        promised = self.promised.pop(req_id, None)
+        if promised is None:
+            return
+        lo, hi = promised
+        logger.warning(
+            "lmcache: the load of tokens [%d, %d) of %s was not planned; vLLM recomputes them",
+            lo,
+            hi,
+            req_id,
+        )
+        empty = PromptRef(self.config.chunk_size, 0, [])
+        meta.loads.append(LoadSpec(req_id, empty, list(block_ids), lo, hi))
 
     def _plan_load(self, req_id: str, st: _RequestState, meta: LMCacheConnectorMetadata) -> None:
         if st.blend is not None and self.blend is not None:
             spec = self.blend.load_spec(req_id, st.blend, st.tokens, st.block_ids)
             if spec is not None:
                 meta.blend_loads.append(spec)
+                self.promised.pop(req_id, None)
                 st.pinned = False
             return
         if st.load is None:
@@ -340,6 +423,7 @@ class SchedulerSide:
         lo, hi = st.load
         lo = max(lo, kept_from(st.block_ids, self.block_size))
         if lo >= hi:  # all of it before the window: vLLM needs none of it
+            self.promised.pop(req_id, None)
             st.load = None
             if st.pinned:
                 self.client.unpin(req_id)
@@ -359,6 +443,7 @@ class SchedulerSide:
         )
         spec.inner_step = self.block_size
         meta.loads.append(spec)
+        self.promised.pop(req_id, None)
         st.load = None
         st.pinned = False
 
@@ -404,11 +489,20 @@ class SchedulerSide:
 
     def request_finished(self, request: Request) -> bool:
         """Forget the request; True when vLLM must keep its blocks until the workers
-        report its saves done (``get_finished``): the same rule on both sides."""
-        st = self.requests.pop(request.request_id, None)
+        report its saves done (``get_finished``): the same rule on both sides, so it
+        is answered first, whatever the clean-up meets."""
+        req_id = request.request_id
+        delay = self.tracker.delay(req_id)
+        self.uncached.discard(req_id)
+        self.asked.pop(req_id, None)
+        self.promised.pop(req_id, None)
+        st = self.requests.pop(req_id, None)
         if st is not None and st.pinned:
-            self.client.unpin(request.request_id)
-        return self.tracker.delay(request.request_id)
+            try:
+                self.client.unpin(req_id)
+            except Exception as e:  # the pins expire after pin_timeout
+                logger.warning("lmcache: unpinning finished request %s failed (%s)", req_id, e)
+        return delay
 
     def close(self) -> None:
         self.client.close()

@@ -11,14 +11,19 @@ scrape but vLLM.
 
 Counters are summed over ranks (a cluster-wide hit count is what a dashboard
 wants); gauges, which describe one rank's tiers, carry a ``rank`` label.
+
+Every family has its zero series from the start (:func:`lmcache_core.metrics.zero_series`),
+before the first request: per tier for the tiers the config makes, per rank for
+gauges; a series the workers report later joins them.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from lmcache_core.metrics import METRICS, Metrics
+from lmcache_core.metrics import METRICS, Metrics, zero_series
 from prometheus_client import Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -110,6 +115,15 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
                 )
             self._metrics[name] = metric
         self._children: dict[tuple[int, str, tuple[str, ...]], Any] = {}
+        tiers = expected_tiers(vllm_config)
+        ranks = [str(r) for r in range(_world_size(vllm_config))]
+        for engine_idx in per_engine_labelvalues:
+            for name, spec, lv in zero_series(tier=tiers):
+                if spec.kind == "gauge":
+                    for rank in ranks:
+                        self._child(engine_idx, name, [*lv, rank])
+                else:
+                    self._child(engine_idx, name, list(lv))
 
     def _child(self, engine_idx: int, name: str, lv: list[str]) -> Any:
         key = (engine_idx, name, tuple(lv))
@@ -134,6 +148,35 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
                     child = self._child(engine_idx, name, lv)
                     for x in values:
                         child.observe(x)
+
+
+def _world_size(vllm_config: Any) -> int:
+    try:
+        return max(1, int(vllm_config.parallel_config.world_size))
+    except Exception:
+        return 1
+
+
+def expected_tiers(vllm_config: Any) -> list[str]:
+    """The tier names the workers' engines will have (the API server builds none), from the
+    same config they load; ``[]`` if it cannot be read here (the workers say why)."""
+    from lmcache_core.tier_cascade import configured_tier_names
+
+    from lmcache_vllm.settings import load_cache_config
+
+    tc = getattr(vllm_config, "kv_transfer_config", None)
+    extra = dict(getattr(tc, "kv_connector_extra_config", None) or {})
+    quiet = [logging.getLogger(n) for n in ("vllm.lmcache", "lmcache_core")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:  # the workers log the config's warnings; not twice
+            lg.setLevel(logging.ERROR + 1)
+        return configured_tier_names(load_cache_config(extra))
+    except Exception:
+        return []
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 #: vLLM passes its own metric classes (Ray wraps them); these are the defaults.

@@ -9,11 +9,14 @@ without blocks, ``get_num_new_matched_tokens`` returning an int, events through
 it; the cache, its keys and its config are the same as with
 ``kv_connector_module_path: lmcache_vllm``.
 
-What the wrapper does not forward is not available this way: lmcache's
-metrics on vLLM's ``/metrics`` (use ``"kv_connector": "LMCacheKVConnector",
-"kv_connector_module_path": "lmcache_vllm"`` for those, or ``metrics_port``
-for lmcache's exporter) and ``BlockRemoved`` events (the wrapper turns every
-event into ``BlockStored``, so only stores are reported).
+What the wrapper does not forward (lmcache's metrics on vLLM's ``/metrics``,
+``BlockRemoved`` events: the wrapper turns every event of ``get_kv_events`` into
+``BlockStored``) lmcache-vllm's vLLM plugin adds to the wrapper class, delegating
+to :attr:`connector` (:mod:`lmcache_vllm.builtin_name`). Should it find a wrapper
+it does not know, ``get_kv_events`` below still returns stores only, so a removal
+is never published as a store; then use ``"kv_connector": "LMCacheKVConnector",
+"kv_connector_module_path": "lmcache_vllm"``, or ``metrics_port`` for lmcache's
+exporter.
 """
 
 from __future__ import annotations

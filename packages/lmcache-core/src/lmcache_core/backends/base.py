@@ -91,6 +91,11 @@ class StorageBackend(ABC):
     #: Below DRAM, the engine writes this tier behind, through a bounded queue.
     #: A tier whose writes are cheap and must be visible at once says False.
     write_behind: ClassVar[bool] = True
+    #: Operations this backend answers from memory, never waiting on I/O (``"contains"``
+    #: over an in-memory index): below DRAM they are called inline. Every other call
+    #: the engine waits on runs on the tier's call threads, bounded by
+    #: ``blocking_timeout_secs`` (:class:`~lmcache_core.tier.ManagedTier`).
+    inline_ops: ClassVar[frozenset[str]] = frozenset()
     capabilities: ClassVar[BackendCapabilities]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -4,6 +4,15 @@ Shared by the tiers that keep one file per chunk (the local disk tier and the
 shared-filesystem tier), so both write and clean up the same way: a chunk's
 file appears under its name whole or not at all, a temporary file whose
 writer died is recognised and removed, and symlinks are never followed.
+
+Below the folder the user configured, nothing is resolved by path: each
+folder is opened from its parent's descriptor with ``O_NOFOLLOW`` and
+``O_DIRECTORY`` (:func:`open_dir`), and files are opened, listed and deleted
+with ``dir_fd=`` (``openat``, ``unlinkat``, ``fstatat``). A folder swapped for
+a symlink between a listing and a walk is then refused, never followed into
+another part of the filesystem. A chunk file is opened only once it is known
+to be a regular file, with ``O_NONBLOCK`` (:func:`open_regular`): a FIFO or a
+device in a chunk's place is a miss, not a read that waits forever.
 """
 
 from __future__ import annotations
@@ -11,7 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache_core.errors import ConfigError
@@ -35,14 +47,101 @@ def path_from_url(url: str) -> Path:
     return Path(url).expanduser()
 
 
+#: Flags of every folder opened below a tier's root: never through a symlink.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Flags of a chunk file opened for reading: no symlink, no wait (a FIFO), no tty.
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class NotAChunkFile(OSError):
+    """Something other than a regular file (a symlink, a FIFO, a folder) in a chunk's place."""
+
+
+def open_root(path: Path) -> int:
+    """A descriptor of a tier's root folder (the configured path, which may be a symlink)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_dir(name: str, dir_fd: int, *, create: bool = False) -> int:
+    """The folder ``name`` in the folder ``dir_fd``, opened without following a symlink.
+
+    With ``create`` a missing folder is made, and a symlink in its place (which a
+    reader never follows) is removed first: only the link, never what it points
+    to. Anything else in its place (a file) raises ``NotADirectoryError``.
+    """
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    except NotADirectoryError:
+        if not create or not _is_symlink(name, dir_fd):
+            raise
+        logger.warning("chunk files: a symlink in place of the folder %s; replaced by one", name)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+    try:
+        os.mkdir(name, dir_fd=dir_fd)
+    except FileExistsError:
+        pass  # made meanwhile by another thread or process; the open says what it is
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+@contextmanager
+def opened_dir(name: str, dir_fd: int, *, create: bool = False) -> Iterator[int]:
+    """:func:`open_dir` as a context manager: the descriptor is closed on leaving."""
+    fd = open_dir(name, dir_fd, create=create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_regular(name: str, dir_fd: int) -> int:
+    """A chunk file in the folder ``dir_fd``, opened for reading; only a regular file.
+
+    Its type is checked before it is opened (``fstatat``, no symlink followed) and
+    again on the descriptor, and it is opened with ``O_NONBLOCK``: a FIFO swapped in
+    between the two is not waited on. Raises ``FileNotFoundError`` when nothing is
+    there and :class:`NotAChunkFile` for anything but a regular file.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAChunkFile(f"{name} is not a regular file ({stat.filemode(st.st_mode)})")
+    try:
+        fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise NotAChunkFile(f"{name} cannot be opened as a chunk file ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAChunkFile(f"{name} is not a regular file ({stat.filemode(st.st_mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_atomically(
-    final: Path,
+    final: Path | str,
     tag: str,
     parts: Sequence[bytes | memoryview],
     *,
     durable: bool = False,
     mode: int = 0o600,
     uncached: bool = False,
+    dir_fd: int | None = None,
 ) -> None:
     """Write ``parts`` (header and payload views: no join, no copy) under ``final``.
 
@@ -50,10 +149,25 @@ def write_atomically(
     no reader ever sees a torn file under ``final``. ``durable`` fsyncs before the
     rename (a shared filesystem: other hosts must never see an empty file).
     ``uncached`` writes the data out and drops it from the OS page cache.
+    With ``dir_fd``, ``final`` is a name in that folder (nothing resolved by path);
+    without, a path whose folders are made as needed.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{tag}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    if dir_fd is None:
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        parent = open_root(final.parent)
+        try:
+            write_atomically(
+                final.name, tag, parts, durable=durable, mode=mode, uncached=uncached,
+                dir_fd=parent,
+            )  # fmt: skip
+        finally:
+            os.close(parent)
+        return
+    name = os.fspath(final)
+    tmp = f".{name}.tmp-{tag}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
     try:
         views = [memoryview(p).cast("B") for p in parts]
         while views:
@@ -69,10 +183,30 @@ def write_atomically(
             drop_page_cache(fd, written=True)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp, dir_fd)
         raise
     os.close(fd)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _unlink_quietly(tmp, dir_fd)
+        raise
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def subdir_names(dir_fd: int) -> list[str]:
+    """Names of the sub-folders of the folder ``dir_fd`` (symlinks are not folders here)."""
+    try:
+        with os.scandir(dir_fd) as it:
+            return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def subdirs(path: Path) -> Iterator[Path]:
@@ -86,35 +220,54 @@ def subdirs(path: Path) -> Iterator[Path]:
         yield Path(e.path)
 
 
-def files(path: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return [e for e in it if e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
 SUFFIX = ".chunk"
 _SHARD_DIR = re.compile(r"^[0-9a-f]{2}$")
 
 
-def chunk_entries(ns_dir: Path) -> Iterator[os.DirEntry[str]]:
-    """The ``*.chunk`` files of a namespace folder, in its shard folders (``<xx>/``).
+@dataclass(frozen=True)
+class ChunkFile:
+    """A ``*.chunk`` file of a namespace folder: ``<shard>/<name>``, as listed."""
 
-    Never through a symlink; temporary files whose writer is gone are deleted
-    on the way (one that another process is writing now is left alone).
+    shard: str
+    name: str
+    nbytes: int  # its size
+    mtime: float
+
+
+def chunk_files_at(ns_fd: int) -> Iterator[ChunkFile]:
+    """The ``*.chunk`` regular files of the namespace folder ``ns_fd``, in its shard folders.
+
+    Never through a symlink (each shard is opened from ``ns_fd`` with
+    ``O_NOFOLLOW``); temporary files whose writer is gone are deleted on the
+    way (one that another process is writing now is left alone).
     """
     me = os.getpid()
-    for shard in subdirs(ns_dir):
-        if not _SHARD_DIR.match(shard.name):
+    for shard in subdir_names(ns_fd):
+        if not _SHARD_DIR.match(shard):
             continue
-        for entry in files(shard):
-            name = entry.name
-            if name.startswith(".") and ".tmp" in name:
-                if writer_gone(name, me):
-                    unlink_chunk(Path(entry.path))
-            elif name.endswith(SUFFIX):
-                yield entry
+        try:
+            shard_fd = open_dir(shard, ns_fd)
+        except OSError:
+            continue  # swapped for a symlink (or gone) since the listing
+        try:
+            found = []
+            with os.scandir(shard_fd) as it:
+                for entry in it:
+                    name = entry.name
+                    if name.startswith(".") and ".tmp" in name:
+                        if writer_gone(name, me) and entry.is_file(follow_symlinks=False):
+                            _unlink_quietly(name, shard_fd)
+                    elif name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        found.append(ChunkFile(shard, name, st.st_size, st.st_mtime))
+        except OSError:
+            found = []
+        finally:
+            os.close(shard_fd)
+        yield from found
 
 
 def writer_gone(tmp_name: str, me: int) -> bool:
@@ -134,12 +287,33 @@ def writer_gone(tmp_name: str, me: int) -> bool:
     return False
 
 
-def unlink_chunk(path: Path) -> None:
-    """Delete a chunk file; something else in its place (a folder) is left and logged."""
+def unlink_at(ns_fd: int, shard: str, name: str, *, rmdir: bool = False) -> bool:
+    """Delete the chunk file ``<shard>/<name>`` of the namespace folder ``ns_fd``.
+
+    The shard is opened without following a symlink; something other than a
+    file in the chunk's place (a folder) is left and logged. ``rmdir`` also
+    removes the shard folder once it is empty. True when a file was deleted.
+    """
     try:
-        path.unlink(missing_ok=True)
+        shard_fd = open_dir(shard, ns_fd)
+    except OSError:
+        return False  # no such shard, or a symlink in its place: nothing of ours there
+    try:
+        os.unlink(name, dir_fd=shard_fd)
+        deleted = True
+    except FileNotFoundError:
+        deleted = False
     except OSError as e:
-        logger.warning("disk tier: cannot delete %s (%s)", path, e.strerror)
+        logger.warning("disk tier: cannot delete %s/%s (%s)", shard, name, e.strerror)
+        deleted = False
+    finally:
+        os.close(shard_fd)
+    if rmdir:
+        try:
+            os.rmdir(shard, dir_fd=ns_fd)
+        except OSError:
+            pass  # other files still in it, or gone
+    return deleted
 
 
 def ensure_writable_dir(path: Path, key: str, fix: str) -> None:

@@ -13,6 +13,13 @@
 * Bounded by ``max_local_disk_size``: least recently used chunks are deleted
   to make room, after the files of namespaces no process uses any more
   (an older model, configuration or key scheme: :mod:`disk_namespaces`).
+* Nothing below the configured folder is resolved by path: the tier keeps
+  descriptors of the folder and of its namespace folder, opens each shard
+  folder from them without following a symlink, and opens, deletes and lists
+  files with ``dir_fd=`` (:mod:`chunk_files`). A symlink in place of a
+  namespace or shard folder is never followed (it is replaced by a folder
+  when the tier writes there), and a chunk file must be a regular file to be
+  read: a FIFO in a chunk's place is a miss, not a read that waits forever.
 """
 
 from __future__ import annotations
@@ -37,17 +44,22 @@ from lmcache_core.backends.base import (
 )
 from lmcache_core.backends.chunk_files import (
     SUFFIX,
-    chunk_entries,
+    NotAChunkFile,
+    chunk_files_at,
     drop_page_cache,
     ensure_writable_dir,
+    open_dir,
+    open_regular,
+    open_root,
     path_from_url,
-    subdirs,
-    unlink_chunk,
+    subdir_names,
+    unlink_at,
     write_atomically,
 )
 from lmcache_core.backends.disk_namespaces import OrphanFiles, hold
 from lmcache_core.config import extra_bool
-from lmcache_core.errors import LMCacheError
+from lmcache_core.config_extra import ExtraKey
+from lmcache_core.errors import ConfigError, LMCacheError
 from lmcache_core.eviction.base import EvictionPolicy
 from lmcache_core.eviction.lru import LRUPolicy
 from lmcache_core.keys import CacheKey
@@ -68,9 +80,13 @@ _counter = itertools.count()
 class LocalDiskBackend(StorageBackend):
     name = "disk"
     capabilities = BackendCapabilities(persistent=True, evicts=True)
+    inline_ops: ClassVar[frozenset[str]] = frozenset({"contains"})  # the in-memory index
     extra_config_keys: ClassVar[Mapping[str, str]] = {
-        "use_odirect": "keep chunk files out of the OS page cache (upstream's key; each file "
-        "is flushed and dropped from the cache after it is written and after it is read)",
+        "use_odirect": ExtraKey(
+            "keep chunk files out of the OS page cache (upstream's key; each file is flushed "
+            "and dropped from the cache after it is written and after it is read)",
+            "bool",
+        ),
     }
 
     def __init__(
@@ -98,6 +114,12 @@ class LocalDiskBackend(StorageBackend):
         self.io_threads = io_threads
         self._io: ThreadPoolExecutor | None = None
         ensure_writable_dir(self.root, "local_disk", "choose a writable path")
+        #: Descriptors of the root (""), of namespace folders ("<hex>") and of their shard
+        #: folders ("<hex>/<xx>"), each opened once, never by path; closed with the tier.
+        self._fds: dict[str, int] = {}
+        self._fds[""] = root_fd = open_root(self.root)
+        self._close_fds = weakref.finalize(self, _close_all, self._fds)
+        self._root_fd = root_fd
         self.capacity = capacity_bytes
         self.serde = serde if serde is not None else NaiveSerde()
         self.policy = policy if policy is not None else LRUPolicy()
@@ -110,10 +132,19 @@ class LocalDiskBackend(StorageBackend):
         #: Other namespaces' files that no process uses: deleted before our own chunks.
         self._orphans: OrphanFiles | None = None
         if namespace is not None:
-            fd = hold(self.root / namespace.hex())
+            try:
+                ns_fd = self._ns_fd(namespace.hex(), create=True)
+            except OSError as e:
+                raise ConfigError(
+                    [
+                        f"local_disk: {self.root / namespace.hex()} is not a folder "
+                        f"({e.strerror}); remove it or choose another local_disk"
+                    ]
+                ) from None
+            fd = hold(ns_fd, self.root / namespace.hex())
             if fd is not None:
                 self._release = weakref.finalize(self, os.close, fd)
-                self._orphans = OrphanFiles(self.root, namespace.hex())
+                self._orphans = OrphanFiles(self.root, namespace.hex(), root_fd=root_fd)
         self._rebuild_index()
 
     @classmethod
@@ -133,14 +164,43 @@ class LocalDiskBackend(StorageBackend):
     # ------------------------------------------------------------------ files
 
     def _path(self, key: CacheKey) -> Path:
-        prefix = key.prefix.hex()
-        return self.root / key.namespace.hex() / prefix[:2] / f"{key.hex()}{SUFFIX}"
+        """Where ``key``'s file is (for people and tests: the tier itself opens it by
+        descriptor, :meth:`_where`)."""
+        ns, shard, name = self._where(key)
+        return self.root / ns / shard / name
 
-    def _namespace_dirs(self) -> Iterator[Path]:
+    @staticmethod
+    def _where(key: CacheKey) -> tuple[str, str, str]:
+        """Namespace folder, shard folder and file name of ``key``'s chunk file."""
+        return key.namespace.hex(), key.prefix.hex()[:2], f"{key.hex()}{SUFFIX}"
+
+    def _shard_fd(self, ns: str, shard: str, *, create: bool = False) -> int:
+        """The descriptor of the shard folder ``<ns>/<shard>``, opened once from the
+        namespace's (never through a symlink) and kept: at most 256 per namespace."""
+        fd = self._fds.get(f"{ns}/{shard}")
+        if fd is None:
+            ns_fd = self._ns_fd(ns, create=create)
+            with self._lock:
+                fd = self._fds.get(f"{ns}/{shard}")
+                if fd is None:
+                    fd = self._fds[f"{ns}/{shard}"] = open_dir(shard, ns_fd, create=create)
+        return fd
+
+    def _ns_fd(self, ns: str, *, create: bool = False) -> int:
+        """The descriptor of the namespace folder ``ns`` (opened from the root, never through
+        a symlink; ``create``: made if missing, a symlink in its place replaced)."""
+        fd = self._fds.get(ns)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(ns)
+                if fd is None:
+                    fd = self._fds[ns] = open_dir(ns, self._root_fd, create=create)
+        return fd
+
+    def _namespace_names(self) -> list[str]:
         if self.namespace is not None:
-            yield self.root / self.namespace.hex()
-            return
-        yield from subdirs(self.root)
+            return [self.namespace.hex()]
+        return subdir_names(self._root_fd)
 
     def _rebuild_index(self) -> None:
         """Index this namespace's chunk files, oldest first, and clear dead writers' temp files.
@@ -151,23 +211,30 @@ class LocalDiskBackend(StorageBackend):
         it is gone (another process may be writing it now).
         """
         found = []
-        for ns_dir in self._namespace_dirs():
-            for entry in chunk_entries(ns_dir):
+        for ns in self._namespace_names():
+            try:
+                ns_fd = self._ns_fd(ns)
+            except OSError:
+                continue  # a symlink or a file where a namespace folder would be: not ours
+            for f in chunk_files_at(ns_fd):
                 try:
-                    key = CacheKey.from_hex(entry.name[: -len(SUFFIX)])
-                    st = entry.stat(follow_symlinks=False)
-                except (ValueError, OSError):
+                    key = CacheKey.from_hex(f.name[: -len(SUFFIX)])
+                except ValueError:
                     continue
-                nbytes = st.st_size - HEADER_SIZE - len(key)
+                if key.namespace.hex() != ns or f.shard != key.prefix.hex()[:2]:
+                    continue  # a chunk's name in the wrong folder: never read there either
+                nbytes = f.nbytes - HEADER_SIZE - len(key)
                 if nbytes > self.max_chunk_bytes or nbytes < 0:
                     logger.warning(
-                        "disk tier: %s is %d bytes, not a chunk of this cache; deleted",
-                        entry.path,
-                        st.st_size,
+                        "disk tier: %s/%s/%s is %d bytes, not a chunk of this cache; deleted",
+                        ns,
+                        f.shard,
+                        f.name,
+                        f.nbytes,
                     )
-                    unlink_chunk(Path(entry.path))
+                    unlink_at(ns_fd, f.shard, f.name)
                     continue
-                found.append((st.st_mtime, key, nbytes))
+                found.append((f.mtime, key, nbytes))
         for _, key, nbytes in sorted(found, key=lambda f: f[0]):
             self._index[key] = nbytes
             self.policy.on_insert(key)
@@ -177,6 +244,20 @@ class LocalDiskBackend(StorageBackend):
         self._gauges()
         if found:
             logger.info("disk tier %s: %d chunks found at start", self.root, len(self._index))
+
+    def _unlink(self, key: CacheKey) -> None:
+        """Delete ``key``'s chunk file, by descriptor (a symlinked folder is not followed)."""
+        ns, shard, name = self._where(key)
+        try:
+            shard_fd = self._shard_fd(ns, shard)
+        except OSError:
+            return  # no such folder (or a symlink in its place): nothing of ours there
+        try:
+            os.unlink(name, dir_fd=shard_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a folder in a chunk's place: left, and logged
+            logger.warning("disk tier: cannot delete %s (%s)", self._path(key), e.strerror)
 
     def _gauges(self) -> None:
         self.metrics.set("lmcache:usage_bytes", self._used, tier=self.name)
@@ -188,7 +269,7 @@ class LocalDiskBackend(StorageBackend):
             return
         self.policy.on_remove(key)
         self._used -= nbytes
-        unlink_chunk(self._path(key))
+        self._unlink(key)
 
     def _reclaim_orphans(self, need: int) -> int:
         """Delete unused namespaces' files, oldest first, to free ``need`` bytes; files deleted."""
@@ -207,7 +288,7 @@ class LocalDiskBackend(StorageBackend):
                 return False
             size = self._index.pop(victim)  # type: ignore[call-overload]
             self._used -= size
-            unlink_chunk(self._path(victim))  # type: ignore[arg-type]
+            self._unlink(victim)  # type: ignore[arg-type]
             self.metrics.inc("lmcache:num_evictions", tier=self.name)
             if self.on_evict is not None:
                 self.on_evict(victim)
@@ -246,7 +327,7 @@ class LocalDiskBackend(StorageBackend):
                 if chunk.key in self._index:  # another thread won the race: same content
                     continue
                 if not self._make_room(chunk.nbytes):
-                    self._path(chunk.key).unlink(missing_ok=True)
+                    self._unlink(chunk.key)
                     out[i] = False
                     continue
                 self._index[chunk.key] = chunk.nbytes
@@ -312,9 +393,11 @@ class LocalDiskBackend(StorageBackend):
                 self._gauges()
 
     def _write(self, chunk: Chunk) -> None:
-        final = self._path(chunk.key)
+        ns, shard, name = self._where(chunk.key)
         parts = self.serde.encode(chunk.key.to_bytes(), chunk.num_tokens, chunk.view)
-        write_atomically(final, f"{os.getpid()}-{next(_counter)}", parts, uncached=self.uncached)
+        shard_fd = self._shard_fd(ns, shard, create=True)
+        tag = f"{os.getpid()}-{next(_counter)}"
+        write_atomically(name, tag, parts, uncached=self.uncached, dir_fd=shard_fd)
 
     def get(self, keys: Sequence[CacheKey], allocator: ChunkAllocator) -> list[Chunk | None]:
         out: list[Chunk | None] = [None] * len(keys)
@@ -330,11 +413,19 @@ class LocalDiskBackend(StorageBackend):
             out[i] = chunk
         return out
 
+    def _open(self, key: CacheKey) -> int:
+        """``key``'s chunk file, opened by descriptor from the namespace folder down: never
+        through a symlink, and only a regular file (:func:`open_regular`)."""
+        ns, shard, name = self._where(key)
+        return open_regular(name, self._shard_fd(ns, shard))
+
     def _read(self, key: CacheKey, nbytes: int, allocator: ChunkAllocator) -> Chunk | None:
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as e:  # gone, or a symlink in a chunk's place
+            fd = self._open(key)
+        except OSError as e:  # gone, or a symlink, a FIFO or a folder in a chunk's place
+            if isinstance(e, NotAChunkFile):
+                logger.warning("disk tier: chunk %s unreadable (%s); dropped", path.name, e)
             if not isinstance(e, FileNotFoundError):
                 self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
             with self._lock:
@@ -415,4 +506,17 @@ class LocalDiskBackend(StorageBackend):
         release = getattr(self, "_release", None)
         if release is not None:
             release()  # this namespace may now be reclaimed by other tiers on the folder
+        if self._orphans is not None:
+            self._orphans.close()
+        self._root_fd = -1  # its number may be reused: never open anything from it again
+        self._close_fds()
         # The files stay: that is the point.
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()

@@ -27,6 +27,13 @@ one every process opens.
 
 Where ``flock`` is not supported (some network filesystems) nothing is
 reclaimed and a warning says so.
+
+Nothing is resolved by path twice: the root folder is opened once, each
+namespace folder from its descriptor with ``O_NOFOLLOW`` (a folder swapped
+for a symlink after it was listed is skipped, never followed), and its lock,
+shard folders and files from the namespace's descriptor (``dir_fd=``). So
+neither a reclaim nor ``lmcache disk --prune`` can be redirected outside the
+root, however the folders change between the listing and the walk.
 """
 
 from __future__ import annotations
@@ -43,7 +50,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcache_core.backends.chunk_files import chunk_entries, subdirs, unlink_chunk
+from lmcache_core.backends.chunk_files import (
+    chunk_files_at,
+    open_dir,
+    open_root,
+    subdir_names,
+    unlink_at,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +65,25 @@ _NAMESPACE_DIR = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK_FILE = re.compile(r"^v[0-9]+-([0-9a-f]{32})-[0-9a-f]+\.chunk$")
 
 
-def _open_lock(ns_dir: Path) -> int:
-    return os.open(ns_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _open_lock(ns_fd: int) -> int:
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    return os.open(LOCK_NAME, flags, 0o600, dir_fd=ns_fd)
 
 
-def hold(ns_dir: Path) -> int | None:
-    """Mark ``ns_dir`` in use by this process until the returned descriptor is closed.
+def hold(ns_fd: int, where: Path) -> int | None:
+    """Mark the namespace folder ``ns_fd`` (at ``where``, for messages) in use by this
+    process until the returned descriptor is closed.
 
     Blocks only while another process is deleting this namespace's files as
     orphans. None (logged) where the filesystem has no ``flock``.
     """
     try:
-        ns_dir.mkdir(parents=True, exist_ok=True)
-        fd = _open_lock(ns_dir)
+        fd = _open_lock(ns_fd)
     except OSError as e:  # a symlink or a folder in the lock's place, permissions
         logger.warning(
             "disk tier: cannot open %s (%s); this namespace is not marked in use, and "
             "unused namespaces are not reclaimed by this process",
-            ns_dir / LOCK_NAME,
+            where / LOCK_NAME,
             e.strerror,
         )
         return None
@@ -84,8 +98,8 @@ def hold(ns_dir: Path) -> int | None:
                 "disk tier: another process uses namespace %s in %s; each bounds and finds "
                 "only the chunks it wrote since it started: give each instance its own "
                 "local_disk folder (share KV between instances through p2p, Redis or S3)",
-                ns_dir.name,
-                ns_dir.parent,
+                where.name,
+                where.parent,
             )
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError as e:
@@ -93,7 +107,7 @@ def hold(ns_dir: Path) -> int | None:
         logger.warning(
             "disk tier: %s has no file locks (%s); namespaces no process uses are not "
             "reclaimed on this filesystem",
-            ns_dir.parent,
+            where.parent,
             e.strerror,
         )
         return None
@@ -101,14 +115,15 @@ def hold(ns_dir: Path) -> int | None:
 
 
 @contextmanager
-def unused(ns_dir: Path) -> Iterator[bool | None]:
-    """True inside the block when no process holds ``ns_dir`` (it is then held exclusively).
+def unused(ns_fd: int) -> Iterator[bool | None]:
+    """True inside the block when no process holds the namespace folder ``ns_fd`` (it is
+    then held exclusively).
 
     False when one does; None when this process cannot tell (no permission to
     open the lock, no ``flock``): treated as in use.
     """
     try:
-        fd = _open_lock(ns_dir)
+        fd = _open_lock(ns_fd)
     except OSError:
         yield None
         return
@@ -124,6 +139,26 @@ def unused(ns_dir: Path) -> Iterator[bool | None]:
         yield True
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def namespace_dir(root_fd: int, name: str) -> Iterator[int | None]:
+    """The namespace folder ``name`` of the root ``root_fd``, opened without following a
+    symlink; None inside the block when it is not a folder (any more)."""
+    try:
+        fd = open_dir(name, root_fd)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def namespace_names(root_fd: int) -> list[str]:
+    """The namespace folders under the root ``root_fd``, as listed now."""
+    return sorted(n for n in subdir_names(root_fd) if _NAMESPACE_DIR.match(n))
 
 
 @dataclass(frozen=True)
@@ -143,34 +178,47 @@ def survey(
 ) -> list[NamespaceUsage]:
     """Every namespace folder under ``root``; ``prune`` deletes the unused ones' chunk files now."""
     out = []
-    dirs = sorted(d for d in subdirs(root) if _NAMESPACE_DIR.match(d.name))
-    for ns_dir in dirs:
-        with unused(ns_dir) as free:
-            got = list(_chunk_files(ns_dir))
-            pruned = bool(prune and free and got)
-            if pruned:
-                for f in got:
-                    _delete(f)
-        out.append(
-            NamespaceUsage(
-                ns_dir.name,
-                None if free is None else not free,
-                len(got),
-                sum(f.nbytes for f in got),
-                max((f.mtime for f in got), default=None),
-                pruned,
+    root_fd = open_root(root)
+    try:
+        for name in namespace_names(root_fd):
+            with namespace_dir(root_fd, name) as ns_fd:
+                if ns_fd is None:
+                    continue  # a symlink (or a file) since the listing: never followed
+                with unused(ns_fd) as free:
+                    got = list(_chunk_files(ns_fd, name))
+                    pruned = bool(prune and free and got)
+                    if pruned:
+                        for f in got:
+                            _delete(ns_fd, f)
+            out.append(
+                NamespaceUsage(
+                    name,
+                    None if free is None else not free,
+                    len(got),
+                    sum(f.nbytes for f in got),
+                    max((f.mtime for f in got), default=None),
+                    pruned,
+                )
             )
-        )
-        if on_namespace is not None:
-            on_namespace(ns_dir.name)
+            if on_namespace is not None:
+                on_namespace(name)
+    finally:
+        os.close(root_fd)
     return out
 
 
 @dataclass(frozen=True)
 class OrphanFile:
     mtime: float
-    path: Path
+    namespace: str  # the namespace folder under the root
+    shard: str
+    name: str
     nbytes: int  # on disk
+
+    @property
+    def path(self) -> Path:
+        """Relative to the root (for messages: files are deleted by descriptor)."""
+        return Path(self.namespace, self.shard, self.name)
 
 
 class OrphanFiles:
@@ -178,11 +226,17 @@ class OrphanFiles:
 
     Found at start and again at most every ``rescan_s`` seconds (:meth:`scan`,
     called off the tier's lock): in a rolling update the old process often
-    still holds its namespace when the new one starts.
+    still holds its namespace when the new one starts. The root is held open
+    (``root_fd``, duplicated, or opened here) and everything below it is
+    reached by descriptor: files are named by namespace, shard and name, never
+    by a path resolved again when they are deleted minutes later.
     """
 
-    def __init__(self, root: Path, own: str, rescan_s: float = 60.0) -> None:
+    def __init__(
+        self, root: Path, own: str, rescan_s: float = 60.0, *, root_fd: int | None = None
+    ) -> None:
         self.root, self.own, self.rescan_s = root, own, rescan_s
+        self._root_fd = os.dup(root_fd) if root_fd is not None else open_root(root)
         self._lock = threading.Lock()  # the queue
         self._scanning = threading.Lock()  # one scan at a time
         self._files: deque[OrphanFile] = deque()
@@ -193,6 +247,22 @@ class OrphanFiles:
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
+            self._files.clear()
+            self.nbytes = 0
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_root_fd", -1)
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def scan(self) -> None:
         """Queue the files of namespaces that became orphans since the last scan."""
@@ -207,16 +277,21 @@ class OrphanFiles:
     def _scan(self) -> None:
         found: list[OrphanFile] = []
         names = []
-        for ns_dir in subdirs(self.root):
-            name = ns_dir.name
-            if name == self.own or name in self._known or not _NAMESPACE_DIR.match(name):
+        root_fd = self._root_fd
+        if root_fd < 0:
+            return
+        for name in namespace_names(root_fd):
+            if name == self.own or name in self._known:
                 continue
-            with unused(ns_dir) as free:
-                if free:
-                    got = list(_chunk_files(ns_dir))
-                    if got:
-                        names.append(name)
-                        found.extend(got)
+            with namespace_dir(root_fd, name) as ns_fd:
+                if ns_fd is None:
+                    continue
+                with unused(ns_fd) as free:
+                    if free:
+                        got = list(_chunk_files(ns_fd, name))
+                        if got:
+                            names.append(name)
+                            found.extend(got)
         if not found:
             return
         with self._lock:
@@ -232,52 +307,54 @@ class OrphanFiles:
             len(names),
         )
 
+    def _forget(self, namespace: str) -> None:
+        """Drop ``namespace``'s queued files without deleting them (the queue's lock held)."""
+        q = self._files
+        kept = deque(f for f in q if f.namespace != namespace)
+        self.nbytes -= sum(f.nbytes for f in q) - sum(f.nbytes for f in kept)
+        self._files = kept
+        self._known.discard(namespace)
+
     def reclaim(self, need: int) -> int:
         """Delete the oldest orphan files until ``need`` bytes are freed; how many files.
 
         A namespace some process took up again since the scan is no orphan any
-        more: its files are forgotten here, not deleted.
+        more: its files are forgotten here, not deleted. So is one whose folder is
+        no folder any more (a symlink swapped in): nothing is followed.
         """
         freed = deleted = 0
         with self._lock:
-            q = self._files
-            while q and freed < need:
-                ns_dir = q[0].path.parent.parent
-                with unused(ns_dir) as free:
-                    if not free:
-                        kept = deque(f for f in q if f.path.parent.parent != ns_dir)
-                        self.nbytes -= sum(f.nbytes for f in q) - sum(f.nbytes for f in kept)
-                        self._files = q = kept
-                        self._known.discard(ns_dir.name)
+            while self._files and freed < need and self._root_fd >= 0:
+                ns = self._files[0].namespace
+                with namespace_dir(self._root_fd, ns) as ns_fd:
+                    if ns_fd is None:
+                        self._forget(ns)
                         continue
-                    while q and freed < need and q[0].path.parent.parent == ns_dir:
-                        f = q.popleft()
-                        _delete(f)
-                        self.nbytes -= f.nbytes
-                        freed += f.nbytes
-                        deleted += 1
-            if not q:
+                    with unused(ns_fd) as free:
+                        if not free:
+                            self._forget(ns)
+                            continue
+                        q = self._files
+                        while q and freed < need and q[0].namespace == ns:
+                            f = q.popleft()
+                            _delete(ns_fd, f)
+                            self.nbytes -= f.nbytes
+                            freed += f.nbytes
+                            deleted += 1
+            if not self._files:
                 self._known.clear()  # all deleted: a namespace orphaned again is found anew
         return deleted
 
 
-def _chunk_files(ns_dir: Path) -> Iterator[OrphanFile]:
+def _chunk_files(ns_fd: int, namespace: str) -> Iterator[OrphanFile]:
     """This module's files in an orphan namespace: chunk names of that namespace only."""
-    for entry in chunk_entries(ns_dir):
-        m = _CHUNK_FILE.match(entry.name)
-        if m is None or m.group(1) != ns_dir.name:
+    for f in chunk_files_at(ns_fd):
+        m = _CHUNK_FILE.match(f.name)
+        if m is None or m.group(1) != namespace:
             continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        yield OrphanFile(st.st_mtime, Path(entry.path), st.st_size)
+        yield OrphanFile(f.mtime, namespace, f.shard, f.name, f.nbytes)
 
 
-def _delete(f: OrphanFile) -> None:
+def _delete(ns_fd: int, f: OrphanFile) -> None:
     """Delete an orphan's chunk file, and its shard folder once that is empty."""
-    unlink_chunk(f.path)
-    try:
-        f.path.parent.rmdir()
-    except OSError:
-        pass  # other chunk files still in it, or gone
+    unlink_at(ns_fd, f.shard, f.name, rmdir=True)

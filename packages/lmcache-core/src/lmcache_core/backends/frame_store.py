@@ -10,9 +10,18 @@ instance's ``remote_serde``) is decoded by that serde.
 Every byte read back is hostile until checked: ``_read`` is told the largest
 value that can be a frame and must not read more (an oversized value is a
 counted miss and is deleted, never a tier failure or a 64 MiB allocation for a
-2 KiB chunk). With a deployment secret (:mod:`lmcache_core.auth`) every frame
-is sealed in an authenticated envelope, optionally encrypted; a value without
-a valid tag is a miss, counted as forged, and deleted.
+2 KiB chunk). A value of another kind under a chunk's name (a Redis LIST, a
+directory) is ``Unusable``: a counted miss for that chunk alone, deleted, never
+a failure of the batch it was read in.
+
+A shared tier needs a deployment secret (:mod:`lmcache_core.auth`) and refuses
+to start without one unless the config opts out
+(``allow_unauthenticated_shared_tiers``). With it every frame is sealed in an
+authenticated envelope, optionally encrypted: a value without a valid tag is a
+miss, counted as forged, and deleted; a frame sealed under a secret this
+instance does not hold (another deployment's) is a miss, counted as foreign,
+and left in place; a clear frame read by an instance that requires encryption
+is a miss, counted as unencrypted, and deleted (an encrypted copy replaces it).
 
 A third party's tier for another store subclasses this and writes five
 methods and one property: ``_read(names, limit)``, ``_write``, ``_exists``,
@@ -40,7 +49,15 @@ from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
-from lmcache_core.auth import ENVELOPE_MAGIC, ForgedFrameError, FrameSealer, warn_unauthenticated
+from lmcache_core.auth import (
+    ENVELOPE_MAGIC,
+    ForeignFrameError,
+    ForgedFrameError,
+    FrameSealer,
+    UnencryptedFrameError,
+    require_secret,
+    warn_unauthenticated,
+)
 from lmcache_core.backends.base import BackendContext, ChunkAllocator, StorageBackend
 from lmcache_core.errors import ConfigError, PluginAPIError
 from lmcache_core.keys import CacheKey
@@ -70,6 +87,19 @@ class Oversized:
 
     def __repr__(self) -> str:
         return f"Oversized({self.nbytes})"
+
+
+class Unusable:
+    """What ``_read`` returns where a name holds something that cannot be a value at all
+    (a Redis LIST, a directory): a miss for that name alone, counted, and deleted."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unusable({self.reason!r})"
 
 
 #: Room for the header, key and envelope around a chunk's bytes, and for a
@@ -149,6 +179,7 @@ class FrameStore(StorageBackend):
         self.sealer = sealer
         self._written = 0
         self._warned_sealed = False
+        self._warned_foreign = False
         if not self._read_takes_limit:
             _log_unbounded_reads(type(self))
 
@@ -160,11 +191,15 @@ class FrameStore(StorageBackend):
     # ------------------------------------------------------------------ what subclasses write
 
     @abstractmethod
-    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
+    def _read(
+        self, names: list[str], limit: int
+    ) -> list[bytes | memoryview | Oversized | Unusable | None]:
         """The values stored under ``names`` (None where missing).
 
         A value larger than ``limit`` bytes is not read: return ``Oversized``
-        for it (check the size first: STRLEN, stat, a bounded read).
+        for it (check the size first: STRLEN, stat, a bounded read). A name
+        that holds something else than a value (another type) is ``Unusable``:
+        an error of one name must never fail the others.
         """
 
     @abstractmethod
@@ -222,6 +257,12 @@ class FrameStore(StorageBackend):
                 )
                 self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
                 bad.append(name)
+            elif isinstance(value, Unusable):
+                logger.warning(
+                    "%s tier: %s holds no value (%s); deleted", self.name, name, value.reason
+                )
+                self.metrics.inc("lmcache:num_corrupt_chunks", tier=self.name)
+                bad.append(name)
             elif value is not None:
                 try:
                     chunk = self._decode(key, value, allocator)
@@ -230,6 +271,12 @@ class FrameStore(StorageBackend):
                         "%s tier: value %s is not authentic (%s); deleted", self.name, name, e
                     )
                     self.metrics.inc("lmcache:num_forged_chunks", tier=self.name)
+                    bad.append(name)
+                except ForeignFrameError as e:
+                    self._foreign(name, e)
+                except UnencryptedFrameError as e:
+                    logger.warning("%s tier: value %s is refused (%s); deleted", self.name, name, e)
+                    self.metrics.inc("lmcache:num_unencrypted_chunks", tier=self.name)
                     bad.append(name)
                 except SerdeError as e:
                     if self.sealer is None and _is_sealed(value):
@@ -252,7 +299,9 @@ class FrameStore(StorageBackend):
             self.metrics.inc("lmcache:retrieved_bytes", nbytes, tier=self.name)
         return out
 
-    def _read_bounded(self, names: list[str]) -> list[bytes | memoryview | Oversized | None]:
+    def _read_bounded(
+        self, names: list[str]
+    ) -> list[bytes | memoryview | Oversized | Unusable | None]:
         """``_read`` with the limit; a plugin API 1 store's values are checked after the read."""
         limit = self.max_value_bytes
         if self._read_takes_limit:
@@ -260,10 +309,27 @@ class FrameStore(StorageBackend):
         values = self._read(names)  # type: ignore[call-arg]  # plugin API 1
         return [
             Oversized(memoryview(v).nbytes)
-            if v is not None and not isinstance(v, Oversized) and memoryview(v).nbytes > limit
+            if v is not None
+            and not isinstance(v, (Oversized, Unusable))
+            and memoryview(v).nbytes > limit
             else v
             for v in values
         ]
+
+    def _foreign(self, name: str, err: ForeignFrameError) -> None:
+        """A frame sealed under a secret this instance does not hold: a miss, left alone
+        (it may be a correctly configured fleet's, and this instance the misconfigured one)."""
+        self.metrics.inc("lmcache:num_foreign_chunks", tier=self.name)
+        if not self._warned_foreign:
+            self._warned_foreign = True
+            logger.warning(
+                "%s tier: value %s is %s: a miss, left in place. Another deployment shares "
+                "this store, or the secrets differ between instances (a typo, a rotation not "
+                "rolled out: list the old secret after the new one); warned once",
+                self.name,
+                name,
+                err,
+            )
 
     def _sealed_without_secret(self) -> None:
         """An authenticated frame and no secret here: a miss, and the frame is left alone."""
@@ -282,7 +348,7 @@ class FrameStore(StorageBackend):
         kb = key.to_bytes()
         covered = None
         if self.sealer is not None:
-            value = self.sealer.open(kb, value)
+            value = self.sealer.open(kb, value, max_raw_nbytes=self.max_chunk_bytes)
             covered = MAC_COVERED.set(True)
         try:
             return self._decode_frame(kb, key, value, allocator)
@@ -430,10 +496,12 @@ def frame_bytes(parts: FrameParts) -> bytes | memoryview:
 def sealer_for(config: CacheConfig, context: BackendContext, tier: str) -> FrameSealer | None:
     """The sealer of a shared tier: authenticated with the deployment secret, else None.
 
-    Without a secret the tier works, warns loudly at start and says so in
-    ``lmcache:tier_authenticated``.
+    Without a secret the tier refuses to start (a ConfigError that says how to set
+    one), unless the config opts out (``allow_unauthenticated_shared_tiers``): then
+    it works, warns loudly at start and says so in ``lmcache:tier_authenticated``.
     """
     if context.secret is None:
+        require_secret(config, None, f"the shared {tier} tier (remote_url)")
         if config.remote_encryption:
             raise ConfigError(
                 ["remote_encryption needs the deployment secret: set LMCACHE_AUTH_SECRET "

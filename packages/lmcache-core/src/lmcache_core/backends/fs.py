@@ -6,14 +6,23 @@ holding a checksummed frame, written under a temporary name unique to this
 host and process and renamed into place, so a reader on any host sees a
 whole file or none. The store is bounded by whoever runs the share (quota,
 a cleanup job): lmcache deletes only files that fail their checksum.
+
+Files are reached from a descriptor of the root, each folder opened with
+``O_NOFOLLOW`` (:mod:`chunk_files`): a symlink that another host (or user) of
+the share puts in place of a folder or a chunk is never followed, so nothing
+is read, written or deleted outside the share. A chunk file is opened only
+once it is a regular file, with ``O_NONBLOCK``: a FIFO there is a miss, never a
+read that waits forever.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import stat
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +30,20 @@ from urllib.parse import urlparse
 
 from lmcache_core.auth import FrameSealer
 from lmcache_core.backends.base import BackendCapabilities, BackendContext
-from lmcache_core.backends.chunk_files import SUFFIX, ensure_writable_dir, write_atomically
+from lmcache_core.backends.chunk_files import (
+    SUFFIX,
+    ensure_writable_dir,
+    open_dir,
+    open_regular,
+    open_root,
+    subdir_names,
+    write_atomically,
+)
 from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
     Oversized,
+    Unusable,
 )
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
@@ -35,6 +53,7 @@ from lmcache_core.serdes.base import Serde
 if TYPE_CHECKING:
     from lmcache_core.config import CacheConfig
 
+logger = logging.getLogger(__name__)
 _counter = itertools.count()
 
 
@@ -67,6 +86,9 @@ class SharedFSBackend(FrameStore):
         )
         self.root = Path(root)
         ensure_writable_dir(self.root, "remote_url", "is the share mounted and writable?")
+        #: Everything below the root is opened from this descriptor (never by path).
+        self._root_fd = open_root(self.root)
+        self._close_root = weakref.finalize(self, os.close, self._root_fd)
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
 
     @classmethod
@@ -87,22 +109,60 @@ class SharedFSBackend(FrameStore):
         except ValueError:
             return None
 
-    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
-        return [self._read_one(self.root / name, limit) for name in names]
-
     @staticmethod
-    def _read_one(path: Path, limit: int) -> bytes | Oversized | None:
-        """The file's bytes, its size checked before one is read; never through a symlink."""
+    def _parts(name: str) -> tuple[str, str, str] | None:
+        """``<namespace>/<shard>/<file>`` of a chunk's name; None for anything else."""
+        parts = name.split("/")
+        if len(parts) != 3 or any(p in ("", ".", "..") for p in parts):
+            return None
+        return parts[0], parts[1], parts[2]
+
+    def _shard_fd(self, name: str, *, create: bool = False) -> tuple[int, str] | None:
+        """The shard folder of ``name`` (opened from the root, no symlink followed) and the
+        file's name in it; None when the folder is not there (or is not a folder)."""
+        parts = self._parts(name)
+        if parts is None:
+            return None
+        ns, shard, base = parts
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            ns_fd = open_dir(ns, self._root_fd, create=create)
+        except (FileNotFoundError, NotADirectoryError):
+            if create:
+                raise
+            return None
+        try:
+            return open_dir(shard, ns_fd, create=create), base
+        except (FileNotFoundError, NotADirectoryError):
+            if create:
+                raise
+            return None
+        finally:
+            os.close(ns_fd)
+
+    def _read(
+        self, names: list[str], limit: int
+    ) -> list[bytes | memoryview | Oversized | Unusable | None]:
+        return [self._read_one(name, limit) for name in names]
+
+    def _read_one(self, name: str, limit: int) -> bytes | Oversized | Unusable | None:
+        """The file's bytes, its size checked before one is read; never through a symlink,
+        and only from a regular file (a FIFO or a device in its place is never waited on)."""
+        at = self._shard_fd(name)
+        if at is None:
+            return None
+        shard_fd, base = at
+        try:
+            fd = open_regular(base, shard_fd)
         except FileNotFoundError:
             return None
-        except OSError:
-            return b""  # a symlink or worse in a chunk's place: unusable, and deleted
+        except OSError as e:  # NotAChunkFile: a symlink, FIFO or folder in a chunk's place
+            return Unusable(str(e) or type(e).__name__)  # a miss for it alone, deleted
+        finally:
+            os.close(shard_fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return b""
+                return Unusable("not a regular file")
             if st.st_size > limit:
                 return Oversized(st.st_size)
             buf = bytearray(st.st_size)
@@ -117,30 +177,102 @@ class SharedFSBackend(FrameStore):
             os.close(fd)
 
     def _write(self, items: list[tuple[str, FrameParts]]) -> list[bool]:
+        out = []
         for name, parts in items:
-            final = self.root / name
-            if not final.exists():
-                tag = f"{self._tag}-{next(_counter)}"
-                # Readable by the other hosts' processes; synced before it is visible.
-                write_atomically(final, tag, parts, durable=True, mode=0o644)
-        return [True] * len(items)
+            at = self._shard_fd(name, create=True)
+            if at is None:
+                raise ValueError(f"{name!r} is not a chunk's name in this store")
+            shard_fd, base = at
+            try:
+                if not self._present(base, shard_fd):
+                    tag = f"{self._tag}-{next(_counter)}"
+                    # Readable by the other hosts' processes; synced before it is visible.
+                    write_atomically(base, tag, parts, durable=True, mode=0o644, dir_fd=shard_fd)
+                out.append(True)
+            except IsADirectoryError:  # a folder in the chunk's place: this chunk only
+                logger.warning("fs tier: %s is a folder, not a chunk; not written", name)
+                out.append(False)
+            finally:
+                os.close(shard_fd)
+        return out
+
+    @staticmethod
+    def _present(base: str, shard_fd: int) -> bool:
+        """A chunk file is there (anything else in its place is replaced by the write)."""
+        try:
+            st = os.stat(base, dir_fd=shard_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode)
 
     def _exists(self, names: list[str]) -> list[bool]:
-        return [(self.root / n).exists() for n in names]
+        out = []
+        for name in names:
+            at = self._shard_fd(name)
+            if at is None:
+                out.append(False)
+                continue
+            shard_fd, base = at
+            try:
+                st = os.stat(base, dir_fd=shard_fd, follow_symlinks=False)
+                out.append(stat.S_ISREG(st.st_mode))
+            except OSError:
+                out.append(False)
+            finally:
+                os.close(shard_fd)
+        return out
 
     def _delete(self, names: list[str]) -> int:
         n = 0
         for name in names:
+            at = self._shard_fd(name)
+            if at is None:
+                continue
+            shard_fd, base = at
             try:
-                (self.root / name).unlink()
+                os.unlink(base, dir_fd=shard_fd)
                 n += 1
             except FileNotFoundError:
                 pass
+            except IsADirectoryError:
+                # A folder in a chunk's place: removed when empty; never a tree (a
+                # shared store's folder is not this instance's to delete whole).
+                try:
+                    os.rmdir(base, dir_fd=shard_fd)
+                    n += 1
+                except OSError as e:
+                    logger.warning("fs tier: %s is a folder, not a chunk; left (%s)", name,
+                                   e.strerror)  # fmt: skip
+            finally:
+                os.close(shard_fd)
         return n
 
     def _names(self) -> Iterator[str]:
-        for path in self.root.glob(f"*/*/*{SUFFIX}"):
-            yield str(path.relative_to(self.root))
+        root_fd = self._root_fd
+        for ns in subdir_names(root_fd):
+            try:
+                ns_fd = open_dir(ns, root_fd)
+            except OSError:
+                continue
+            try:
+                for shard in subdir_names(ns_fd):
+                    try:
+                        shard_fd = open_dir(shard, ns_fd)
+                    except OSError:
+                        continue
+                    try:
+                        with os.scandir(shard_fd) as it:
+                            found = [
+                                e.name
+                                for e in it
+                                if e.name.endswith(SUFFIX) and not e.name.startswith(".")
+                            ]
+                    finally:
+                        os.close(shard_fd)
+                    for base in found:
+                        yield f"{ns}/{shard}/{base}"
+            finally:
+                os.close(ns_fd)
 
     @property
     def capacity_bytes(self) -> int:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from lmcache_core.arena import AnonymousArena
-from lmcache_core.auth import IndexSigner, warn_unauthenticated
+from lmcache_core.auth import IndexSigner, require_secret, warn_unauthenticated
 from lmcache_core.backends.base import (
     BackendCapabilities,
     BackendContext,
@@ -120,6 +120,7 @@ class P2PBackend(StorageBackend):
     def from_config(cls, config: CacheConfig, context: BackendContext) -> P2PBackend:
         if not config.p2p_index_url:
             raise ConfigError(["enable_p2p needs p2p_index_url, e.g. redis://index-host:6379"])
+        require_secret(config, context.secret, "the p2p index (p2p_index_url)")
         signer = IndexSigner(context.secret) if context.secret is not None else None
         if signer is None:
             warn_unauthenticated("p2p index")
@@ -195,6 +196,14 @@ class P2PBackend(StorageBackend):
         if n:
             logger.warning("p2p: %d index values failed their checks (forged or malformed)", n)
             self.metrics.inc("lmcache:num_forged_chunks", n, tier=self.name)
+        n, self.index.removed = self.index.removed, 0
+        if n:
+            logger.warning(
+                "p2p: %d index values were larger than an entry or record can be, or not "
+                "strings; deleted",
+                n,
+            )
+            self.metrics.inc("lmcache:num_corrupt_chunks", n, tier=self.name)
 
     def _usable(self, e: Entry) -> bool:
         """An entry this reader can pull: its size is a chunk's, for its tokens, in this layout."""

@@ -6,6 +6,12 @@ carries an HMAC-SHA256 binding the chunk key, owner, address, size and
 generation (:class:`~lmcache_core.auth.IndexSigner`); a peer record carries
 one binding the peer's name to its transport metadata. A value that fails is
 treated as absent and counted (``rejected``), never as an error.
+
+Every read is bounded before a byte is fetched: an entry is read with
+``GETRANGE 0 MAX_ENTRY_BYTES`` (a record with ``MAX_RECORD_BYTES``), so a 64 MiB
+value under a chunk's name costs a few KiB, and a value larger than its bound,
+or of another type (a LIST), is deleted and counted (``removed``), for that
+name alone: the lookup script keeps answering for every other name.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey
 
 logger = logging.getLogger(__name__)
+
+#: The largest index entry read (owner, numbers, checksum and tag take ~250 bytes).
+MAX_ENTRY_BYTES = 4096
+#: The largest peer record read (a transport's metadata: NIXL's is ~0.5 KiB on one host).
+MAX_RECORD_BYTES = 1 << 20
 
 
 class Entry:
@@ -128,6 +139,9 @@ class PeerIndex:
         self.signer = signer
         #: Index values that failed their checks since the last look (counted by the tier).
         self.rejected = 0
+        #: Index values deleted since the last look: larger than their bound, or of
+        #: another type than a string (counted by the tier).
+        self.removed = 0
 
     def _chunk(self, key: CacheKey) -> str:
         return f"{self.prefix}chunk:{key.hex()}"
@@ -139,6 +153,11 @@ class PeerIndex:
         record = metadata
         if self.signer is not None:
             record = self.signer.tag(b"peer", peer.encode(), metadata) + metadata
+        if len(record) > MAX_RECORD_BYTES:
+            raise ValueError(
+                f"p2p: this peer's record is {len(record)} bytes; readers take at most "
+                f"{MAX_RECORD_BYTES}"
+            )
         self.client.set(self._peer(peer), record, px=self.peer_ttl_ms)
 
     def _record(self, peer: str, raw: bytes | None) -> bytes | None:
@@ -162,30 +181,70 @@ class PeerIndex:
     def retire(self, peer: str) -> None:
         self.client.delete(self._peer(peer))
 
+    def _read_bounded(self, names: list[str], limit: int) -> list[bytes | None]:
+        """The values of ``names``, none read past ``limit`` + 1 bytes; a larger one, or
+        one of another type, is deleted (and counted in ``removed``) and reads as None."""
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.getrange(name, 0, limit)
+        out: list[bytes | None] = []
+        bad: list[str] = []
+        for name, value in zip(names, pipe.execute(raise_on_error=False)):
+            if isinstance(value, Exception):
+                if not str(value).startswith("WRONGTYPE"):
+                    raise value  # the server's trouble, not this value's
+                bad.append(name)
+                value = None
+            elif len(value) > limit:
+                bad.append(name)
+                value = None
+            out.append(value or None)  # GETRANGE answers "" for a missing name
+        if bad:
+            self.client.delete(*bad)
+            self.removed += len(bad)
+        return out
+
     def peers(self, peers: Sequence[str]) -> dict[str, bytes | None]:
         names = list(dict.fromkeys(peers))
         if not names:
             return {}
-        raws = self.client.mget([self._peer(p) for p in names])
+        raws = self._read_bounded([self._peer(p) for p in names], MAX_RECORD_BYTES)
         return {p: self._record(p, r) for p, r in zip(names, raws)}
 
     def lookup(self, keys: Sequence[CacheKey]) -> list[Entry | None]:
-        raw = self.client.mget([self._chunk(k) for k in keys])
+        raw = self._read_bounded([self._chunk(k) for k in keys], MAX_ENTRY_BYTES)
         return [self._entry(k, r) for k, r in zip(keys, raw)]
 
-    #: Entries of KEYS and the records of their owners, in one round trip.
+    #: Entries of KEYS and the records of their owners, in one round trip. Every value
+    #: is read bounded (ARGV[3] bytes an entry, ARGV[4] a record); one larger, or of
+    #: another type (pcall: its error stays its own), is deleted and counted.
     _LOOKUP_WITH_PEERS = """
-    local entries = redis.call('MGET', unpack(KEYS))
-    local names, seen = {}, {}
-    for _, v in ipairs(entries) do
+    local le, lr = tonumber(ARGV[3]), tonumber(ARGV[4])
+    local removed = 0
+    local function bounded(k, limit)
+      local v = redis.pcall('GETRANGE', k, 0, limit)
+      if type(v) ~= 'string' or #v > limit then
+        redis.call('DEL', k)
+        removed = removed + 1
+        return false
+      end
+      if v == '' then return false end
+      return v
+    end
+    local entries, names, seen = {}, {}, {}
+    for i, k in ipairs(KEYS) do
+      local v = bounded(k, le)
+      entries[i] = v
       if v then
         local p = string.match(v, '^([^|]*)|')
         if p and p ~= ARGV[2] and not seen[p] then seen[p] = true; table.insert(names, p) end
       end
     end
     local records = {}
-    for i, p in ipairs(names) do records[i] = redis.call('GET', ARGV[1] .. p) end
-    return {entries, names, records}
+    for i, p in ipairs(names) do records[i] = bounded(ARGV[1] .. p, lr) end
+    return {entries, names, records, removed}
     """
 
     def lookup_with_peers(
@@ -201,9 +260,11 @@ class PeerIndex:
             try:
                 if self._script is None:
                     self._script = self.client.register_script(self._LOOKUP_WITH_PEERS)
-                raw, names, records = self._script(
-                    keys=[self._chunk(k) for k in keys], args=[f"{self.prefix}peer:", exclude]
+                raw, names, records, removed = self._script(
+                    keys=[self._chunk(k) for k in keys],
+                    args=[f"{self.prefix}peer:", exclude, MAX_ENTRY_BYTES, MAX_RECORD_BYTES],
                 )
+                self.removed += int(removed)
                 entries = [self._entry(k, r) for k, r in zip(keys, raw)]
                 peers: dict[str, bytes | None] = {}
                 for n, r in zip(names, records):
@@ -214,8 +275,11 @@ class PeerIndex:
                     peers[name] = self._record(name, r)
                 return entries, peers
             except self._redis.exceptions.ResponseError as e:
-                logger.warning("p2p index: scripts refused (%s); using two round trips", e)
-                self._script = False
+                if _scripts_refused(e):
+                    logger.warning("p2p index: scripts refused (%s); using two round trips", e)
+                    self._script = False
+                else:  # this lookup's trouble: the script is tried again on the next
+                    logger.warning("p2p index: the lookup script failed (%s); two round trips", e)
         entries = self.lookup(keys)
         return entries, self.peers([e.peer for e in entries if e is not None and e.peer != exclude])
 
@@ -234,3 +298,12 @@ class PeerIndex:
     def drop(self, keys: Sequence[CacheKey]) -> None:
         if keys:
             self.client.delete(*[self._chunk(k) for k in keys])
+
+
+def _scripts_refused(err: Exception) -> bool:
+    """The server does not run scripts at all (a managed offering, an ACL), as opposed
+    to one lookup's failure."""
+    msg = str(err).lower()
+    return any(
+        m in msg for m in ("unknown command", "noperm", "no permissions", "not allowed", "disabled")
+    )

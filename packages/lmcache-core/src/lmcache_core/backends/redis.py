@@ -44,9 +44,11 @@ from lmcache_core.backends.frame_store import (
     FrameParts,
     FrameStore,
     Oversized,
+    Unusable,
     frame_bytes,
 )
 from lmcache_core.config import extra_number
+from lmcache_core.config_extra import ExtraKey
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -113,14 +115,42 @@ class RedisBackend(FrameStore):
     capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
     streams_writes: ClassVar[bool] = True
     extra_config_keys: ClassVar[Mapping[str, str]] = {
-        "redis_key_prefix": "prefix of every chunk's name (default lmcache:)",
-        "redis_ttl": "seconds a value lives (default: until the server evicts it)",
-        "redis_connect_timeout": "seconds to connect (default 2)",
-        "valkey_username": "user name (upstream's Valkey key; a URL password wins)",
-        "valkey_password": "password (upstream's Valkey key; after a URL password, before "
-        "LMCACHE_REDIS_PASSWORD)",
-        "valkey_database": "database number (not with a cluster)",
-        "valkey_mode": "standalone (default) or cluster: a cluster behind a valkey:// URL",
+        # Checked when the config is read (config_extra.ExtraKey): a TTL under 1 ms was
+        # silently none, 1e300 made every write fail, a surrogate prefix every name.
+        "redis_key_prefix": ExtraKey(
+            "prefix of every chunk's name (default lmcache:)", "text", max_length=256
+        ),
+        "redis_ttl": ExtraKey(
+            "seconds a value lives (default: until the server evicts it)",
+            "number",
+            minimum=0.001,
+            maximum=10 * 365 * 86400,
+            unit="seconds",
+        ),
+        "redis_connect_timeout": ExtraKey(
+            "seconds to connect (default 2)",
+            "number",
+            minimum=0,
+            open_minimum=True,
+            maximum=3600,
+            unit="seconds",
+        ),
+        "valkey_username": ExtraKey(
+            "user name (upstream's Valkey key; a URL password wins)", "text", max_length=1024
+        ),
+        "valkey_password": ExtraKey(
+            "password (upstream's Valkey key; after a URL password, before LMCACHE_REDIS_PASSWORD)",
+            "text",
+            max_length=4096,
+        ),
+        "valkey_database": ExtraKey(
+            "database number (not with a cluster)", "integer", minimum=0, maximum=2**31 - 1
+        ),
+        "valkey_mode": ExtraKey(
+            "standalone (default) or cluster: a cluster behind a valkey:// URL",
+            "choice",
+            choices=("standalone", "cluster"),
+        ),
     }
     #: Frames are handed to the sender once this many bytes are packed.
     send_batch_bytes = 1 << 20
@@ -197,15 +227,23 @@ class RedisBackend(FrameStore):
 
     # ------------------------------------------------------------------ moving frames
 
-    def _read(self, names: list[str], limit: int) -> list[bytes | memoryview | Oversized | None]:
+    def _read(
+        self, names: list[str], limit: int
+    ) -> list[bytes | memoryview | Oversized | Unusable | None]:
         # GETRANGE 0..limit reads at most limit + 1 bytes of any value: one more
         # than a frame can be tells an oversized value without reading it all.
+        # Errors stay per name: a LIST under one chunk's name (WRONGTYPE) is that
+        # chunk's miss, never the batch's (nor a tier failure).
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.getrange(name, 0, limit)
-        out: list[bytes | memoryview | Oversized | None] = []
-        for value in pipe.execute():
-            if not value:
+        out: list[bytes | memoryview | Oversized | Unusable | None] = []
+        for value in pipe.execute(raise_on_error=False):
+            if isinstance(value, Exception):
+                if not _wrong_type(value):
+                    raise value  # the server's trouble (loading, auth, ...): the tier's
+                out.append(Unusable(f"not a string value: {value}"))
+            elif not value:
                 out.append(None)  # GETRANGE answers "" for a missing name
             elif len(value) > limit:
                 out.append(Oversized(len(value)))
@@ -336,6 +374,11 @@ class RedisBackend(FrameStore):
             self.client.close()
         except Exception:
             pass
+
+
+def _wrong_type(err: Exception) -> bool:
+    """A per-key error of a value's type (WRONGTYPE), not of the server."""
+    return str(err).startswith("WRONGTYPE")
 
 
 def _opt_str(value: Any) -> str | None:

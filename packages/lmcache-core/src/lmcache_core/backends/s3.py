@@ -37,6 +37,7 @@ from lmcache_core.backends.frame_store import (
     frame_bytes,
 )
 from lmcache_core.config import extra_bool, extra_number
+from lmcache_core.config_extra import ExtraKey
 from lmcache_core.errors import ConfigError
 from lmcache_core.metrics import Metrics
 from lmcache_core.serdes.base import Serde
@@ -87,13 +88,19 @@ class S3Backend(FrameStore):
     name = "s3"
     capabilities = BackendCapabilities(persistent=True, shared=True, exact_usage=False)
     extra_config_keys: ClassVar[Mapping[str, str]] = {
-        "s3_endpoint_url": "endpoint of a non-AWS store (or AWS_ENDPOINT_URL)",
-        "s3_max_concurrency": "requests of a batch in flight at once (default 16)",
-        "s3_num_io_threads": "upstream's name for s3_max_concurrency",
-        "s3_region": "the bucket's region",
-        "aws_access_key_id": "access key (with aws_secret_access_key; default: boto3's chain)",
-        "aws_secret_access_key": "secret key (with aws_access_key_id)",
-        "disable_tls": "plain HTTP to the endpoint",
+        "s3_endpoint_url": ExtraKey("endpoint of a non-AWS store (or AWS_ENDPOINT_URL)"),
+        "s3_max_concurrency": ExtraKey(
+            "requests of a batch in flight at once (default 16)", "integer", minimum=1, maximum=1024
+        ),
+        "s3_num_io_threads": ExtraKey(
+            "upstream's name for s3_max_concurrency", "integer", minimum=1, maximum=1024
+        ),
+        "s3_region": ExtraKey("the bucket's region", max_length=256),
+        "aws_access_key_id": ExtraKey(
+            "access key (with aws_secret_access_key; default: boto3's chain)"
+        ),
+        "aws_secret_access_key": ExtraKey("secret key (with aws_access_key_id)"),
+        "disable_tls": ExtraKey("plain HTTP to the endpoint", "bool"),
     }
 
     def __init__(
