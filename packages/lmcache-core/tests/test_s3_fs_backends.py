@@ -260,3 +260,36 @@ def test_upstream_s3_settings_reach_a_real_store_through_the_engine(monkeypatch)
             config.replace(extra_config={"aws_access_key_id": "only-one"}), model="m", layout=layout
         ):
             pass
+
+
+def test_a_frame_whose_serde_cannot_run_here_is_a_miss_left_in_place(tmp_path, monkeypatch):
+    """A mixed fleet: one host writes zstd frames, another lacks zstandard. Its reads of
+    those frames are misses that leave them for the hosts that can read them, never a
+    failed batch (the others still hit) nor a deleted frame."""
+    from lmcache_core.backends import frame_store
+    from lmcache_core.serdes import compressed
+
+    f = ChunkFactory(4096)
+    writer = SharedFSBackend(tmp_path, serde=ZstdSerde())
+    _put(writer, f, [1])
+    plain = SharedFSBackend(tmp_path)
+    _put(plain, f, [2])
+
+    def missing(self, level=1):
+        raise ImportError("zstandard is not installed: pip install 'lmcache-core[compression]'")
+
+    monkeypatch.setattr(compressed.ZstdSerde, "__init__", missing)
+    frame_store.serde_for_id.cache_clear()
+    try:
+        m = Metrics()
+        reader = SharedFSBackend(tmp_path, metrics=m)
+        got = reader.get([test_key(1), test_key(2)], f.allocate)
+        assert got[0] is None, "a frame this host cannot decode is a miss"
+        assert got[1] is not None and bytes(got[1].view) == chunk_payload(test_key(2), 4096)
+        got[1].release()
+        assert (tmp_path / writer.name_of(test_key(1))).exists(), "left for the others"
+        assert m.get("lmcache:num_corrupt_chunks", tier=reader.name) == 0
+    finally:
+        monkeypatch.undo()
+        frame_store.serde_for_id.cache_clear()
+    assert _read(writer, f, 1) == chunk_payload(test_key(1), 4096)  # the writer still hits

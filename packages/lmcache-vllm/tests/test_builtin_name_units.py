@@ -125,3 +125,39 @@ def test_prom_metrics_are_lmcaches_unless_use_native():
         LMCacheConnectorV1.build_prom_metrics(native, types, ["engine"], {0: ["0"]}),
         LMCachePromMetrics,
     )
+
+
+def test_every_call_lmcaches_connector_answers_reaches_it_through_the_wrapper():
+    """The wrapper forwards some calls itself and inherits the rest from vLLM's base class
+    (no-ops): each of lmcache's answers must reach vLLM. ``reset_cache`` above all: a
+    weight update's cache reset must start a new key epoch, not return the base's None."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    assert builtin_name.install()
+    ours = {
+        name
+        for klass in LMCacheKVConnector.__mro__
+        if klass is not KVConnectorBase_V1 and issubclass(klass, KVConnectorBase_V1)
+        for name in klass.__dict__
+        if name in KVConnectorBase_V1.__dict__ and not name.startswith("__")
+    }
+    for name in sorted(ours):
+        assert getattr(LMCacheConnectorV1, name) is not getattr(KVConnectorBase_V1, name), (
+            f"vLLM's wrapper answers {name} with the base class's, not lmcache's"
+        )
+
+    calls = []
+
+    class Connector(LMCacheKVConnector):
+        def reset_cache(self):
+            calls.append("reset")
+            return True
+
+        @property
+        def requires_kv_delivery(self):
+            return False
+
+    wrapper = _wrapper_over_ours()
+    wrapper._lmcache_engine.connector.__class__ = Connector
+    assert wrapper.reset_cache() is True and calls == ["reset"]
+    assert wrapper.requires_kv_delivery is False

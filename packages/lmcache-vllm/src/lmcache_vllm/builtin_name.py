@@ -23,7 +23,10 @@ methods, delegating to lmcache's connector:
   when the shim this process would load is lmcache's and ``use_native`` is off;
   the wrapper's own otherwise;
 * ``get_kv_connector_stats``, ``get_kv_connector_kv_cache_events``,
-  ``update_connector_output``, ``take_events``: lmcache's connector's, when the
+  ``update_connector_output``, ``take_events``, and the calls the wrapper does
+  not forward at all (``reset_cache``: without it a weight update's cache reset
+  left lmcache serving the old weights' KV; ``shutdown``,
+  ``get_external_cache_hit_sources``, ``requires_kv_delivery``): lmcache's connector's, when the
   instance's ``_lmcache_engine`` is lmcache's shim; the wrapper's own otherwise
   (upstream LMCache installed instead, ``use_native``).
 
@@ -51,7 +54,16 @@ SHIM_MODULE = "lmcache.integration.vllm.vllm_v1_adapter"
 #: Instance methods the wrapper defines itself (replaced: they drop or mistype what
 #: lmcache's connector reports) and those it inherits from the base class (added).
 OWN = ("get_kv_connector_kv_cache_events", "update_connector_output", "take_events")
-INHERITED = ("get_kv_connector_stats",)
+#: Without these the wrapper answers with the base class's no-ops: ``reset_cache``
+#: above all (a weight update's cache reset would keep serving the old weights' KV),
+#: ``shutdown`` (queued disk writes flushed), the hit sources, KV delivery.
+INHERITED = (
+    "get_kv_connector_stats",
+    "reset_cache",
+    "shutdown",
+    "get_external_cache_hit_sources",
+)
+PROPERTIES = ("requires_kv_delivery",)
 CLASSMETHODS = ("build_kv_connector_stats", "build_prom_metrics")
 #: Set on the wrapper class once installed.
 MARK = "_lmcache_vllm_delegates"
@@ -95,7 +107,7 @@ def why_not(cls: Any) -> str | None:
     for name in OWN:
         if name not in cls.__dict__:
             return f"the wrapper no longer defines {name}"
-    for name in (*INHERITED, *CLASSMETHODS):
+    for name in (*INHERITED, *PROPERTIES, *CLASSMETHODS):
         if name in cls.__dict__:
             return f"the wrapper now defines {name} itself"
         if not hasattr(KVConnectorBase_V1, name):
@@ -118,6 +130,16 @@ def _instance_delegate(cls: Any, name: str) -> Any:
 
     method.__doc__ = f"lmcache's ``{name}`` when the wrapper serves lmcache (see {__name__})."
     return method
+
+
+def _property_delegate(cls: Any, name: str) -> property:
+    original = getattr(cls, name)  # the base class's property
+
+    def get(self: Any) -> Any:
+        connector = _ours(self)
+        return original.fget(self) if connector is None else getattr(connector, name)
+
+    return property(get, doc=f"lmcache's ``{name}`` when the wrapper serves lmcache.")
 
 
 def _classmethods(cls: Any) -> dict[str, Any]:
@@ -179,6 +201,8 @@ def install() -> bool:
         return False
     for name in (*OWN, *INHERITED):
         setattr(cls, name, _instance_delegate(cls, name))
+    for name in PROPERTIES:
+        setattr(cls, name, _property_delegate(cls, name))
     for name, value in _classmethods(cls).items():
         setattr(cls, name, value)
     setattr(cls, MARK, True)

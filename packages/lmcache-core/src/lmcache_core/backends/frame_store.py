@@ -107,16 +107,28 @@ class Unusable:
 _FRAME_SLACK = 4096
 
 
+class SerdeUnavailable(SerdeError):
+    """A frame written by a serde this instance cannot run (not installed, or its library
+    missing: zstd or lz4 on one host of a mixed fleet): a miss, left in place (it is
+    valid for the instances that can read it)."""
+
+
 @functools.cache
 def serde_for_id(serde_id: int) -> Serde | None:
-    """The installed serde that writes frames with ``serde_id`` (None if none is installed)."""
+    """The installed serde that writes frames with ``serde_id`` (None if none is installed).
+
+    Raises :class:`SerdeUnavailable` when that serde is installed but cannot be made here
+    (its compression library is missing)."""
     for name in installed_names(SERDES):
         try:
             cls = load_plugin(SERDES, name)
         except Exception:  # a broken third-party plugin must not break reads
             continue
         if getattr(cls, "serde_id", None) == serde_id:
-            return cls()
+            try:
+                return cls()
+            except Exception as e:  # its library is missing on this host
+                raise SerdeUnavailable(f"serde {name!r} cannot run here ({e})") from None
     return None
 
 
@@ -180,6 +192,7 @@ class FrameStore(StorageBackend):
         self._written = 0
         self._warned_sealed = False
         self._warned_foreign = False
+        self._warned_serde = False
         if not self._read_takes_limit:
             _log_unbounded_reads(type(self))
 
@@ -272,7 +285,7 @@ class FrameStore(StorageBackend):
                     )
                     self.metrics.inc("lmcache:num_forged_chunks", tier=self.name)
                     bad.append(name)
-                except ForeignFrameError as e:
+                except (ForeignFrameError, SerdeUnavailable) as e:
                     self._foreign(name, e)
                 except UnencryptedFrameError as e:
                     logger.warning("%s tier: value %s is refused (%s); deleted", self.name, name, e)
@@ -316,9 +329,23 @@ class FrameStore(StorageBackend):
             for v in values
         ]
 
-    def _foreign(self, name: str, err: ForeignFrameError) -> None:
-        """A frame sealed under a secret this instance does not hold: a miss, left alone
-        (it may be a correctly configured fleet's, and this instance the misconfigured one)."""
+    def _foreign(self, name: str, err: ForeignFrameError | SerdeUnavailable) -> None:
+        """A frame sealed under a secret this instance does not hold, or written by a serde
+        it cannot run: a miss, left alone (it may be a correctly configured fleet's, and
+        this instance the misconfigured one)."""
+        if isinstance(err, SerdeUnavailable):
+            self.metrics.inc("lmcache:num_failures", tier=self.name, op="serde_unavailable")
+            if not self._warned_serde:
+                self._warned_serde = True
+                logger.warning(
+                    "%s tier: value %s: %s: a miss, left in place. Another instance writes "
+                    "with remote_serde that this one cannot read: install the same extras "
+                    "(lmcache-core[compression]) on every instance; warned once",
+                    self.name,
+                    name,
+                    err,
+                )
+            return
         self.metrics.inc("lmcache:num_foreign_chunks", tier=self.name)
         if not self._warned_foreign:
             self._warned_foreign = True
@@ -366,7 +393,9 @@ class FrameStore(StorageBackend):
         if serde is None:
             serde = serde_for_id(header.serde_id)
             if serde is None:
-                raise SerdeError(f"no installed serde writes frames with id {header.serde_id}")
+                raise SerdeUnavailable(
+                    f"no installed serde writes frames with id {header.serde_id}"
+                )
         chunk = allocator(key, header.num_tokens, header.raw_nbytes)
         if chunk is None:
             return None  # no memory to read into: a miss, not corruption
