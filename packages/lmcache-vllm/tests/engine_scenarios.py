@@ -273,6 +273,13 @@ def scenario_recompute(model: str) -> dict:
     r["loaded_after_corruption"] = h.retrieved() - before
     r["corrupt_chunks"] = h.m.get("lmcache:num_corrupt_chunks")
     r["failed_loads"] = [list(x[3]) for x in h.worker.recent if x[0] == "failed"]
+    # The step whose load fell short stored nothing of that request (its blocks past
+    # the load held other KV when the step began); the next request stores chunk 2.
+    keys = h.engine.chunk(p).keys(h.engine.namespace)
+    r["stored_after_short_load"] = h.engine.cpu.contains([keys[2]])[0]
+    h.llm.reset_prefix_cache()
+    r["again"] = h.gen(p)
+    r["stored_again"] = h.engine.cpu.contains([keys[2]])[0]
     # Sensitivity of the oracle: with checksums off, plausible but wrong KV (the
     # second chunk's bytes in the third chunk's place) reaches the engine.
     h.engine.cpu._checksums = None

@@ -132,3 +132,64 @@ def test_a_worker_with_synchronous_saves_reports_nothing():
         assert worker.get_finished({"a"}) == set()
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_a_load_that_falls_short_stores_nothing_of_that_request_in_the_same_step(layerwise):
+    """The scheduler plans a request's load and its save in one step. If the load falls
+    short (a chunk lost between lookup and load: a shared tier's read failed), the blocks
+    past what landed hold another request's KV: storing them would put that KV under
+    this prompt's keys for every later request. vLLM recomputes them; lmcache stores
+    nothing of that request this step."""
+    import lmcache_cuda
+    import torch
+    from lmcache_cuda.layerwise import LayerMemories
+    from lmcache_vllm.metadata import LoadSpec
+
+    layout = KVLayout("vllm_flash", "float32", 2, 1, 8, 16)
+    engine = CacheEngine(
+        CacheConfig.from_dict({"chunk_size": 16, "max_local_cpu_size": "1MiB"}),
+        model="m",
+        layout=layout,
+    )
+    layers = [torch.zeros(2, 8, 16, 1, 8) for _ in range(2)]
+    worker = WorkerSide(_config("short-load", {"async_saves": False}), None)
+    try:
+        worker.engine = engine
+        worker._paged = lmcache_cuda.paged_memory(layout, layers)
+        if layerwise:
+            names = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+            worker._layer_mem = LayerMemories(layout, layers, names, whole=worker._paged)
+        worker.saves = SaveQueue(engine)
+        d0, d1 = b"\x01" * 32, b"\x02" * 32
+        for t in layers:
+            t[:, 1].fill_(1.0)  # block 1: chunk 0's KV, as computed
+        first = PromptRef(16, 16, [d0])
+        stored = LMCacheConnectorMetadata(saves=[SaveSpec("a", first, [1])])
+        worker.start_load_kv(stored)
+        for name in names if layerwise else []:
+            worker.save_kv_layer(name)
+        worker.wait_for_save(stored)
+        assert engine.lookup_chunks(first.prompt()) == 1  # chunks found
+        # Request b: the same first chunk, then a second one. Its blocks 2 and 3 hold
+        # another request's KV (7.0) when the step starts; only chunk 0 is cached.
+        for t in layers:
+            t[:, 2:4].fill_(7.0)
+        both = PromptRef(16, 32, [d0, d1])
+        step = LMCacheConnectorMetadata(
+            loads=[LoadSpec("b", both, [2, 3], 0, 32)],  # promised 32, 16 are there
+            saves=[SaveSpec("b", both, [2, 3])],
+        )
+        worker.start_load_kv(step)
+        for name in names if layerwise else []:
+            worker.wait_for_layer_load(name)
+            worker.save_kv_layer(name)
+        worker.wait_for_save(step)
+        assert worker.take_failed_blocks() == {3}, "vLLM recomputes the block not loaded"
+        assert engine.lookup_chunks(both.prompt()) == 1, (
+            "chunk 1 was stored from a block that held another request's KV"
+        )
+        assert len(worker.saves) == 0
+    finally:
+        worker.close()
+        engine.close()

@@ -140,6 +140,10 @@ def test_hit_matches_a_full_recompute_and_corruption_recomputes(peaked_model):
     assert r["loaded_after_corruption"] == 512
     assert r["after_corruption"] == r["cold"]
     assert r["corruption_logprob_gap"] < 0.2
+    # Nothing of the request stored in the step its load fell short (its blocks past
+    # the load held other KV then); the next request of the prompt stores it again.
+    assert r["stored_after_short_load"] is False
+    assert r["again"] == r["cold"] and r["stored_again"] is True
     # The oracle is sensitive: wrong-but-plausible KV changes the logprobs a lot.
     gap = r["wrong_kv_logprob_gap"]
     assert r["wrong_kv"] != r["cold"] or gap > 0.5, (gap, r["wrong_kv"], r["cold"])

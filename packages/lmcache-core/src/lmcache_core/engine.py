@@ -364,6 +364,10 @@ class CacheEngine:
         """Wait for a started store's copy and commit it; returns tokens newly stored."""
         return staged_store.commit(self.chunk_store, self.metrics, staged)
 
+    def discard_store(self, staged: staged_store.StagedStore) -> None:
+        """Drop a started store: its copy is waited for, its chunks released, nothing stored."""
+        staged_store.discard(self.chunk_store, staged)
+
     # ------------------------------------------------------------------ retrieve
 
     def retrieve(

@@ -84,6 +84,20 @@ def stage(
     return StagedStore(todo, completion, time.perf_counter() - t0)
 
 
+def discard(store: ChunkStore, staged: StagedStore) -> None:
+    """Drop a staged store: wait for its copy (its chunks are written to until then),
+    then release its chunks; nothing is stored. For a store whose source turned out
+    wrong after it was staged (a load into the same blocks that failed)."""
+    if staged.committed:
+        return
+    staged.committed = True
+    try:
+        staged.completion.wait()
+    except Exception:
+        pass  # a failed copy: released all the same
+    store.abort(staged.todo)
+
+
 def commit(store: ChunkStore, metrics: Metrics, staged: StagedStore) -> int:
     """Wait for the copy (a no-op once done), hand the chunks to the store's tiers.
 
@@ -149,6 +163,17 @@ class SaveQueue:
         while self._queue and self._queue[0][1].done():
             stored += self._commit_oldest()
         return stored
+
+    def discard(self, staged: Sequence[StagedStore]) -> None:
+        """Drop these stores (not committed: their chunks are released, nothing stored)."""
+        drop = {id(s) for s in staged}
+        kept: deque[tuple[str, StagedStore]] = deque()
+        for owner, s in self._queue:
+            if id(s) in drop:
+                self.engine.discard_store(s)
+            else:
+                kept.append((owner, s))
+        self._queue = kept
 
     def drain(self) -> int:
         stored = 0

@@ -89,6 +89,13 @@ class WorkerSide:
         self._step_readers: list[LayerwiseReader] = []
         self._held_loads: list[StagedLoad] = []
         self._failed_blocks: set[int] = set()
+        #: Requests whose load this step fell short: their blocks past what landed hold
+        #: another request's KV (and the step's tokens after them attend to it), so
+        #: nothing of theirs is stored this step (vLLM recomputes them).
+        self._short: set[str] = set()
+        #: This step's staged saves, by request (to discard a request's if its
+        #: layer-wise load fails after they were staged).
+        self._step_staged: list[tuple[str, StagedStore]] = []
         self.blend: Any = None  # BlendWorker when enable_blending
         #: KV cache events for routers, when vLLM publishes events (--kv-events-config).
         self.events = WorkerEvents(self.block_size) if events_enabled(vllm_config) else None
@@ -154,8 +161,7 @@ class WorkerSide:
         )
         self.metrics_server = self.cache.exporter
         logger.info(
-            "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens; "
-            "tiers: %s",
+            "lmcache: rank %d/%d caches %s KV (%s, %d layers) in %d chunks of %d tokens; tiers: %s",
             rank,
             world,
             layout.dtype,
@@ -195,6 +201,7 @@ class WorkerSide:
         if self.engine is None:
             return
         self.poll_saves()
+        self._short, self._step_staged = set(), []
         if meta.fence and self._fence is not None:
             self._fence()  # a preempted request's blocks, still being saved, are reused
             if self._layer_mem is not None:
@@ -241,6 +248,7 @@ class WorkerSide:
             )
         bs = self.block_size
         writer = LayerwiseWriter(self._layer_mem, spec.block_ids)
+        writer.req_id = spec.req_id
         writer.blocks_if_failed = spec.block_ids[spec.load_from // bs : -(-spec.load_until // bs)]
         got, held = self.engine.retrieve_async(
             spec.prompt.prompt(),
@@ -267,12 +275,15 @@ class WorkerSide:
             len(bad),
         )
         self._failed_blocks.update(bad)
+        self._short.add(spec.req_id)
         self.recent.append(("failed", spec.req_id, bad, (got, spec.load_until)))
 
     def _stage_layerwise_saves(self, saves: Any) -> None:
         """Slots for the step's saves now; each layer is copied after its attention."""
         assert self._layer_mem is not None
         for spec in saves:
+            if spec.req_id in self._short:
+                continue  # its blocks past the short load hold another request's KV
             reader = LayerwiseReader(self._layer_mem, spec.block_ids)
             if self._stage_save(spec, reader):
                 self._step_readers.append(reader)
@@ -310,6 +321,7 @@ class WorkerSide:
             if self.engine is not None:
                 self.engine.unpin(spec.req_id)
             self._failed_blocks.update(bad)
+            self._short.add(spec.req_id)
             self.recent.append(("failed", spec.req_id, bad, (spec.start, spec.until)))
 
     def wait_for_save(self, meta: LMCacheConnectorMetadata) -> None:
@@ -319,6 +331,8 @@ class WorkerSide:
         if self.engine is None:
             return
         for bspec in meta.blend_saves:
+            if bspec.req_id in self._short:
+                continue  # its blend load failed: its blocks are not what was computed
             try:
                 if self.blend is not None:
                     self.blend.save(bspec)
@@ -335,12 +349,21 @@ class WorkerSide:
                         len(writer.blocks_if_failed),
                     )
                     self._failed_blocks.update(writer.blocks_if_failed)
+                    self._short.add(writer.req_id)
             for reader in self._step_readers:
                 reader.finish()  # the saves staged in start_load_kv: every layer copied
             self._step_writers, self._step_readers = [], []
+            # A layer-wise load that failed after its request's save was staged: that
+            # save copied the blocks the load never filled; it is dropped, not stored.
+            failed = [st for rid, st in self._step_staged if rid in self._short]
+            if failed and self.saves is not None:
+                self.saves.discard(failed)
         else:
             for spec in meta.saves:
+                if spec.req_id in self._short:
+                    continue  # its blocks past the short load hold another request's KV
                 self._stage_save(spec, self.kv(spec.block_ids))
+        self._step_staged = []
         if self.saves is not None and not self.async_saves:
             self.saves.drain()  # synchronous saves: committed before the step ends
         self.poll_saves()
@@ -368,6 +391,7 @@ class WorkerSide:
         if staged is None or self.saves is None:
             return False
         self.saves.add(spec.req_id, staged)
+        self._step_staged.append((spec.req_id, staged))
         return True
 
     def _learn_inner_keys(self, spec: Any) -> None:
