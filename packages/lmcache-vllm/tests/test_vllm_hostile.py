@@ -111,8 +111,10 @@ def test_surrogate_controls_sent_to_vllms_openai_server_leave_it_serving(tiny_mo
             before = external_hits(port)
             again = [complete(port, PROMPT, max_tokens=8) for _ in range(3)]
             hits = external_hits(port) - before
+            # The log while it serves: stopping the server (SIGTERM, then a kill) makes
+            # vLLM's front end log EngineDeadError for the engine it just stopped.
+            text = log.read_text()
     assert set(answers.values()) <= {200, 400, 500}, answers
     assert again == [first] * 3
     assert hits >= 3 * 512, "ordinary requests after the bad ones hit as before"
-    text = log.read_text()
     assert "EngineDeadError" not in text and "AssertionError" not in text
