@@ -27,14 +27,18 @@ say() { echo "check_image: $*"; }
 
 if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null \
     || ! command -v runc >/dev/null || ! command -v buildah >/dev/null; then
+    # Exit status 3: this machine cannot build containers at all (no root to install
+    # the tools, or no package source); .ci/run reports it and goes on. Any failure
+    # after the tools are there is a real one (status 1).
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
         say "needs podman, buildah, mmdebstrap and runc (Debian: apt-get install podman buildah mmdebstrap runc)" >&2
-        exit 1
+        exit 3
     fi
     say "installing podman buildah mmdebstrap runc"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah mmdebstrap runc >/dev/null \
         || { apt-get update -q >/dev/null \
-             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah mmdebstrap runc >/dev/null; }
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah mmdebstrap runc >/dev/null; } \
+        || { say "could not install podman buildah mmdebstrap runc" >&2; exit 3; }
 fi
 
 export CONTAINERS_CONF="$WORK/containers.conf"
