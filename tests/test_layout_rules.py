@@ -32,7 +32,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _touches_sys_path(node: ast.AST) -> bool:
-    """``sys.path.insert/append/extend(...)``, ``sys.path[...] = ``, ``sys.path = ``.
+    """A call of ``sys.path``'s insert, append or extend; ``sys.path[...] = ``; ``sys.path = ``.
 
     (pytest's ``monkeypatch.syspath_prepend`` of a temporary folder, which makes a
     throwaway distribution importable as an installed plugin would be, is not an import
