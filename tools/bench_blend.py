@@ -20,8 +20,12 @@ fastest):
   blending off, alternating in one engine (the scheduler's blending is
   switched per request, so both paths store what they would).
 
-    python tools/bench_blend.py                      # all three, about 15 min here
+* curves: quality on the hard QA sets and TTFT over the recompute budget, per
+  selection policy (lmcache_vllm.bench.blend_curves), with an SVG plot.
+
+    python tools/bench_blend.py                      # the first three, about 15 min here
     python tools/bench_blend.py --only speed --trials 5
+    python tools/bench_blend.py --only curves --items 20 --plot curves.svg --json curves.json
 """
 
 from __future__ import annotations
@@ -36,8 +40,18 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("LMCACHE_MAX_LOCAL_CPU_SIZE", "3GiB")
 
+from lmcache_core.config import CacheConfig
 from lmcache_vllm.bench.blend import Bench, overhead, quality, speed
+from lmcache_vllm.bench.blend_curves import (
+    BUDGETS,
+    TARGETS,
+    quality_curves,
+    ttft_curves,
+    write_curves_svg,
+)
+from lmcache_vllm.bench.blend_curves import POLICIES as CURVE_POLICIES
 from lmcache_vllm.testing import tool_args
+from lmcache_vllm.testing.qa_sets import HARD_SETS
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -49,7 +63,7 @@ console = Console()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     tool_args.add_arguments(ap, model="smollm2", out=False)
-    ap.add_argument("--only", choices=["quality", "speed", "overhead"], action="append")
+    ap.add_argument("--only", choices=["quality", "speed", "overhead", "curves"], action="append")
     ap.add_argument("--items", type=int, default=50, help="quality items")
     ap.add_argument("--warm", choices=["reordered", "alone"], default="reordered")
     ap.add_argument(
@@ -60,12 +74,26 @@ def main() -> None:
     )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument(
-        "--ratio", default="0.15", help="comma-separated, one per check layer (non-increasing)"
+        "--ratio",
+        default=",".join(map(str, CacheConfig().blend_recompute_ratios)),
+        help="comma-separated, one per check layer (non-increasing); default: the config's",
     )
     ap.add_argument(
         "--check-layer", default="1", help="comma-separated: several narrow the set layer by layer"
     )
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--sets", default=",".join(HARD_SETS), help="curves: QA sets")
+    ap.add_argument("--policies", default=",".join(CURVE_POLICIES), help="curves: policies")
+    ap.add_argument("--seed", type=int, default=11, help="curves: the items' seed")
+    ap.add_argument("--plot", help="curves: write the agreement curves here (SVG)")
+    ap.add_argument("--no-ttft", action="store_true", help="curves: quality only")
+    ap.add_argument("--no-quality", action="store_true", help="curves: TTFT only")
+    ap.add_argument(
+        "--budgets", default=",".join(map(str, BUDGETS)), help="curves: fixed ratios to measure"
+    )
+    ap.add_argument(
+        "--targets", default=",".join(map(str, TARGETS)), help="curves: adaptive targets"
+    )
     a = ap.parse_args()
     run_ = tool_args.prepare(a, models_dir=ROOT / ".cache" / "models", prefix="lmcache-blend-")
     model = run_.model
@@ -91,6 +119,8 @@ def main() -> None:
                     return lambda: bar.advance(task)
 
                 out[name] = quality(b, a.items, a.warm, a.set, progress)
+        elif name == "curves":
+            out[name] = curves(b, a)
         elif name == "speed":
             out[name] = speed(b, a.trials, console.print)
         else:
@@ -128,9 +158,74 @@ def main() -> None:
             f"{o['ratio']:.3f} ({p['q1']:.3f}-{p['q3']:.3f})",
         )
     console.print(table)
+    if "curves" in out:
+        print_curves(out["curves"])
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     os._exit(0)  # skip vLLM's slow teardown
+
+
+def curves(b: Bench, a: argparse.Namespace) -> dict:
+    sets = [s for s in a.sets.split(",") if s]
+    policies = [p for p in a.policies.split(",") if p]
+    bad = [p for p in policies if p not in CURVE_POLICIES]
+    if bad:
+        raise SystemExit(f"unknown policies {bad}: from {', '.join(CURVE_POLICIES)}")
+    budgets = [float(x) for x in a.budgets.split(",") if x]
+    targets = [float(x) for x in a.targets.split(",") if x]
+    out: dict = {"seed": a.seed, "budgets": budgets, "targets": targets}
+    with Progress(console=console, transient=True) as bar:
+        if not a.no_quality:
+            task = bar.add_task("quality curves", total=a.items * len(sets))
+            out["quality"] = quality_curves(
+                b,
+                sets,
+                a.items,
+                a.seed,
+                policies,
+                budgets,
+                targets,
+                advance=lambda: bar.advance(task),
+            )
+        if not a.no_ttft:
+            task = bar.add_task("TTFT curves", total=a.trials)
+            out["ttft"] = ttft_curves(
+                b, policies, a.trials, budgets, targets, advance=lambda: bar.advance(task)
+            )
+    if a.plot and "quality" in out:
+        write_curves_svg(Path(a.plot), out["quality"])
+    return out
+
+
+def print_curves(c: dict) -> None:
+    ttft = {(p["policy"], p["x"]): p["ttft_vs_full"] for p in c.get("ttft", [])}
+    if "quality" not in c and ttft:
+        t = Table(title="TTFT over a full prefill of the same prompt")
+        for col in ("policy", "budget", "recomputed", "TTFT/full"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for p in sorted(c["ttft"], key=lambda p: (p["policy"], p["x"])):
+            t.add_row(
+                p["policy"], f"{p['x']:g}", f"{p['recomputed']:.2f}", f"{p['ttft_vs_full']:.2f}"
+            )
+        console.print(t)
+    for set_name, q in c.get("quality", {}).items():
+        t = Table(
+            title=f"{set_name}: {q['items']} items, full prefill {q['full_accuracy']:.0%} correct"
+        )
+        for col in ("policy", "budget", "recomputed", "= full", "correct", "KL", "TTFT/full"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for p in sorted(q["points"], key=lambda p: (p["policy"], p["x"])):
+            r = ttft.get((p["policy"], p["x"]))
+            t.add_row(
+                p["policy"],
+                f"{p['x']:g}",
+                f"{p['recomputed']:.2f}",
+                f"{p['agreement']:.0%}",
+                f"{p['accuracy']:.0%}",
+                f"{p['kl']:.3f}",
+                "" if r is None else f"{r:.2f}",
+            )
+        console.print(t)
 
 
 if __name__ == "__main__":

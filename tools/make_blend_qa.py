@@ -5,6 +5,10 @@ module for what an item holds):
 
     python tools/make_blend_qa.py --out /tmp/qa.json --items 50
     python tools/make_blend_qa.py --out /tmp/long.json --items 4 --docs 4 4 --doc-tokens 1000
+    python tools/make_blend_qa.py --out /tmp/shared.json --items 20 --set shared
+
+``--set`` names one of the sets in ``qa_sets.SETS`` (facts, linked, and the
+hard sets shared, bios, records) at the sizes the benchmarks measure.
 
 ``--doc-tokens`` pads each document with neutral sentences to about that
 many tokens (counted as words x 1.3).
@@ -16,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmcache_vllm.testing.qa_sets import make_items
+from lmcache_vllm.testing.qa_sets import SETS, make_items, make_set
 
 
 def main() -> None:
@@ -26,8 +30,12 @@ def main() -> None:
     ap.add_argument("--docs", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"))
     ap.add_argument("--doc-tokens", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", choices=sorted(SETS), help="a named set (ignores the sizes)")
     a = ap.parse_args()
-    items = make_items(a.items, docs=tuple(a.docs), doc_tokens=a.doc_tokens, seed=a.seed)
+    if a.set:
+        items = make_set(a.set, a.items, seed=a.seed)
+    else:
+        items = make_items(a.items, docs=tuple(a.docs), doc_tokens=a.doc_tokens, seed=a.seed)
     Path(a.out).write_text(json.dumps(items, indent=1))
     print(a.out)
 

@@ -16,6 +16,13 @@ from lmcache_core.blend import (
     segments_from_text,
     select_tokens,
 )
+from lmcache_core.blend.selection import (
+    SelectionPolicy,
+    choose,
+    interleave,
+    parse_selection,
+    segment_offsets,
+)
 from lmcache_core.config import CacheConfig
 from lmcache_core.errors import ConfigError, TokenError
 from lmcache_core.keys import TokenChunker
@@ -184,6 +191,114 @@ def test_selection_at_the_ends_of_the_ratio_and_with_nan():
     assert select_tokens(scores, cached, active, 0.0).tolist() == [3]  # holes only
     assert select_tokens(scores, cached, active, 1.0).tolist() == [0, 1, 2, 3]
     assert select_tokens(scores, cached, active, 0.34).tolist() == [1, 3]  # NaN ranks first
+
+
+# ---------------------------------------------------------------------------- policies
+
+
+def _features(dev, energy, extra=None):
+    f = {"k_deviation": np.asarray(dev, float), "k_energy": np.asarray(energy, float)}
+    return {**f, **(extra or {})}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.floats(0, 100), st.booleans()), min_size=1, max_size=80),
+    ratio=st.floats(0, 1),
+)
+def test_a_fixed_k_deviation_policy_is_the_classic_selection(data, ratio):
+    dev = np.array([s for s, _ in data])
+    cached = np.array([c for _, c in data])
+    active = np.arange(len(data))
+    out = choose(SelectionPolicy(), _features(dev, dev + 1), cached, active, ratio, guard=True)
+    assert out.keep.tolist() == select_tokens(dev, cached, active, ratio).tolist()
+    assert not out.fallback and 0 <= out.residual <= out.deviation + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    dev=st.lists(st.floats(0, 10), min_size=1, max_size=60),
+    energy=st.floats(1, 1000),
+    targets=st.lists(st.floats(0, 0.2), min_size=2, max_size=4),
+    floor=st.floats(0, 0.5),
+    cap=st.floats(0.5, 1),
+)
+def test_the_adaptive_budget_meets_its_target_within_floor_and_cap(
+    dev, energy, targets, floor, cap
+):
+    dev = np.array(dev)
+    n = len(dev)
+    cached = np.ones(n, bool)
+    active = np.arange(n)
+    e = np.full(n, energy / n)
+    kept = []
+    for t in sorted(targets, reverse=True):
+        pol = SelectionPolicy(budget="adaptive", target=t, floor=floor, cap=cap)
+        out = choose(pol, _features(dev, e), cached, active, 1.0, guard=False)
+        k = len(out.keep)
+        assert num_selected(n, floor) <= k <= max(num_selected(n, cap), num_selected(n, floor))
+        if k < num_selected(n, cap):  # below the cap the target is met, with the fewest
+            assert out.residual <= t + 1e-9
+            if k > num_selected(n, floor):
+                top = np.sort(dev)[::-1]
+                assert (dev.sum() - top[: k - 1].sum()) / energy > t - 1e-9
+        kept.append(k)
+    assert kept == sorted(kept)  # a tighter target never recomputes less
+
+
+def test_the_guard_recomputes_everything_only_when_what_is_left_exceeds_the_cap():
+    dev = np.array([4.0, 3.0, 2.0, 1.0, 0.0])
+    cached = np.array([True, True, True, True, False])
+    active = np.arange(5)
+    f = _features(dev, np.full(5, 20.0))  # energy 80 over the cached
+    pol = SelectionPolicy(max_deviation=0.05)
+    out = choose(pol, f, cached, active, 0.25, guard=True)  # keeps 1: 6/80 left
+    assert out.fallback and out.keep.tolist() == [0, 1, 2, 3, 4]
+    assert out.deviation == pytest.approx(10 / 80) and out.residual == pytest.approx(6 / 80)
+    out = choose(pol, f, cached, active, 0.5, guard=True)  # keeps 2: 3/80 left
+    assert not out.fallback and out.keep.tolist() == [0, 1, 4]
+    out = choose(pol, f, cached, active, 0.25, guard=False)  # later check layers: no guard
+    assert not out.fallback and out.keep.tolist() == [0, 4]
+    off = SelectionPolicy(max_deviation=0.0)
+    assert not choose(off, f, cached, active, 0.0, guard=True).fallback
+
+
+def test_combined_rankings_take_turns_and_segment_starts_rank_each_runs_first_tokens():
+    cached = np.array([False, True, True, True, False, True, True, False], bool)
+    assert segment_offsets(cached).tolist() == [0, 0, 1, 2, 0, 0, 1, 0]
+    dev = np.array([0, 1, 9, 8, 0, 2, 7, 0], float)
+    f = _features(dev, np.ones(8), {"segment_starts": -segment_offsets(cached).astype(float)})
+    active = np.arange(8)
+    starts = SelectionPolicy(rankings=("segment_starts",))
+    assert choose(starts, f, cached, active, 0.4, guard=False).keep.tolist() == [0, 1, 4, 5, 7]
+    both = SelectionPolicy(rankings=("k_deviation", "segment_starts"))
+    # Turns: K's best (2), the first start (1), K's next (3), the next start (5).
+    assert choose(both, f, cached, active, 0.8, guard=False).keep.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    assert interleave([np.array([2, 3, 6]), np.array([1, 5, 2])]).tolist() == [2, 1, 3, 5, 6]
+
+
+def test_selection_names_are_checked_and_reported_with_what_to_write():
+    assert parse_selection("k_deviation+question_attention") == (
+        "k_deviation",
+        "question_attention",
+    )
+    for bad in ("", "k", "k_deviation+k_deviation", "k_deviation,v_deviation"):
+        with pytest.raises(ValueError, match="one of k_deviation"):
+            parse_selection(bad)
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_dict(
+            {
+                "blend_selection": "kdev",
+                "blend_budget": "auto",
+                "blend_adaptive_min_ratio": 0.6,
+                "blend_adaptive_max_ratio": 0.4,
+            }
+        )
+    text = str(e.value)
+    assert "blend_selection='kdev'" in text and "blend_budget='auto'" in text
+    assert "blend_adaptive_min_ratio=0.6 is above" in text
+    assert SelectionPolicy.from_config(CacheConfig()).rankings == ("k_deviation", "segment_starts")
+    assert CacheConfig().blend_recompute_ratios == (0.4,)  # chosen in docs/blending.md
 
 
 # ---------------------------------------------------------------------------- config

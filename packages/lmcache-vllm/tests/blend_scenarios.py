@@ -420,6 +420,73 @@ def scenario_family(model: str) -> dict:
     return r
 
 
+#: An operator's settings: an adaptive budget ranked by K deviation and the question's
+#: attention, capped at half the tokens, with the guard on.
+GUARDED = {
+    "blend_selection": "k_deviation+question_attention",
+    "blend_budget": "adaptive",
+    "blend_deviation_target": 1e-4,
+    "blend_adaptive_max_ratio": 0.5,
+    "blend_max_deviation": 2e-4,
+}
+
+
+def scenario_guard_adaptive(model: str) -> dict:
+    """The config's selection, adaptive budget and guard, in a real engine."""
+    import dataclasses
+
+    from lmcache_vllm.connector import SCHEDULERS
+
+    h = Blend(make_llm(model, **GUARDED))
+    r: dict = {}
+    item = qa.make_shared_items(1, seed=5)[0]
+    warm, prompt = qa.warm_prompt(item), qa.render(item)
+    h.gen(warm)
+    ref_ids, _, ref_kv, _ = h.gen(prompt, salt="full-prefill")
+    configured = h.blend.policy
+    r["policy"] = dataclasses.asdict(configured)
+    r["scheduler_sends_question"] = SCHEDULERS[0].blend.wants_question
+
+    def blend(**change) -> dict:
+        h.blend.policy = dataclasses.replace(configured, **change)
+        before = {n: h.m.get(f"lmcache:{n}") for n in ("blend_deviation", "blend_fallbacks")}
+        ids, _, kv, out = h.gen(prompt)
+        res = h.blend.last
+        until = h.last_blend(out)[3][1]
+        n = res.recomputed + res.reused
+        return {
+            "recomputed": res.recomputed,
+            "reused": res.reused,
+            "share": res.recomputed / n,
+            "deviation": res.deviation,
+            "residual": res.residual,
+            "fallback": res.fallback,
+            "rows": res.rows.tolist(),
+            "same_tokens": ids == ref_ids,
+            "kv_diff": float((kv[:, :, :until] - ref_kv[:, :, :until]).abs().max()),
+            "early_kv_diff": float((kv[:2, :, :until] - ref_kv[:2, :, :until]).abs().max()),
+            "deviation_observed": h.m.get("lmcache:blend_deviation") - before["blend_deviation"],
+            "fallbacks": h.m.get("lmcache:blend_fallbacks") - before["blend_fallbacks"],
+        }
+
+    r["configured"] = blend()
+    r["guard_trips"] = blend(max_deviation=1e-12)
+    r["guard_off"] = blend(max_deviation=0.0)
+    r["target0"] = blend(max_deviation=0.0, target=0.0, cap=1.0)
+    r["target_huge"] = blend(max_deviation=0.0, target=10.0)
+    h.blend.ratios = (0.15,)
+    r["fixed15_k"] = blend(max_deviation=0.0, budget="fixed", rankings=("k_deviation",))
+    r["fixed15_question"] = blend(
+        max_deviation=0.0, budget="fixed", rankings=("question_attention",)
+    )
+    h.blend.ratios = (0.0,)
+    r["fixed0"] = blend(max_deviation=0.0, budget="fixed", rankings=("k_deviation",))
+    r["targets"] = {
+        str(t): blend(max_deviation=0.0, target=t, cap=1.0) for t in (3e-4, 1e-4, 3e-5, 1e-5)
+    }
+    return r
+
+
 def scenario_unsupported(model: str) -> dict:
     try:
         make_llm(model)

@@ -104,6 +104,42 @@ def test_offset_zero_is_prefix_reuse_and_holes_and_lost_chunks_are_recomputed(de
     assert r["plain_stored"] > 0 and r["plain_blended"] == 0
 
 
+def test_selection_adaptive_budget_and_guard_from_the_config(smollm2_model):
+    """An operator's blend settings (blend_scenarios.GUARDED) in real vLLM: the adaptive
+    budget recomputes what its target asks, the guard falls back to a full prefill, the
+    question's attention ranks tokens, and the per-request deviation is exported."""
+    r = run("guard_adaptive", smollm2_model)
+    p = r["policy"]
+    assert p["rankings"] == ["k_deviation", "question_attention"] and p["budget"] == "adaptive"
+    assert p["target"] == 1e-4 and p["cap"] == 0.5 and p["max_deviation"] == 2e-4
+    assert r["scheduler_sends_question"]
+    c = r["configured"]
+    assert c["deviation"] > 0 and c["deviation_observed"] == 1
+    # The configured request: the target met, or the cap reached (and then the guard's call).
+    assert c["residual"] <= 1e-4 + 1e-12 or c["share"] >= 0.5 - 0.02, c
+    assert c["fallback"] == (c["residual"] > 2e-4) and c["fallbacks"] == int(c["fallback"])
+    # The guard trips: everything recomputed, which is a full prefill, and counted.
+    g = r["guard_trips"]
+    assert g["fallback"] and g["fallbacks"] == 1 and g["reused"] == 0
+    assert g["same_tokens"] and g["kv_diff"] < 1e-3
+    assert not r["guard_off"]["fallback"] and r["guard_off"]["fallbacks"] == 0
+    # Adaptive: target 0 recomputes everything (= full prefill); a huge target only the
+    # holes (= ratio 0); tighter targets recompute more and leave at most the target.
+    assert r["target0"]["reused"] == 0 and r["target0"]["same_tokens"]
+    assert r["target_huge"]["recomputed"] == r["fixed0"]["recomputed"]
+    assert r["target_huge"]["reused"] > 100
+    t = r["targets"]
+    shares = [t[k]["share"] for k in ("0.0003", "0.0001", "3e-05", "1e-05")]
+    assert shares == sorted(shares) and shares[-1] > shares[0], shares
+    for k, v in t.items():
+        assert v["residual"] <= float(k) * (1 + 1e-6) + 1e-12, (k, v)
+    # The question's attention ranks tokens differently from K deviation, and the question
+    # riding along up to the check layer leaves the range's early layers exact.
+    qa15, k15 = r["fixed15_question"], r["fixed15_k"]
+    assert qa15["recomputed"] == k15["recomputed"] and qa15["rows"] != k15["rows"]
+    assert qa15["early_kv_diff"] < 1e-4 and k15["early_kv_diff"] < 1e-4
+
+
 def test_blending_with_vllms_prefix_cache_on(smollm2_model):
     r = run("prefix_cache_on", smollm2_model)
     assert r["start"] == 128 and r["held_blocks"] == 1  # vLLM held the first block

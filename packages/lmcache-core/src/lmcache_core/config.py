@@ -166,11 +166,42 @@ class CacheConfig:
     )
     blend_recompute_ratios: tuple[float, ...] = _opt(
         "float_list",
-        (0.15,),
-        "fraction of the reused tokens recomputed after each check layer, e.g. [0.15]",
+        (0.4,),
+        "fraction of the reused tokens recomputed after each check layer, e.g. [0.4] "
+        "(upstream's default is 0.15; docs/blending.md says why lmcache's is higher)",
     )
     blend_min_tokens: int = _opt(
         "int", 256, "fewest reused tokens for which a request is blended (else computed)"
+    )
+    blend_selection: str = _opt(
+        "str",
+        "k_deviation+segment_starts",
+        "how the tokens to recompute are ranked: k_deviation, v_deviation, kv_deviation, "
+        "segment_starts, question_attention, random, or several joined by '+'",
+    )
+    blend_budget: str = _opt(
+        "str",
+        "fixed",
+        "fixed: recompute blend_recompute_ratios of the reused tokens; adaptive: as many as "
+        "leave at most blend_deviation_target of deviation, within the adaptive min and max",
+    )
+    blend_deviation_target: float = _opt(
+        "float",
+        0.05,
+        "adaptive budget: K deviation (relative to K's energy, at the check layer) a blend "
+        "may leave in the tokens it reuses",
+    )
+    blend_adaptive_min_ratio: float = _opt(
+        "float", 0.0, "adaptive budget: fewest reused tokens recomputed (a ratio)"
+    )
+    blend_adaptive_max_ratio: float = _opt(
+        "float", 1.0, "adaptive budget: most reused tokens recomputed (a ratio)"
+    )
+    blend_max_deviation: float = _opt(
+        "float",
+        0.0,
+        "guard: a blend whose reused tokens keep more K deviation than this is recomputed "
+        "in full (0 turns it off)",
     )
     server_url: str | None = _opt(
         "opt_str",

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lmcache_core.blend.selection import BUDGETS, parse_selection
 from lmcache_core.sizes import MAX_SIZE
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ RANGES: dict[str, Range] = {
     "tier_retry_max_backoff": Range(0, DAY, "seconds", open_low=True),
     "p2p_peer_ttl": Range(1, 3600, "seconds (peers heartbeat at a third of it)"),
     "blend_min_tokens": Range(1, 1 << 24, "tokens"),
+    "blend_deviation_target": Range(0, 1000),
+    "blend_adaptive_min_ratio": Range(0, 1),
+    "blend_adaptive_max_ratio": Range(0, 1),
+    "blend_max_deviation": Range(0, 1000, "(0 turns the guard off)"),
     "server_timeout": Range(0, 3600, "seconds", open_low=True),
     "metrics_port": Range(0, 65535, "(a TCP port)"),
 }
@@ -145,6 +150,17 @@ def _blend_problems(self: CacheConfig) -> list[str]:
         p.append(
             f"blend_recompute_ratios={list(ratios)} must not grow from one check layer "
             "to the next (each keeps a subset of the tokens before it)"
+        )
+    try:
+        parse_selection(self.blend_selection)
+    except ValueError as e:
+        p.append(str(e))
+    if self.blend_budget not in BUDGETS:
+        p.append(f"blend_budget={self.blend_budget!r}: one of {', '.join(BUDGETS)}")
+    if self.blend_adaptive_min_ratio > self.blend_adaptive_max_ratio:
+        p.append(
+            f"blend_adaptive_min_ratio={self.blend_adaptive_min_ratio} is above "
+            f"blend_adaptive_max_ratio={self.blend_adaptive_max_ratio}"
         )
     return p
 

@@ -31,6 +31,11 @@ from typing import Any
 #: Latency buckets (seconds): 0.5 ms to 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+#: Relative K deviation of a blend (0: the cached KV is what this prompt computes).
+DEVIATION_BUCKETS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1)
+#: Shares (0..1).
+FRACTION_BUCKETS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9, 1)
+
 
 @dataclass(frozen=True)
 class MetricSpec:
@@ -99,6 +104,27 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "lmcache:blend_recomputed_tokens": _counter(
         "Tokens of a blend range recomputed in every layer (selected, or not cached)"
+    ),
+    "lmcache:blend_fallbacks": _counter(
+        "Blends recomputed in full: the deviation left exceeded blend_max_deviation"
+    ),
+    "lmcache:blend_deviation": MetricSpec(
+        "histogram",
+        "Per blend: the cached tokens' K deviation at the check layer, relative to K's energy",
+        (),
+        DEVIATION_BUCKETS,
+    ),
+    "lmcache:blend_residual_deviation": MetricSpec(
+        "histogram",
+        "Per blend: the K deviation left in the tokens it reused (what the guard caps)",
+        (),
+        DEVIATION_BUCKETS,
+    ),
+    "lmcache:blend_recomputed_fraction": MetricSpec(
+        "histogram",
+        "Per blend: the share of its range recomputed in every layer",
+        (),
+        FRACTION_BUCKETS,
     ),
     "lmcache:server_sessions": _gauge("Clients connected to an lmcache server"),
     "lmcache:server_bad_requests": _counter(

@@ -21,12 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmcache_core.bench import svg
 from lmcache_core.bench.client import OpenAIClient, PassResult, failure_summary, run_passes
 from lmcache_core.bench.loadgen import LoadSpec, hit_rate, run_load, samples_json, summarize
 from lmcache_core.bench.scrape import scrape_metrics
 from lmcache_core.bench.workload import long_doc_qa
-
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
 
 def _scrape(url: str | None) -> dict[str, float]:
@@ -221,15 +220,11 @@ def write_ttft_svg(path: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
         f'<text x="8" y="{top - 8}">TTFT (s), 0 to {ymax:.2f}</text>',
     ]
     for i, (label, pts) in enumerate(points.items()):
-        color = _COLORS[i % len(_COLORS)]
+        color = svg.color(i)
         for x, y in pts:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>')
         ly = top + 16 * i
         out.append(f'<rect x="{w - right + 10}" y="{ly}" width="10" height="10" fill="{color}"/>')
-        out.append(f'<text x="{w - right + 26}" y="{ly + 9}">{_escape(label)}</text>')
+        out.append(f'<text x="{w - right + 26}" y="{ly + 9}">{svg.escape(label)}</text>')
     out.append("</svg>")
     path.write_text("\n".join(out))
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -109,9 +109,13 @@ class Bench:
 
 
 def kl(p: dict[int, float], q: dict[int, float]) -> float:
-    """KL(p || q) over p's top tokens (a token q lacks gets q's lowest logprob)."""
+    """KL(p || q) over p's top tokens, both renormalized there (so never negative); a
+    token q lacks gets q's lowest logprob."""
     floor = min(q.values())
-    return sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items())
+    qs = {t: q.get(t, floor) for t in p}
+    zp = math.log(sum(math.exp(v) for v in p.values()))
+    zq = math.log(sum(math.exp(v) for v in qs.values()))
+    return max(0.0, sum(math.exp(lp - zp) * ((lp - zp) - (qs[t] - zq)) for t, lp in p.items()))
 
 
 def quality(

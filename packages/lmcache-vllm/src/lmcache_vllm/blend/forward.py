@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lmcache_core.blend.selection import select_tokens
+from lmcache_core.blend.selection import CheckOutcome, SelectionPolicy, choose, segment_offsets
 from lmcache_core.errors import ConfigError
 from torch import nn
 
@@ -121,12 +121,21 @@ class BlendInputs:
     cached: torch.Tensor  # [n] bool: the row has cached KV
     check_layers: tuple[int, ...]
     ratios: tuple[float, ...]
+    policy: SelectionPolicy = SelectionPolicy()
+    # ids of the prompt's tokens after L (the question), for question_attention: they run
+    # up to the first check layer beside the range and are dropped there
+    tail_ids: torch.Tensor | None = None
 
 
 @dataclass
 class BlendResult:
     rows: torch.Tensor  # rows of [P, L) recomputed in every layer (sorted)
     reused: int  # rows that kept cached KV after the last check layer
+    # at the first check layer, relative to the cached tokens' K energy: the K deviation
+    # of the cached tokens, and what the reused ones keep; fallback: the guard tripped
+    deviation: float = 0.0
+    residual: float = 0.0
+    fallback: bool = False
 
     @property
     def recomputed(self) -> int:
@@ -172,6 +181,19 @@ class _BlendAttention(nn.Module):
         return self.run.attend(self.layer, q, k, v)
 
 
+def attention_mass(
+    q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, scale: float, lo: int, hi: int
+) -> torch.Tensor:
+    """How much attention queries ``q`` ([t, heads, d] at ``q_pos``) pay each key of
+    ``[lo, hi)``, summed over queries and heads: question_attention's score."""
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    kk = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.einsum("thd,khd->htk", q.float(), kk) * scale
+    visible = torch.arange(keys.shape[0], device=q.device).unsqueeze(0) <= q_pos.unsqueeze(1)
+    logits = logits.masked_fill(~visible.unsqueeze(0), float("-inf"))
+    return logits.softmax(-1)[:, :, lo:hi].sum(dim=(0, 1))
+
+
 class _BlendRun:
     def __init__(
         self,
@@ -187,11 +209,26 @@ class _BlendRun:
         self.n_layers = len(model.layers)
         self.active = torch.arange(n)  # rows of [P, L) being computed
         self.selected: torch.Tensor | None = None  # set at a check layer, applied after it
+        self.outcome: CheckOutcome | None = None  # the first check layer's
+        # The question's rows ride after the range's up to the first check layer only.
+        tail = inputs.tail_ids if inputs.policy.needs_question else None
+        self.tail = 0 if tail is None else int(tail.numel())
         dev = inputs.cached_kv.device
-        self.positions = torch.arange(inputs.start, inputs.start + n, device=dev)
+        self.positions = torch.arange(inputs.start, inputs.start + n + self.tail, device=dev)
         from lmcache_vllm.blend.paged import slot_mapping
 
         self.slots = slot_mapping(inputs.block_ids, paged.bs, inputs.start, inputs.start + n)
+
+    def input_ids(self) -> torch.Tensor:
+        ids = self.inp.token_ids
+        if self.tail:
+            assert self.inp.tail_ids is not None
+            ids = torch.cat([ids, self.inp.tail_ids.to(ids.device)])
+        return ids
+
+    def row_positions(self) -> torch.Tensor:
+        pos = self.positions[self.active]
+        return torch.cat([pos, self.positions[self.n :]]) if self.tail else pos
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -200,8 +237,21 @@ class _BlendRun:
         k = k.reshape(-1, kvh, d)
         v = v.reshape(-1, kvh, d)
         inp = self.inp
+        t = self.tail
+        if t:  # the question's rows: attend, never written to vLLM's blocks
+            qt, kt, vt = q[-t:], k[-t:], v[-t:]
+            q, k, v = q[:-t], k[:-t], v[:-t]
+        ctx_k = ctx_v = None
+        if inp.start:
+            ctx_k, ctx_v = self.paged.read(li, inp.block_ids, 0, inp.start)
         if li in inp.check_layers:
-            self._check(li, k)  # before the fresh rows replace the cached ones below
+            q_mass = None
+            if t:
+                keys = torch.cat([x.to(k.dtype) for x in (ctx_k, k, kt) if x is not None])
+                q_mass = attention_mass(
+                    qt, self.positions[self.n :], keys, m.scale, inp.start, inp.start + self.n
+                )
+            self._check(li, k, v, q_mass)  # before the fresh rows replace the cached ones
         if self.active.numel() == self.n:
             k_all, v_all = k, v
         else:  # this layer's staging is not needed after this: blend in place
@@ -212,12 +262,11 @@ class _BlendRun:
         # Rows whose output a later layer reads: at a check layer only the kept ones
         # (the others' hidden states stop here), after the last layer none at all.
         if li == self.n_layers - 1:
-            return q.new_zeros(q.shape[0], h * d)
+            return q.new_zeros(q.shape[0] + t, h * d)
         rows = None
         if self.selected is not None:
             rows = torch.searchsorted(self.active, self.selected)
-        if inp.start:
-            ctx_k, ctx_v = self.paged.read(li, inp.block_ids, 0, inp.start)
+        if ctx_k is not None and ctx_v is not None:
             k_all = torch.cat([ctx_k.to(k_all.dtype), k_all])
             v_all = torch.cat([ctx_v.to(v_all.dtype), v_all])
         q_pos = self.positions[self.active]
@@ -227,29 +276,66 @@ class _BlendRun:
         else:
             out = q.new_zeros(q.shape)
             out[rows] = causal_attention(q[rows], q_pos[rows], k_all, v_all, m.scale)
-        return out.reshape(q.shape[0], h * d)
+        out = out.reshape(q.shape[0], h * d)
+        if t:
+            if rows is None:  # before the first check layer: later layers read the question
+                kq = torch.cat([k_all, kt.to(q.dtype)])
+                vq = torch.cat([v_all, vt.to(q.dtype)])
+                ot = causal_attention(qt, self.positions[self.n :], kq, vq, m.scale)
+            else:  # dropped after this layer
+                ot = qt.new_zeros(qt.shape)
+            out = torch.cat([out, ot.reshape(t, h * d)])
+        return out
 
-    def _check(self, li: int, k: torch.Tensor) -> None:
+    def _check(
+        self, li: int, k: torch.Tensor, v: torch.Tensor, q_mass: torch.Tensor | None
+    ) -> None:
         inp = self.inp
-        ratio = inp.ratios[inp.check_layers.index(li)]
-        cached_k = inp.cached_kv[li, 0][self.active].float()
-        scores = torch.zeros(self.n, dtype=torch.float32, device=k.device)
-        scores[self.active] = ((k.float() - cached_k) ** 2).sum(dim=(1, 2))
+        pol = inp.policy
+        idx = inp.check_layers.index(li)
+        act = self.active
+        dev = k.device
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros(self.n, dtype=torch.float32, device=dev)
+            z[act] = x.float()
+            return z
+
+        kf, kc = k.float(), inp.cached_kv[li, 0][act].float()
+        cols = {"k_deviation": ((kf - kc) ** 2).sum(dim=(1, 2)), "k_energy": (kf**2).sum((1, 2))}
+        if {"v_deviation", "kv_deviation"} & set(pol.rankings):
+            vf, vc = v.float(), inp.cached_kv[li, 1][act].float()
+            cols["v_deviation"] = ((vf - vc) ** 2).sum(dim=(1, 2))
+            cols["v_energy"] = (vf**2).sum(dim=(1, 2))
+        if q_mass is not None:
+            cols["question_attention"] = q_mass[act]
+        names = list(cols)
+        stacked = torch.stack([per_row(cols[c]) for c in names])
         if self.all_reduce is not None:  # every rank must keep the same tokens
-            scores = self.all_reduce(scores)
-        keep = select_tokens(
-            scores.cpu().numpy(), inp.cached.cpu().numpy(), self.active.cpu().numpy(), ratio
-        )
-        self.selected = torch.from_numpy(np.asarray(keep, dtype=np.int64))
+            stacked = self.all_reduce(stacked)
+        feats = dict(zip(names, stacked.cpu().numpy()))
+        cached = inp.cached.cpu().numpy()
+        a = act.cpu().numpy()
+        if "v_deviation" in feats:
+            ek, ev = feats["k_energy"][a].sum() or 1.0, feats["v_energy"][a].sum() or 1.0
+            feats["kv_deviation"] = feats["k_deviation"] / ek + feats["v_deviation"] / ev
+        feats["segment_starts"] = -segment_offsets(cached).astype(np.float64)
+        feats["random"] = np.random.default_rng(self.n).random(self.n)
+        # Past the first check layer the question is gone: it ranks by K deviation there.
+        feats.setdefault("question_attention", feats["k_deviation"])
+        outcome = choose(pol, feats, cached, a, inp.ratios[idx], guard=idx == 0)
+        if idx == 0:
+            self.outcome = outcome
+        self.selected = torch.from_numpy(np.asarray(outcome.keep, dtype=np.int64))
 
     def advance(
         self, hidden: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """After a layer: keep only the rows a check layer selected."""
+        """After a layer: keep only the rows a check layer selected (the question's go)."""
         if self.selected is None:
             return hidden, residual
         local = torch.searchsorted(self.active, self.selected)
-        self.active, self.selected = self.selected, None
+        self.active, self.selected, self.tail = self.selected, None, 0
         return hidden[local], residual[local]
 
 
@@ -262,11 +348,18 @@ def run_blend(
     """Blend tokens ``[P, L)`` of one request into its vLLM blocks (see the module docstring)."""
     run = _BlendRun(model, paged, inputs, all_reduce)
     with torch.inference_mode():
-        hidden = model.embed(inputs.token_ids)
+        hidden = model.embed(run.input_ids())
         residual: torch.Tensor | None = None
         for li, layer in enumerate(model.layers):
             with model.attention(li, _BlendAttention(run, li)):
-                hidden, residual = layer(run.positions[run.active], hidden, residual)
+                hidden, residual = layer(run.row_positions(), hidden, residual)
             assert residual is not None
             hidden, residual = run.advance(hidden, residual)
-    return BlendResult(rows=run.active, reused=run.n - int(run.active.numel()))
+    o = run.outcome
+    return BlendResult(
+        rows=run.active,
+        reused=run.n - int(run.active.numel()),
+        deviation=o.deviation if o else 0.0,
+        residual=o.residual if o else 0.0,
+        fallback=bool(o and o.fallback),
+    )

@@ -59,6 +59,7 @@ class BlendScheduler:
         self.model_config = vllm_config.model_config
         self._tokenizer: Any = None
         self._warned: set[str] = set()
+        self.wants_question = "question_attention" in config.blend_selection
 
     # ------------------------------------------------------------------ segments
 
@@ -166,6 +167,7 @@ class BlendScheduler:
             list(tokens[plan.computed : plan.until]),
             cs,
             runs,
+            list(tokens[plan.until :]) if self.wants_question else [],
         )
 
     def save_spec(self, req_id: str, st: BlendState, block_ids: list[int]) -> BlendSaveSpec | None:

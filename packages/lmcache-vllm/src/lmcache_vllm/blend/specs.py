@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -37,6 +37,9 @@ class BlendLoadSpec:
     token_ids: list[int]  # of tokens [start, until)
     chunk_size: int
     runs: list[RunRef]
+    # the prompt's tokens after ``until`` (its question), sent only where the selection
+    # ranks by the question's attention
+    tail_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

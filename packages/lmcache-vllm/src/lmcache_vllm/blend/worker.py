@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lmcache_core.blend import BLEND_KEY_FORM
+from lmcache_core.blend.selection import SelectionPolicy
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import CacheKey, ChunkSpan
@@ -120,6 +121,7 @@ class BlendWorker:
             )
         self.check_layers = tuple(cfg.blend_check_layers)
         self.ratios = tuple(cfg.blend_recompute_ratios)
+        self.policy = SelectionPolicy.from_config(cfg)
         ns = engine.namespace
         self.namespace = dataclasses.replace(ns, extra=tuple(sorted((*ns.extra, BLEND_KEY_FORM))))
         self.dtype = layers[0].dtype
@@ -188,6 +190,12 @@ class BlendWorker:
                 cached=cached,
                 check_layers=self.check_layers,
                 ratios=self.ratios,
+                policy=self.policy,
+                tail_ids=(
+                    torch.tensor(spec.tail_ids, dtype=torch.int64, device=self.device)
+                    if spec.tail_ids
+                    else None
+                ),
             ),
             self.all_reduce,
         )
@@ -196,14 +204,28 @@ class BlendWorker:
         m.inc("lmcache:blend_requests")
         m.inc("lmcache:blend_reused_tokens", result.reused)
         m.inc("lmcache:blend_recomputed_tokens", result.recomputed)
+        m.observe("lmcache:blend_deviation", result.deviation)
+        m.observe("lmcache:blend_residual_deviation", result.residual)
+        m.observe("lmcache:blend_recomputed_fraction", result.recomputed / max(1, n))
+        if result.fallback:
+            m.inc("lmcache:blend_fallbacks")
+            logger.warning(
+                "lmcache: blend of %s left K deviation %.2e > blend_max_deviation %.2e in its "
+                "reused tokens: recomputed in full",
+                spec.req_id,
+                result.residual,
+                self.policy.max_deviation,
+            )
         logger.info(
-            "lmcache: blended tokens [%d, %d) of %s: %d reused, %d recomputed "
-            "(load %.1f ms, pass %.1f ms)",
+            "lmcache: blended tokens [%d, %d) of %s: %d reused, %d recomputed, K deviation "
+            "%.2e, left %.2e (load %.1f ms, pass %.1f ms)",
             spec.start,
             spec.until,
             spec.req_id,
             result.reused,
             result.recomputed,
+            result.deviation,
+            result.residual,
             (t_load - t0) * 1e3,
             (time.perf_counter() - t_load) * 1e3,
         )

@@ -182,6 +182,177 @@ def make_linked_items(
     return items
 
 
+# ---------------------------------------------------------------------------- hard sets
+#
+# Sets where a small model is unsure (a full prefill answers about half), so a
+# change to the KV shows in the answers. Every person in an item gets a fact of
+# one kind (where they were born), so only the link from the fact to its name
+# tells the answer. ``make_set`` names them all.
+
+PETS = ["Pepper", "Biscuit", "Juno", "Mango", "Olive", "Rocket", "Sable", "Waffle"]
+INSTRUMENTS = ["cello", "flute", "trumpet", "harp", "drums", "piano", "banjo", "oboe"]
+HABITS = [
+    "walks along the river every morning",
+    "collects old maps",
+    "drinks strong tea at noon",
+    "keeps a diary in green ink",
+    "swims in the sea all year",
+    "grows tomatoes on the balcony",
+    "repairs bicycles for the neighbours",
+    "sings in a small choir",
+]
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _people(rnd: random.Random, k: int) -> list[str]:
+    """``k`` names, no two sharing a first or last name (a shared part would blur the link)."""
+    firsts, lasts = rnd.sample(FIRST, k), rnd.sample(LAST, k)
+    return [f"{a} {b}" for a, b in zip(firsts, lasts)]
+
+
+def _orders(rnd: random.Random, k: int) -> tuple[list[int], list[int]]:
+    order = list(range(k))
+    rnd.shuffle(order)
+    return order, list(reversed(order))
+
+
+def _birthplace_item(
+    rnd: random.Random, docs: list[str], people: list[str], cities: list[str], target: int
+) -> dict:
+    order, warm = _orders(rnd, len(docs))
+    name = people[target]
+    return {
+        "docs": docs,
+        "order": order,
+        "warm_order": warm,
+        "question": f"Where was {name} born?",
+        "lead": f"{name} was born in",
+        "answer": cities[target],
+    }
+
+
+def make_shared_items(
+    n_items: int, *, docs: int = 4, doc_tokens: int = 110, seed: int = 0
+) -> list[dict]:
+    """Documents that share all their sentences but one (templated pages, logs, records).
+
+    In an item, every document is the same run of filler sentences with one
+    fact inserted at its own place: "<person> was born in <city>." Persons and
+    cities are distinct. A full prefill of such a prompt attends across the
+    repeated sentences, so a document's KV depends on its neighbours far more
+    than a distinct document's does.
+    """
+    rnd = random.Random(seed)
+    items = []
+    for _ in range(n_items):
+        people, cities = _people(rnd, docs), rnd.sample(CITIES, docs)
+        base: list[str] = []
+        while len(" ".join(base).split()) * 1.3 < doc_tokens - 8:
+            base.append(rnd.choice([f for f in FILLER if f not in base]))
+        texts = []
+        for name, city in zip(people, cities):
+            sentences = list(base)
+            sentences.insert(rnd.randint(0, len(base)), f"{name} was born in {city}.")
+            texts.append(" ".join(sentences))
+        items.append(_birthplace_item(rnd, texts, people, cities, rnd.randrange(docs)))
+    return items
+
+
+def make_bio_items(
+    n_items: int, *, docs: int = 4, distractors: int = 1, seed: int = 0
+) -> list[dict]:
+    """Distinct short biographies with several facts each, and distractor facts.
+
+    Each document is about one person: where they were born, their job, their
+    instrument, their dog and a habit, in a shuffled order, plus
+    ``distractors`` facts of the asked kind about *other* people ("Their
+    cousin <name> was born in <city>."). The question asks one document's
+    person where they were born; the distractors' cities are other cities.
+    """
+    rnd = random.Random(seed)
+    items = []
+    for _ in range(n_items):
+        people = _people(rnd, docs * (1 + distractors))
+        mains, others = people[:docs], people[docs:]
+        cities = rnd.sample(CITIES, docs * (1 + distractors))
+        texts = []
+        for i, name in enumerate(mains):
+            first = name.split()[0]
+            facts = [
+                f"{name} was born in {cities[i]}.",
+                f"{first} works as {_a(rnd.choice(TRADES))}.",
+                f"{first} plays the {rnd.choice(INSTRUMENTS)}.",
+                f"{first} has a dog called {rnd.choice(PETS)}.",
+                f"{first} {rnd.choice(HABITS)}.",
+            ]
+            for j in range(distractors):
+                o = docs + i * distractors + j
+                kin = rnd.choice(["cousin", "neighbour", "old friend", "teacher"])
+                facts.append(f"{first}'s {kin} {others[o - docs]} was born in {cities[o]}.")
+            rest = facts[1:]
+            rnd.shuffle(rest)
+            texts.append(" ".join([facts[0], *rest] if rnd.random() < 0.5 else [*rest, facts[0]]))
+        items.append(_birthplace_item(rnd, texts, mains, cities, rnd.randrange(docs)))
+    return items
+
+
+#: The fields of a record, in the order every record lists them.
+RECORD_FIELDS = ("Name", "Place of birth", "Occupation", "Instrument", "Pet", "Year")
+
+
+def make_record_items(n_items: int, *, docs: int = 4, seed: int = 0) -> list[dict]:
+    """Records of one template (forms, rows of a register): same labels, other values.
+
+    Each document is a record "Register entry 4812. Name: ... Place of birth:
+    ... Occupation: ..." with the fields of :data:`RECORD_FIELDS`, and the
+    question asks one record's place of birth. Unlike :func:`make_shared_items`
+    the documents share their labels, not their sentences: every field's value
+    differs, so the model must keep each value with its own record.
+    """
+    rnd = random.Random(seed)
+    items = []
+    for _ in range(n_items):
+        people, cities = _people(rnd, docs), rnd.sample(CITIES, docs)
+        entries = rnd.sample(range(1000, 9999), docs)
+        texts = []
+        for name, city, entry in zip(people, cities, entries):
+            values = [
+                name,
+                city,
+                rnd.choice(TRADES),
+                rnd.choice(INSTRUMENTS),
+                rnd.choice(PETS),
+                str(rnd.randint(1950, 1999)),
+            ]
+            fields = " ".join(f"{k}: {v}." for k, v in zip(RECORD_FIELDS, values))
+            texts.append(f"Register entry {entry}. {fields} Entry checked by the clerk.")
+        items.append(_birthplace_item(rnd, texts, people, cities, rnd.randrange(docs)))
+    return items
+
+
+#: Every set, by the name benchmarks and ``tools/make_blend_qa.py`` use; each a
+#: ``(n_items, seed) -> items`` with the sizes the benchmarks measured.
+SETS = {
+    "facts": lambda n, seed: make_items(n, doc_tokens=80, seed=seed),
+    "linked": lambda n, seed: make_linked_items(n, doc_tokens=60, seed=seed),
+    "shared": lambda n, seed: make_shared_items(n, seed=seed),
+    "bios": lambda n, seed: make_bio_items(n, seed=seed),
+    "records": lambda n, seed: make_record_items(n, seed=seed),
+}
+#: The sets a small model finds hard (a full prefill far from 100%).
+HARD_SETS = ("shared", "bios", "linked", "records")
+
+
+def make_set(name: str, n_items: int, seed: int = 0) -> list[dict]:
+    """``n_items`` items of the set ``name`` (see :data:`SETS`)."""
+    if name not in SETS:
+        raise ValueError(f"unknown QA set {name!r}: one of {', '.join(SETS)}")
+    return SETS[name](n_items, seed)
+
+
 def render(item: dict, order: list[int] | None = None, question: str | None = None) -> str:
     """The prompt: an instruction, the documents, the question and the answer's start."""
     order = item["order"] if order is None else order
