@@ -263,6 +263,15 @@ def test_the_guard_recomputes_everything_only_when_what_is_left_exceeds_the_cap(
     assert not choose(off, f, cached, active, 0.0, guard=True).fallback
 
 
+def test_an_unreadable_deviation_trips_the_guard_instead_of_reading_as_zero():
+    dev = np.array([np.nan, 1.0, 2.0, np.inf])
+    cached = np.ones(4, bool)
+    f = _features(dev, np.full(4, 10.0), {"segment_starts": np.array([0.0, -1, -2, -3])})
+    pol = SelectionPolicy(rankings=("segment_starts",), max_deviation=0.5)
+    out = choose(pol, f, cached, np.arange(4), 0.25, guard=True)
+    assert out.fallback and out.keep.tolist() == [0, 1, 2, 3]
+
+
 def test_combined_rankings_take_turns_and_segment_starts_rank_each_runs_first_tokens():
     cached = np.array([False, True, True, True, False, True, True, False], bool)
     assert segment_offsets(cached).tolist() == [0, 0, 1, 2, 0, 0, 1, 0]

@@ -472,6 +472,12 @@ def scenario_guard_adaptive(model: str) -> dict:
     r["configured"] = blend()
     r["guard_trips"] = blend(max_deviation=1e-12)
     r["guard_off"] = blend(max_deviation=0.0)
+    # Gradual filtering: once the guard trips at the first check layer, the later ones
+    # select nothing away.
+    h.blend.check_layers, h.blend.ratios = (1, 2), (0.5, 0.25)
+    r["guard_trips_gradual"] = blend(max_deviation=1e-12, budget="fixed")
+    r["gradual_no_guard"] = blend(max_deviation=0.0, budget="fixed")
+    h.blend.check_layers, h.blend.ratios = (1,), (0.4,)
     r["target0"] = blend(max_deviation=0.0, target=0.0, cap=1.0)
     r["target_huge"] = blend(max_deviation=0.0, target=10.0)
     h.blend.ratios = (0.15,)

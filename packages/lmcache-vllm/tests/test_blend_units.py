@@ -134,6 +134,41 @@ def test_causal_attention_uses_each_querys_true_position():
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_question_s_attention_mass_matches_a_direct_softmax_across_query_blocks():
+    from lmcache_vllm.blend.forward import QUERY_BLOCK, attention_mass
+
+    gen = torch.Generator().manual_seed(3)
+    t, keys_n, heads, kvh, d = QUERY_BLOCK + 40, 700, 4, 2, 16
+    q = torch.randn(t, heads, d, generator=gen)
+    keys = torch.randn(keys_n, kvh, d, generator=gen)
+    pos = torch.arange(keys_n - t, keys_n)  # the tail: the last t positions
+    got = attention_mass(q, pos, keys, 0.25, 100, 300)
+    kk = keys.repeat_interleave(heads // kvh, dim=1)
+    want = torch.zeros(200)
+    for i, p in enumerate(pos.tolist()):
+        w = torch.softmax((q[i] * kk[: p + 1]).sum(-1) * 0.25, dim=0)  # [p+1, heads]
+        want += w[100:300].sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_segment_offsets_come_from_the_runs_not_from_the_cached_rows():
+    from lmcache_vllm.blend.specs import BlendLoadSpec, RunRef
+    from lmcache_vllm.blend.worker import BlendWorker
+
+    runs = [
+        RunRef(segment_start=0, segment_end=50, start=10, num_tokens=40, digests=[]),
+        RunRef(segment_start=50, segment_end=90, start=50, num_tokens=40, digests=[]),
+        RunRef(segment_start=95, segment_end=120, start=95, num_tokens=20, digests=[]),
+    ]
+    spec = BlendLoadSpec("r", [], start=10, until=115, token_ids=[], chunk_size=256, runs=runs)
+    off = BlendWorker._segment_offsets(spec)
+    assert len(off) == 105
+    assert off[0] == 10  # a run clipped by vLLM's own hit starts inside its segment
+    assert off[39] == 49 and off[40] == 0  # two touching segments: the second starts at 0
+    assert off[79] == 39 and off[80:85].tolist() == [0] * 5  # the gap: holes
+    assert off[85:].tolist() == list(range(20))
+
+
 # ---------------------------------------------------------------------------- segments, real text
 
 

@@ -123,6 +123,9 @@ def test_selection_adaptive_budget_and_guard_from_the_config(smollm2_model):
     assert g["fallback"] and g["fallbacks"] == 1 and g["reused"] == 0
     assert g["same_tokens"] and g["kv_diff"] < 1e-3
     assert not r["guard_off"]["fallback"] and r["guard_off"]["fallbacks"] == 0
+    gg, gn = r["guard_trips_gradual"], r["gradual_no_guard"]
+    assert gg["fallback"] and gg["reused"] == 0 and gg["same_tokens"] and gg["kv_diff"] < 1e-3
+    assert not gn["fallback"] and gn["reused"] > 100  # the same settings without the guard
     # Adaptive: target 0 recomputes everything (= full prefill); a huge target only the
     # holes (= ratio 0); tighter targets recompute more and leave at most the target.
     assert r["target0"]["reused"] == 0 and r["target0"]["same_tokens"]

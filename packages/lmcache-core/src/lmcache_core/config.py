@@ -187,7 +187,7 @@ class CacheConfig:
     )
     blend_deviation_target: float = _opt(
         "float",
-        0.05,
+        1e-4,
         "adaptive budget: K deviation (relative to K's energy, at the check layer) a blend "
         "may leave in the tokens it reuses",
     )

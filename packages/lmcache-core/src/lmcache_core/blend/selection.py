@@ -215,10 +215,10 @@ def choose(
     else:
         k = min(len(cand), num_selected(n_cached, ratio))
     chosen = order[:k]
-    total = float(np.sum(dev[cand]))
     scale = energy if energy > 0 else 1.0
-    deviation = total / scale
-    residual = max(0.0, total - float(np.sum(dev[chosen]))) / scale
-    if guard and policy.max_deviation > 0 and residual > policy.max_deviation:
+    deviation = float(np.sum(dev[cand])) / scale
+    residual = float(np.sum(dev[order[k:]])) / scale
+    # Not "residual > cap": a NaN or infinite deviation (unreadable KV) trips the guard.
+    if guard and policy.max_deviation > 0 and not residual <= policy.max_deviation:
         return CheckOutcome(active.copy(), deviation, residual, True)
     return CheckOutcome(np.sort(np.concatenate([holes, chosen])), deviation, residual, False)

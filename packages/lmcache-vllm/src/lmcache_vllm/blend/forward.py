@@ -125,6 +125,9 @@ class BlendInputs:
     # ids of the prompt's tokens after L (the question), for question_attention: they run
     # up to the first check layer beside the range and are dropped there
     tail_ids: torch.Tensor | None = None
+    # each row's distance from the start of its segment (segment_starts ranks by it);
+    # None: from the runs of cached rows
+    segment_offsets: np.ndarray | None = None
 
 
 @dataclass
@@ -188,10 +191,15 @@ def attention_mass(
     ``[lo, hi)``, summed over queries and heads: question_attention's score."""
     heads, kv_heads = q.shape[1], keys.shape[1]
     kk = keys.float().repeat_interleave(heads // kv_heads, dim=1)
-    logits = torch.einsum("thd,khd->htk", q.float(), kk) * scale
-    visible = torch.arange(keys.shape[0], device=q.device).unsqueeze(0) <= q_pos.unsqueeze(1)
-    logits = logits.masked_fill(~visible.unsqueeze(0), float("-inf"))
-    return logits.softmax(-1)[:, :, lo:hi].sum(dim=(0, 1))
+    mass = torch.zeros(hi - lo, dtype=torch.float32, device=q.device)
+    # Query blocks bound the score matrix (a long uncached tail is all question here).
+    for a in range(0, q.shape[0], QUERY_BLOCK):
+        b = min(q.shape[0], a + QUERY_BLOCK)
+        logits = torch.einsum("thd,khd->htk", q[a:b].float(), kk) * scale
+        seen = torch.arange(keys.shape[0], device=q.device).unsqueeze(0) <= q_pos[a:b, None]
+        logits = logits.masked_fill(~seen.unsqueeze(0), float("-inf"))
+        mass += logits.softmax(-1)[:, :, lo:hi].sum(dim=(0, 1))
+    return mass
 
 
 class _BlendRun:
@@ -293,6 +301,8 @@ class _BlendRun:
         inp = self.inp
         pol = inp.policy
         idx = inp.check_layers.index(li)
+        if self.outcome is not None and self.outcome.fallback:
+            return  # the guard tripped: every later layer recomputes every row
         act = self.active
         dev = k.device
 
@@ -319,7 +329,10 @@ class _BlendRun:
         if "v_deviation" in feats:
             ek, ev = feats["k_energy"][a].sum() or 1.0, feats["v_energy"][a].sum() or 1.0
             feats["kv_deviation"] = feats["k_deviation"] / ek + feats["v_deviation"] / ev
-        feats["segment_starts"] = -segment_offsets(cached).astype(np.float64)
+        offsets = inp.segment_offsets
+        if offsets is None:
+            offsets = segment_offsets(cached)
+        feats["segment_starts"] = -np.asarray(offsets, dtype=np.float64)
         feats["random"] = np.random.default_rng(self.n).random(self.n)
         # Past the first check layer the question is gone: it ranks by K deviation there.
         feats.setdefault("question_attention", feats["k_deviation"])

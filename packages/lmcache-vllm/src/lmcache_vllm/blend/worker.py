@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lmcache_core.blend import BLEND_KEY_FORM
 from lmcache_core.blend.selection import SelectionPolicy
@@ -191,6 +192,7 @@ class BlendWorker:
                 check_layers=self.check_layers,
                 ratios=self.ratios,
                 policy=self.policy,
+                segment_offsets=self._segment_offsets(spec),
                 tail_ids=(
                     torch.tensor(spec.tail_ids, dtype=torch.int64, device=self.device)
                     if spec.tail_ids
@@ -230,6 +232,21 @@ class BlendWorker:
             (time.perf_counter() - t_load) * 1e3,
         )
         return result
+
+    @staticmethod
+    def _segment_offsets(spec: BlendLoadSpec) -> np.ndarray:
+        """Each row's distance from its segment's first token (rows outside runs: 0, holes).
+
+        From the runs, not from the cached rows: two segments given as touching spans
+        make one run of cached rows, and a run clipped by vLLM's own prefix hit starts
+        inside its segment."""
+        out = np.zeros(spec.until - spec.start, dtype=np.int64)
+        for run in spec.runs:
+            a = run.start - spec.start
+            out[a : a + run.num_tokens] = np.arange(run.num_tokens) + (
+                run.start - run.segment_start
+            )
+        return out
 
     def _rotate_runs(
         self, staging: torch.Tensor, cached: torch.Tensor, spec: BlendLoadSpec
