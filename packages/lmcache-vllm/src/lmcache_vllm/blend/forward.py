@@ -249,8 +249,11 @@ class _BlendRun:
         if t:  # the question's rows: attend, never written to vLLM's blocks
             qt, kt, vt = q[-t:], k[-t:], v[-t:]
             q, k, v = q[:-t], k[:-t], v[:-t]
+        # The context before P: read where something attends to it (not at the last layer,
+        # whose outputs nobody reads, unless the question is scored there).
+        last = li == self.n_layers - 1
         ctx_k = ctx_v = None
-        if inp.start:
+        if inp.start and (not last or (t and li in inp.check_layers)):
             ctx_k, ctx_v = self.paged.read(li, inp.block_ids, 0, inp.start)
         if li in inp.check_layers:
             q_mass = None
@@ -269,7 +272,7 @@ class _BlendRun:
         self.paged.write(li, self.slots, k_all, v_all)
         # Rows whose output a later layer reads: at a check layer only the kept ones
         # (the others' hidden states stop here), after the last layer none at all.
-        if li == self.n_layers - 1:
+        if last:
             return q.new_zeros(q.shape[0] + t, h * d)
         rows = None
         if self.selected is not None:
