@@ -332,13 +332,17 @@ class _BlendRun:
         if "v_deviation" in feats:
             ek, ev = feats["k_energy"][a].sum() or 1.0, feats["v_energy"][a].sum() or 1.0
             feats["kv_deviation"] = feats["k_deviation"] / ek + feats["v_deviation"] / ev
-        offsets = inp.segment_offsets
-        if offsets is None:
-            offsets = segment_offsets(cached)
-        feats["segment_starts"] = -np.asarray(offsets, dtype=np.float64)
-        feats["random"] = np.random.default_rng(self.n).random(self.n)
-        # Past the first check layer the question is gone: it ranks by K deviation there.
-        feats.setdefault("question_attention", feats["k_deviation"])
+        # Only the rankings the policy names are computed.
+        if "segment_starts" in pol.rankings:
+            offsets = inp.segment_offsets
+            if offsets is None:
+                offsets = segment_offsets(cached)
+            feats["segment_starts"] = -np.asarray(offsets, dtype=np.float64)
+        if "random" in pol.rankings:
+            feats["random"] = np.random.default_rng(self.n).random(self.n)
+        if "question_attention" in pol.rankings:
+            # Past the first check layer the question is gone: K deviation ranks there.
+            feats.setdefault("question_attention", feats["k_deviation"])
         outcome = choose(pol, feats, cached, a, inp.ratios[idx], guard=idx == 0)
         if idx == 0:
             self.outcome = outcome

@@ -27,6 +27,7 @@ from lmcache_core.blend import (
     segments_from_spans,
     segments_from_text,
 )
+from lmcache_core.blend.selection import SelectionPolicy
 from lmcache_core.config import CacheConfig
 from lmcache_core.errors import TokenError
 from lmcache_core.keys import ChunkedPrompt, TokenChunker
@@ -59,7 +60,8 @@ class BlendScheduler:
         self.model_config = vllm_config.model_config
         self._tokenizer: Any = None
         self._warned: set[str] = set()
-        self.wants_question = "question_attention" in config.blend_selection
+        # The workers rank by the question's attention: send them the prompt's tail.
+        self.wants_question = SelectionPolicy.from_config(config).needs_question
 
     # ------------------------------------------------------------------ segments
 
