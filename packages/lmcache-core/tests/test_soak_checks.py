@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 from lmcache_core.bench.loadgen import Sample
-from lmcache_core.bench.soak import SoakReport, group_rss, problems
+from lmcache_core.bench.soak import SoakReport, group_rss, problems, second_half_growth
 
 BPT = 1000  # KV bytes per token
 
@@ -118,3 +119,12 @@ def test_process_memory_splits_a_process_rss_as_the_kernel_does():
     assert after["rss"] >= after["anon"] + after["shmem"]
     shared.close()
     assert process_memory(2**22 + 12345) == {}  # no such process
+
+
+def test_growth_survives_a_sampling_gap():
+    """A window the sampler missed (starved for 20 s) reads its nearest sample, not NaN."""
+    # duration 100: nothing in [50, 60) nor in [90, 100).
+    first_half = [(float(t), 200.0) for t in range(0, 50, 3)]
+    assert second_half_growth([*first_half, (62.0, 200.0), (85.0, 200.0)], 100.0) == 0.0
+    assert second_half_growth([*first_half, (62.0, 200.0), (85.0, 300.0)], 100.0) == 0.5
+    assert math.isnan(second_half_growth(first_half, 100.0))  # no sample in the second half

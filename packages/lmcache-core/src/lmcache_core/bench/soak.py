@@ -133,11 +133,19 @@ def second_half_growth(points: list[tuple[float, float]], duration_s: float) -> 
     the tenth after its middle, minus 1.
 
     Medians, since one engine step's activations move RSS by tens of MB from
-    one sample to the next; NaN without samples in both windows.
+    one sample to the next. A window without samples (the sampler starved on a
+    busy two-core machine for 20 s once, in CI) takes the sample nearest its
+    middle within the second half instead, so a gap never turns the verdict
+    into NaN; NaN only without a sample in the second half at all.
     """
+    second = [(t, v) for t, v in points if t >= 0.5 * duration_s]
 
     def window(lo: float, hi: float) -> list[float]:
-        return [v for t, v in points if lo * duration_s <= t < hi * duration_s]
+        inside = [v for t, v in second if lo * duration_s <= t < hi * duration_s]
+        if inside or not second:
+            return inside
+        middle = (lo + hi) / 2 * duration_s
+        return [min(second, key=lambda p: abs(p[0] - middle))[1]]
 
     early, late = window(0.5, 0.6), window(0.9, 1.0)
     if not early or not late or statistics.median(early) == 0:
