@@ -190,7 +190,7 @@ def test_a_failed_launch_still_waits_for_the_kernels_queued_before_it(direction)
 class _RefusingLib:
     """A CUDA library as one built for another driver behaves: every launch fails."""
 
-    LMC_ABI_VERSION = 3
+    LMC_ABI_VERSION = 4
 
     def lmc_cuda_gather(self, *args):
         return -3

@@ -252,7 +252,7 @@ def test_the_c_abi_itself_refuses_bad_block_ids_without_touching_memory(layers):
 
 def test_kernels_build_and_load_here():
     assert kernels_available()["c"]
-    assert _ffi.cpu_lib().lmc_abi_version() == 3
+    assert _ffi.cpu_lib().lmc_abi_version() == _ffi.cpu_lib().LMC_ABI_VERSION == 4
 
 
 def test_missing_c_library_falls_back_to_torch_with_a_warning(monkeypatch, layers):

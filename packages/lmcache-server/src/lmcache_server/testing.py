@@ -7,6 +7,7 @@ arena), so ``kill -9`` of the server or of an engine is a real crash.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,9 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         workdir: str | Path | None = None,
     ) -> None:
+        #: A folder made here goes when the ``with`` block ends without an error (a failed
+        #: one keeps it: its log says why); a folder given is the caller's.
+        self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lmcache-server-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
@@ -124,8 +128,10 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if self._own_workdir and exc_type is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def private_dir(prefix: str = "lmc-") -> str:
