@@ -125,6 +125,26 @@ def test_growth_survives_a_sampling_gap():
     """A window the sampler missed (starved for 20 s) reads its nearest sample, not NaN."""
     # duration 100: nothing in [50, 60) nor in [90, 100).
     first_half = [(float(t), 200.0) for t in range(0, 50, 3)]
-    assert second_half_growth([*first_half, (62.0, 200.0), (85.0, 200.0)], 100.0) == 0.0
-    assert second_half_growth([*first_half, (62.0, 200.0), (85.0, 300.0)], 100.0) == 0.5
+    assert second_half_growth([*first_half, (62.0, 200.0), (88.0, 200.0)], 100.0) == 0.0
+    assert second_half_growth([*first_half, (62.0, 200.0), (88.0, 300.0)], 100.0) == 0.5
     assert math.isnan(second_half_growth(first_half, 100.0))  # no sample in the second half
+
+
+def test_a_gap_never_hides_a_leak():
+    """A steady leak with most of the second half unsampled: growth measured over at least
+    a quarter of the run, or NaN (a failure), never a shrunken figure that passes."""
+    leak = [(float(t), 1000.0 + 10 * t) for t in range(0, 101)]
+    full = second_half_growth(leak, 100.0)
+    assert full > 0.2
+    for gap in [(50, 88), (50, 95), (52, 100), (60, 100), (0, 100)]:
+        kept = [(t, v) for t, v in leak if not gap[0] <= t < gap[1]]
+        g = second_half_growth(kept, 100.0)
+        assert math.isnan(g) or g > 0.1, (gap, g)
+        assert problems_say_grew(g)
+    one = [(t, v) for t, v in leak if t < 50 or t == 70.0]  # one second-half sample
+    assert math.isnan(second_half_growth(one, 100.0))
+
+
+def problems_say_grew(growth: float) -> bool:
+    """What ``problems`` decides for this growth at the soak test's 2% bound."""
+    return not growth < 0.02

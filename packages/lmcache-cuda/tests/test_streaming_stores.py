@@ -69,8 +69,8 @@ def test_a_chunk_copy_streams_and_equals_the_reference_at_any_alignment(offset):
     CPagedKV(LAYOUT, src, table).read_chunks([ChunkIO(0, TOKENS, got)])
     assert bytes(got) == bytes(ref)
     assert raw[:start] == bytearray(start) and raw[start + n :] == bytearray(len(raw) - start - n)
-    if X86:
-        assert _streamed() - before == n
+    if X86:  # every run is streamed but for the partial lines at its ends
+        assert 0.99 * n <= _streamed() - before <= n
 
     # Scatter from the unaligned chunk: streamed into the blocks, equal to numpy's.
     dst_c, dst_n = [np.zeros_like(a) for a in src], [np.zeros_like(a) for a in src]
@@ -80,11 +80,27 @@ def test_a_chunk_copy_streams_and_equals_the_reference_at_any_alignment(offset):
     for a, b in zip(dst_c, dst_n):
         assert np.array_equal(a, b)
     if X86:
-        assert _streamed() - before == n
+        assert 0.99 * n <= _streamed() - before <= n
+
+
+@pytest.mark.skipif(ENV in os.environ, reason=f"{ENV} is set in this environment")
+def test_a_copy_under_the_threshold_keeps_ordinary_stores():
+    tokens = TOKENS - 1  # 16 KiB under 4 MiB
+    nb = 2 * TOKENS // LAYOUT.block_size
+    src = _layers(nb, seed=3)
+    table = list(range(TOKENS // LAYOUT.block_size))
+    buf = bytearray(LAYOUT.chunk_bytes(tokens))
+    before = _streamed()
+    CPagedKV(LAYOUT, src, table).read_chunks([ChunkIO(0, tokens, memoryview(buf))])
+    assert _streamed() == before
+    ref = bytearray(len(buf))
+    NumpyPagedKV(LAYOUT, src, table).read_chunks([ChunkIO(0, tokens, memoryview(ref))])
+    assert buf == ref
 
 
 def _run(env_value: str, code: str, tmp_path: Path) -> str:
-    env = {**os.environ, ENV: env_value, "PYTHONPATH": str(TESTS)}
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, ENV: env_value, "PYTHONPATH": path}
     r = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
@@ -96,6 +112,7 @@ def _run(env_value: str, code: str, tmp_path: Path) -> str:
 @pytest.mark.skipif(not X86, reason="streaming stores are x86-64 only")
 def test_the_kernel_property_suites_pass_with_every_copy_streamed(tmp_path):
     """The gather/scatter and strided-layout properties, rerun with a threshold of 0."""
+    pytest.importorskip("torch")  # those suites compare with the torch reference
     out = _run(
         "0",
         """

@@ -134,23 +134,28 @@ def second_half_growth(points: list[tuple[float, float]], duration_s: float) -> 
 
     Medians, since one engine step's activations move RSS by tens of MB from
     one sample to the next. A window without samples (the sampler starved on a
-    busy two-core machine for 20 s once, in CI) takes the sample nearest its
-    middle within the second half instead, so a gap never turns the verdict
-    into NaN; NaN only without a sample in the second half at all.
+    busy two-core machine for 24 s once, in CI) takes the sample nearest it
+    from its own side of the second half: the early one from before 0.9 of the
+    run, the late one from after 0.6. The two must still lie a quarter of the
+    run apart, or a gap would shrink a leak's growth towards zero; NaN
+    otherwise (and without samples), which the soak reports as a failure.
     """
-    second = [(t, v) for t, v in points if t >= 0.5 * duration_s]
+    d = duration_s
 
-    def window(lo: float, hi: float) -> list[float]:
-        inside = [v for t, v in second if lo * duration_s <= t < hi * duration_s]
-        if inside or not second:
+    def window(lo: float, hi: float, side: tuple[float, float]) -> list[tuple[float, float]]:
+        inside = [(t, v) for t, v in points if lo * d <= t < hi * d]
+        if inside:
             return inside
-        middle = (lo + hi) / 2 * duration_s
-        return [min(second, key=lambda p: abs(p[0] - middle))[1]]
+        near = [(t, v) for t, v in points if side[0] * d <= t < side[1] * d]
+        middle = (lo + hi) / 2 * d
+        return [min(near, key=lambda p: abs(p[0] - middle))] if near else []
 
-    early, late = window(0.5, 0.6), window(0.9, 1.0)
-    if not early or not late or statistics.median(early) == 0:
+    early = window(0.5, 0.6, (0.5, 0.9))
+    late = window(0.9, 1.0, (0.6, float("inf")))
+    if not early or not late or max(t for t, _ in early) + 0.25 * d > min(t for t, _ in late):
         return float("nan")
-    return statistics.median(late) / statistics.median(early) - 1
+    e, l_ = statistics.median(v for _, v in early), statistics.median(v for _, v in late)
+    return float("nan") if e == 0 else l_ / e - 1
 
 
 def largest_process_rss(pgid: int) -> int:

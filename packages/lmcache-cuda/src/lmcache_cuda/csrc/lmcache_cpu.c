@@ -26,7 +26,7 @@ int lmc_abi_version(void) { return LMC_ABI_VERSION; }
  * written back: about twice the memory traffic of the copy. A single large
  * memcpy avoids that with streaming stores: copied run by run (32 KiB runs), a
  * chunk went at 0.55 of one 512 MiB memcpy per thread, and at 0.9-1.0 with
- * streaming stores (2-core AMD EPYC; `lmcache bench core` went from 0.8 to 1.1).
+ * streaming stores (2-core AMD EPYC; `lmcache bench core` went from 0.8 to 1.0-1.1).
  *
  * When: a copy of at least LMC_STREAM_MIN_BYTES in all (a chunk of any real
  * model): its destination would not stay in the cache until it is read anyway
@@ -35,7 +35,9 @@ int lmc_abi_version(void) { return LMC_ABI_VERSION; }
  * layer-wise load, a short tail) keep ordinary stores, so KV the engine reads
  * right after is still cached. Not derived from the last-level cache's size:
  * VMs report the whole host socket's (256 MiB on this 2-core guest).
- * LMCACHE_CPU_STREAM_MIN_BYTES overrides the threshold (bytes; -1: never).
+ * LMCACHE_CPU_STREAM_MIN_BYTES overrides the threshold: a decimal number of
+ * bytes, read once per process at its first copy; a negative number turns
+ * streaming off; any other text is ignored (the default stays).
  * Only whole 64-byte lines of a run are streamed (a partial line streamed
  * costs a read-modify-write in memory); its head and tail use memcpy.
  */
@@ -70,32 +72,37 @@ static void stream_lines_sse2(char *d, const char *s, uint64_t n) {
     }
 }
 
-/* memcpy with the destination's whole 64-byte lines written by streaming stores. */
-static void copy_streaming(char *d, const char *s, uint64_t n) {
+/* memcpy with the destination's whole 64-byte lines written by streaming stores;
+ * returns the bytes streamed. */
+static uint64_t copy_streaming(char *d, const char *s, uint64_t n) {
     uint64_t head = (uint64_t)(-(uintptr_t)d) & (LMC_LINE - 1);
     if (n < head + 4 * LMC_LINE) { /* too short to be worth it */
         memcpy(d, s, n);
-        return;
+        return 0;
     }
     memcpy(d, s, head);
     d += head, s += head, n -= head;
     uint64_t body = n & ~(uint64_t)(LMC_LINE - 1);
     stream_lines_sse2(d, s, body);
     memcpy(d + body, s + body, n - body);
+    return body;
 }
 
 static void stream_fence(void) { _mm_sfence(); }
 #else
 #define LMC_STREAMING 0
-static void copy_streaming(char *d, const char *s, uint64_t n) { memcpy(d, s, n); }
+static uint64_t copy_streaming(char *d, const char *s, uint64_t n) {
+    memcpy(d, s, n);
+    return 0;
+}
 static void stream_fence(void) {}
 #endif
 
-static inline void copy_run(char *d, const char *s, uint64_t n, int streaming) {
-    if (streaming)
-        copy_streaming(d, s, n);
-    else
-        memcpy(d, s, n);
+/* One run of a copy; returns the bytes written by streaming stores. */
+static inline uint64_t copy_run(char *d, const char *s, uint64_t n, int streaming) {
+    if (streaming) return copy_streaming(d, s, n);
+    memcpy(d, s, n);
+    return 0;
 }
 
 typedef struct {
@@ -113,6 +120,7 @@ static void copy_planes(const job_t *j) {
     const uint64_t segs = p->row_segments > 1 ? p->row_segments : 1, sb = rb / segs;
     /* Rows of a block are one run when they are packed back to back. */
     const int packed = segs == 1 && (rpb == 1 || p->row_stride == rb);
+    uint64_t streamed = 0;
     for (uint32_t pl = j->plane_lo; pl < j->plane_hi; pl++) {
         char *base = (char *)(uintptr_t)p->plane_base[pl];
         char *rows = j->chunk + ((uint64_t)pl * j->chunk_rows + (j->row_lo - j->chunk_row0)) * rb;
@@ -125,18 +133,18 @@ static void copy_planes(const job_t *j) {
             if (packed) {
                 char *src = blk + off * rb;
                 if (j->to_chunk)
-                    copy_run(rows, src, n * rb, j->streaming);
+                    streamed += copy_run(rows, src, n * rb, j->streaming);
                 else
-                    copy_run(src, rows, n * rb, j->streaming);
+                    streamed += copy_run(src, rows, n * rb, j->streaming);
             } else {
                 for (uint64_t i = 0; i < n; i++) {
                     char *src = blk + (off + i) * p->row_stride;
                     for (uint64_t sg = 0; sg < segs; sg++) {
                         char *a = src + sg * p->segment_stride, *c = rows + i * rb + sg * sb;
                         if (j->to_chunk)
-                            copy_run(c, a, sb, j->streaming);
+                            streamed += copy_run(c, a, sb, j->streaming);
                         else
-                            copy_run(a, c, sb, j->streaming);
+                            streamed += copy_run(a, c, sb, j->streaming);
                     }
                 }
             }
@@ -145,7 +153,10 @@ static void copy_planes(const job_t *j) {
         }
     }
     /* Streaming stores are weakly ordered: drain them before the copy is reported done. */
-    if (j->streaming) stream_fence();
+    if (j->streaming) {
+        stream_fence();
+        __atomic_fetch_add(&streamed_bytes, streamed, __ATOMIC_RELAXED);
+    }
 }
 
 static void *run_job(void *arg) {
@@ -170,7 +181,6 @@ static int run(const lmc_paged *p, const int64_t *table, uint64_t table_len, uin
     pthread_once(&stream_once, stream_init);
     const int streaming =
         LMC_STREAMING && stream_min_bytes >= 0 && total >= (uint64_t)stream_min_bytes;
-    if (streaming) __atomic_fetch_add(&streamed_bytes, total, __ATOMIC_RELAXED);
     job_t jobs[LMC_MAX_THREADS];
     pthread_t tids[LMC_MAX_THREADS];
     int started[LMC_MAX_THREADS] = {0};

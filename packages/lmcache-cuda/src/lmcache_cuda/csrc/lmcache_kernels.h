@@ -67,8 +67,9 @@ int lmc_cpu_gather(const lmc_paged *paged, const int64_t *block_table, uint64_t 
 int lmc_cpu_scatter(const lmc_paged *paged, const int64_t *block_table, uint64_t table_len,
                     uint64_t row_lo, uint64_t row_hi, const void *chunk, uint64_t chunk_row0,
                     uint64_t chunk_rows, int threads);
-/* Bytes this process has copied with streaming stores (copies of at least
- * LMCACHE_CPU_STREAM_MIN_BYTES, 4 MiB by default, on x86-64): proof the path ran. */
+/* Bytes this process has written with streaming stores (whole 64-byte lines of
+ * copies of at least LMCACHE_CPU_STREAM_MIN_BYTES, 4 MiB by default, on x86-64),
+ * counted after the stores are fenced: proof the path ran. */
 uint64_t lmc_cpu_streamed_bytes(void);
 
 /* CUDA: the same on device memory. `paged->plane_base` and `block_table` are
