@@ -139,12 +139,6 @@ def test_a_gap_never_hides_a_leak():
     for gap in [(50, 88), (50, 95), (52, 100), (60, 100), (0, 100)]:
         kept = [(t, v) for t, v in leak if not gap[0] <= t < gap[1]]
         g = second_half_growth(kept, 100.0)
-        assert math.isnan(g) or g > 0.1, (gap, g)
-        assert problems_say_grew(g)
+        assert math.isnan(g) or g > 0.1, (gap, g)  # NaN fails `growth < bound` too
     one = [(t, v) for t, v in leak if t < 50 or t == 70.0]  # one second-half sample
     assert math.isnan(second_half_growth(one, 100.0))
-
-
-def problems_say_grew(growth: float) -> bool:
-    """What ``problems`` decides for this growth at the soak test's 2% bound."""
-    return not growth < 0.02
