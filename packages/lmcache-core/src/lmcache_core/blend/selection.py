@@ -149,7 +149,7 @@ class SelectionPolicy:
 
     rankings: tuple[str, ...] = ("k_deviation",)
     budget: str = "fixed"
-    target: float = 0.05
+    target: float = 1e-4  # the config's default, the measured scale of K deviation
     floor: float = 0.0
     cap: float = 1.0
     max_deviation: float = 0.0

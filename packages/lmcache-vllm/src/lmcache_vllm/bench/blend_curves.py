@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_core.bench import svg
-from lmcache_core.blend.selection import SelectionPolicy
+from lmcache_core.blend.selection import SelectionPolicy, parse_selection
 
 from lmcache_vllm.bench.blend import Bench, answer, kl
 from lmcache_vllm.testing import qa_sets as qa
@@ -51,7 +51,7 @@ class Policy:
 
     def settings(self, x: float) -> tuple[SelectionPolicy, tuple[int, ...], tuple[float, ...]]:
         """(policy, check layers, ratios) at budget ``x`` (adaptive: the target ``x``)."""
-        sel = SelectionPolicy(rankings=tuple(self.selection.split("+")))
+        sel = SelectionPolicy(rankings=parse_selection(self.selection))
         if self.adaptive:
             pol = dataclasses.replace(sel, budget="adaptive", target=x, floor=0.0, cap=self.cap)
             return pol, self.checks, (1.0,) * len(self.checks)

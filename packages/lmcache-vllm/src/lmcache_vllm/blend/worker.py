@@ -192,7 +192,11 @@ class BlendWorker:
                 check_layers=self.check_layers,
                 ratios=self.ratios,
                 policy=self.policy,
-                segment_offsets=self._segment_offsets(spec),
+                segment_offsets=(
+                    self._segment_offsets(spec)
+                    if "segment_starts" in self.policy.rankings
+                    else None
+                ),
                 tail_ids=(
                     torch.tensor(spec.tail_ids, dtype=torch.int64, device=self.device)
                     if spec.tail_ids
